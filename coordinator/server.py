@@ -1,0 +1,265 @@
+"""The public Generation service: validates requests, runs a Generation, streams text."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import secrets
+import time
+import uuid
+from collections import defaultdict
+
+import grpc
+
+from coordinator.backends import BackendPool
+from coordinator.engine import Generation, GenerationRequest, GenerationStats, UpstreamError, VerifiedBlock
+from coordinator.policies import make_policy
+from coordinator.text import TextStream
+from specdec import metrics
+from specdec.config import CoordinatorSettings
+from specdec.errors import InvalidRequest
+from specdec.logs import request_id_var
+from specdec.models import load_tokenizer
+from specdec.sampling import SamplingParams, validate_sampling
+from specdec.server import REQUEST_ID_HEADER, RunningServer, channel_credentials, message_options, serve_until_signalled, start_server
+from specdec.v1 import drafter_pb2_grpc, generation_pb2, generation_pb2_grpc, verifier_pb2, verifier_pb2_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = "specdec.v1.Generation"
+ANY_TOKENIZER = "any"
+
+POLICY_NAMES = {generation_pb2.DRAFT_POLICY_STATIC: "static", generation_pb2.DRAFT_POLICY_HEURISTIC: "heuristic",
+                generation_pb2.DRAFT_POLICY_PEARL: "pearl", generation_pb2.DRAFT_POLICY_ADAEDL: "adaedl",
+                generation_pb2.DRAFT_POLICY_SPECDECPP: "specdecpp", generation_pb2.DRAFT_POLICY_BILD: "bild"}
+MODE_NAMES = {generation_pb2.PIPELINE_MODE_SEQUENTIAL: "sequential", generation_pb2.PIPELINE_MODE_OVERLAPPED: "overlapped",
+              generation_pb2.PIPELINE_MODE_TARGET_ONLY: "target_only"}
+FINISH = {"length": generation_pb2.FINISH_REASON_LENGTH, "eos": generation_pb2.FINISH_REASON_EOS,
+          "stop": generation_pb2.FINISH_REASON_STOP}
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServicer):
+    def __init__(self, settings: CoordinatorSettings, tokenizer, verifiers: BackendPool, drafters: BackendPool,
+                 target_info: verifier_pb2.ModelInfo, eos_ids: list[int], trace_sink=None):
+        self.settings = settings
+        self.tokenizer = tokenizer
+        self.verifiers, self.drafters = verifiers, drafters
+        self.target_info = target_info
+        self.eos_ids = frozenset(eos_ids)
+        self.trace_sink = trace_sink
+        token = settings.resolved_auth_token()
+        self.upstream_metadata = [("authorization", f"Bearer {token}")] if token else []
+        self.in_flight: dict[str, int] = defaultdict(int)
+        self.total_in_flight = 0
+
+    # -- request parsing ----------------------------------------------------------------------------
+
+    def _prompt_ids(self, request) -> list[int]:
+        kind = request.WhichOneof("input")
+        if kind == "token_ids":
+            ids = list(request.token_ids.ids)
+        elif kind in ("prompt", "messages"):
+            if self.tokenizer is None:
+                raise InvalidRequest("this target has no tokenizer: send token_ids")
+            if kind == "prompt" and not request.prompt.strip():
+                raise InvalidRequest("the prompt is empty")
+            use_template = kind == "messages" or (not request.raw and self.tokenizer.chat_template)
+            if use_template:
+                messages = ([{"role": m.role, "content": m.content} for m in request.messages.messages]
+                            if kind == "messages" else [{"role": "user", "content": request.prompt}])
+                if not messages:
+                    raise InvalidRequest("messages is empty")
+                ids = list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                              return_dict=True)["input_ids"])
+            else:
+                ids = self.tokenizer(request.prompt, add_special_tokens=True)["input_ids"]
+        else:
+            raise InvalidRequest("give one of prompt, messages or token_ids")
+        if not ids:
+            raise InvalidRequest("the prompt is empty")
+        bad = [t for t in ids if not 0 <= t < self.target_info.vocab_size]
+        if bad:
+            raise InvalidRequest(f"token ids outside the vocabulary [0, {self.target_info.vocab_size}): {bad[:5]}")
+        return ids
+
+    def _parse(self, request, context) -> GenerationRequest:
+        settings = self.settings
+        s = request.sampling
+        problem = validate_sampling(s.temperature, s.top_p if s.top_p else 1.0, s.top_k)
+        if problem:
+            raise InvalidRequest(problem)
+        if not 0 < request.max_new_tokens <= settings.max_new_tokens_limit:
+            raise InvalidRequest(f"max_new_tokens must be in [1, {settings.max_new_tokens_limit}], got {request.max_new_tokens}")
+        if request.bild_rollback_threshold < 0 or math.isnan(request.bild_rollback_threshold):
+            raise InvalidRequest("bild_rollback_threshold must be >= 0")
+        if request.bild_rollback_threshold > 0 and s.temperature != 0:
+            raise InvalidRequest("the lossy BiLD rollback rule applies to greedy decoding only")
+        if not 0 <= request.draft_length <= settings.max_draft_length:
+            raise InvalidRequest(f"draft_length must be in [0, {settings.max_draft_length}]")
+        if request.policy_threshold < 0 or math.isnan(request.policy_threshold):
+            raise InvalidRequest("policy_threshold must be >= 0")
+        prompt_ids = self._prompt_ids(request)
+        if len(prompt_ids) + request.max_new_tokens > self.target_info.max_context:
+            raise InvalidRequest(f"prompt of {len(prompt_ids)} tokens plus max_new_tokens {request.max_new_tokens} "
+                                 f"exceeds the context length {self.target_info.max_context}")
+        seed = s.seed if s.has_seed else secrets.randbits(63)
+        policy = make_policy(POLICY_NAMES.get(request.policy, settings.policy),
+                             request.draft_length or settings.draft_length, settings.max_draft_length,
+                             request.policy_threshold)
+        stop_ids = set(request.stop_token_ids) | (set() if request.ignore_eos else set(self.eos_ids))
+        remaining = context.time_remaining()
+        return GenerationRequest(
+            request_id=request.request_id or request_id_var.get() or uuid.uuid4().hex,
+            prompt_ids=prompt_ids, max_new_tokens=request.max_new_tokens,
+            sampling=SamplingParams(s.temperature, s.top_p or 1.0, s.top_k, seed), policy=policy,
+            mode=MODE_NAMES.get(request.mode, settings.mode), stop_token_ids=frozenset(stop_ids),
+            stop_strings=tuple(request.stop), bild_rollback_threshold=request.bild_rollback_threshold,
+            exclude_from_training=request.exclude_from_training,
+            deadline=time.monotonic() + remaining if remaining is not None else None)
+
+    # -- admission ----------------------------------------------------------------------------------
+
+    def _client_key(self, context) -> str:
+        metadata = dict(context.invocation_metadata() or ())
+        return metadata.get("x-client-id") or context.peer().rsplit(":", 1)[0]
+
+    # -- the RPCs -----------------------------------------------------------------------------------
+
+    async def GenerateStream(self, request, context):
+        client = self._client_key(context)
+        if self.total_in_flight >= self.settings.max_concurrency:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "the coordinator is at its concurrency limit")
+        if self.in_flight[client] >= self.settings.max_concurrency_per_client:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"at most {self.settings.max_concurrency_per_client} concurrent requests per client")
+        try:
+            parsed = self._parse(request, context)
+        except InvalidRequest as err:
+            metrics.REQUESTS.labels(mode="", policy="", status="invalid").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        request_id_var.set(parsed.request_id)
+        self.in_flight[client] += 1
+        self.total_in_flight += 1
+        generation = self._generation(parsed)
+        text = TextStream(self.tokenizer, parsed.stop_strings)
+        status = "ok"
+        last_emit = None
+        try:
+            async for new_tokens in generation.stream():
+                kept, delta = text.push(new_tokens)
+                if text.stopped:
+                    generation.finish_with_stop_string()
+                now = time.perf_counter()
+                if last_emit is None:
+                    metrics.TTFT.observe(generation.stats.ttft_ms / 1e3)
+                else:
+                    metrics.INTER_TOKEN.observe((now - last_emit) / max(len(kept), 1))
+                last_emit = now
+                if kept:
+                    yield generation_pb2.GenerateChunk(token_ids=kept, text=delta, request_id=parsed.request_id)
+            yield generation_pb2.GenerateChunk(done=True, finish_reason=FINISH[generation.finish_reason],
+                                               stats=_stats_proto(generation.stats), request_id=parsed.request_id)
+        except UpstreamError as err:
+            status = err.code.name.lower()
+            await context.abort(err.code, str(err))
+        except asyncio.CancelledError:
+            status = "cancelled"
+            raise
+        finally:
+            self.in_flight[client] -= 1
+            if not self.in_flight[client]:
+                del self.in_flight[client]
+            self.total_in_flight -= 1
+            metrics.REQUESTS.labels(mode=parsed.mode, policy=parsed.policy.name, status=status).inc()
+            metrics.GENERATED_TOKENS.inc(len(text.token_ids))
+            if generation.stats.tokens_per_s:
+                metrics.TOKENS_PER_SECOND.observe(generation.stats.tokens_per_s)
+            log.info("request finished", extra={"fields": {
+                "status": status, "new_tokens": generation.stats.new_tokens, "rounds": generation.stats.rounds,
+                "acceptance_rate": round(generation.stats.acceptance_rate, 3), "total_ms": round(generation.stats.total_ms, 1),
+                "mode": parsed.mode, "policy": parsed.policy.name, "fallback_steps": generation.stats.fallback_steps}})
+
+    async def Generate(self, request, context):
+        token_ids, pieces, final = [], [], None
+        async for chunk in self.GenerateStream(request, context):
+            token_ids.extend(chunk.token_ids)
+            pieces.append(chunk.text)
+            if chunk.done:
+                final = chunk
+        return generation_pb2.GenerateResponse(request_id=final.request_id, token_ids=token_ids, text="".join(pieces),
+                                               finish_reason=final.finish_reason, stats=final.stats)
+
+    def _generation(self, parsed: GenerationRequest) -> Generation:
+        return Generation(parsed, self.verifiers, self.drafters,
+                          self.upstream_metadata + [(REQUEST_ID_HEADER, parsed.request_id)],
+                          self.settings.drafter_timeout_s, self.settings.drafter_retry_s, self.trace_sink,
+                          self.target_info.model_version, self.settings.trace_top_k if self.trace_sink else 0)
+
+
+def _stats_proto(stats: GenerationStats) -> generation_pb2.GenerationStats:
+    return generation_pb2.GenerationStats(
+        prompt_tokens=stats.prompt_tokens, new_tokens=stats.new_tokens, rounds=stats.rounds,
+        drafted_tokens=stats.drafted_tokens, accepted_tokens=stats.accepted_tokens,
+        acceptance_rate=stats.acceptance_rate, mean_accepted_length=stats.mean_accepted_length,
+        ttft_ms=stats.ttft_ms, total_ms=stats.total_ms, tokens_per_s=stats.tokens_per_s,
+        fallback_steps=stats.fallback_steps, draft_ms=stats.draft_ms, verify_ms=stats.verify_ms,
+        hidden_draft_ms=stats.hidden_draft_ms, policy=stats.policy, mode=stats.mode, lossy=stats.lossy,
+        drafter_version=stats.drafter_version, stale_draft_tokens=stats.stale_draft_tokens)
+
+
+async def _backend_info(pool: BackendPool, metadata, wait_s: float, required: bool) -> verifier_pb2.ModelInfo | None:
+    """Info from the first backend that answers, retrying while services start."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        for backend in pool.backends:
+            try:
+                return await backend.stub.Info(verifier_pb2.InfoRequest(), timeout=2.0, metadata=metadata)
+            except grpc.aio.AioRpcError as err:
+                last = f"{backend.addr}: {err.code().name}"
+        if time.monotonic() > deadline:
+            if required:
+                raise RuntimeError(f"no backend answered Info within {wait_s}s ({last})")
+            log.warning("backend not reachable at start-up; will retry per request", extra={"fields": {"last": last}})
+            return None
+        await asyncio.sleep(0.5)
+
+
+async def build_servicer(settings: CoordinatorSettings, trace_sink=None) -> GenerationServicer:
+    credentials = channel_credentials(settings)
+    options = message_options(settings)
+    verifiers = BackendPool.connect(settings.verifier_addrs, verifier_pb2_grpc.VerifierStub, credentials, options)
+    drafters = BackendPool.connect(settings.drafter_addrs, drafter_pb2_grpc.DrafterStub, credentials, options)
+    token = settings.resolved_auth_token()
+    metadata = [("authorization", f"Bearer {token}")] if token else []
+    wait_s = float(os.environ.get("SPECD_BACKEND_WAIT_S", "120"))
+    target_info = await _backend_info(verifiers, metadata, wait_s, required=True)
+    if drafters.backends:
+        drafter_info = await _backend_info(drafters, metadata, min(wait_s, 10.0), required=False)
+        if drafter_info is not None and drafter_info.tokenizer_fingerprint not in (ANY_TOKENIZER, target_info.tokenizer_fingerprint):
+            raise RuntimeError(
+                f"drafter {drafter_info.model_name!r} does not share the tokenizer of target {target_info.model_name!r}; "
+                "speculative decoding needs identical token ids")
+        if drafter_info is not None:
+            metrics.set_drafter_version(drafter_info.model_version)
+    tokenizer = load_tokenizer(settings.target) if settings.target else None
+    if tokenizer is not None and len(tokenizer) > target_info.vocab_size:
+        raise RuntimeError(f"coordinator tokenizer ({settings.target}) has {len(tokenizer)} tokens, "
+                           f"the target model only {target_info.vocab_size}")
+    return GenerationServicer(settings, tokenizer, verifiers, drafters, target_info, list(target_info.eos_token_ids),
+                              trace_sink)
+
+
+async def start(settings: CoordinatorSettings, trace_sink=None) -> RunningServer:
+    servicer = await build_servicer(settings, trace_sink)
+    running = await start_server(settings, lambda s: generation_pb2_grpc.add_GenerationServicer_to_server(servicer, s),
+                                 [SERVICE_NAME])
+    metrics_port = metrics.serve_metrics(settings.metrics_port, settings.metrics_host)
+    log.info("coordinator ready", extra={"fields": {"port": running.port, "metrics_port": metrics_port,
+                                                    "verifiers": settings.verifier_addrs, "drafters": settings.drafter_addrs}})
+    return running
+
+
+async def serve(settings: CoordinatorSettings) -> None:
+    running = await start(settings)
+    await serve_until_signalled(running, settings.grace_period_s)

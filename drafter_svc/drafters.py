@@ -1,0 +1,138 @@
+"""Drafters behind one interface: a draft model and a model-free prompt-lookup drafter.
+
+Each drafts one token per `step` so the servicer can stream tokens, check
+cancellation and stop rules between them.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+
+import torch
+
+from specdec.errors import InvalidRequest
+from specdec.kv import KVSession, ModelRunner, SessionStore
+from specdec.models import LoadedModel
+from specdec.sampling import DRAFT, DraftDist, SamplingParams, entropy, sample_index, truncate_support, uniform, warp_logits
+from specdec.stopping import DraftStep
+
+
+class Drafter(abc.ABC):
+    """Proposes tokens for sessions whose context the coordinator keeps in sync."""
+
+    def __init__(self, max_sessions: int, session_ttl_s: float, vocab_size: int):
+        self.sessions = SessionStore(max_sessions, session_ttl_s)
+        self.vocab_size = vocab_size
+
+    @property
+    @abc.abstractmethod
+    def version(self) -> str: ...
+
+    def sync(self, session_id: str, base_len: int, tokens: list[int], request_id: str = "") -> KVSession:
+        """Brings the session to context[:base_len] + tokens, creating it when base_len is 0."""
+        bad = [t for t in tokens if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequest(f"token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+        if not tokens and base_len == 0:
+            raise InvalidRequest("the context to draft from is empty")
+        if base_len == 0:
+            # A new request, or the drafter restarted / swapped: (re)create from the full context.
+            self.sessions.release(session_id)
+            session = self.sessions.create(session_id, request_id)
+        else:
+            session = self.sessions.get(session_id)
+        try:
+            session.reconcile(base_len, tokens)
+        except ValueError as err:
+            raise InvalidRequest(str(err)) from None
+        return session
+
+    @abc.abstractmethod
+    def step(self, session: KVSession, sampling: SamplingParams, support: int) -> tuple[DraftStep, DraftDist | None] | None:
+        """Drafts one token, appends it to the session and returns it (None: nothing to propose)."""
+
+    def release(self, session_id: str) -> bool:
+        return self.sessions.release(session_id)
+
+
+class ModelDrafter(Drafter):
+    """Any HF causal LM sharing the target's tokenizer. Hot-swappable between rounds."""
+
+    def __init__(self, loaded: LoadedModel, max_sessions: int = 64, session_ttl_s: float = 300.0,
+                 accept_head: torch.nn.Module | None = None):
+        super().__init__(max_sessions, session_ttl_s, loaded.vocab_size)
+        self._swap_lock = threading.Lock()
+        self._install(loaded, accept_head, generation=0)
+
+    def _install(self, loaded: LoadedModel, accept_head, generation: int) -> None:
+        self.loaded = loaded
+        self.runner = ModelRunner(loaded.model, loaded.device)
+        self.accept_head = accept_head
+        self.generation = generation
+
+    @property
+    def version(self) -> str:
+        return self.loaded.version
+
+    def swap(self, loaded: LoadedModel, accept_head: torch.nn.Module | None = None) -> None:
+        """Installs a new drafter version; in-flight sessions re-prefill on their next step."""
+        if loaded.vocab_size != self.vocab_size or loaded.fingerprint != self.loaded.fingerprint:
+            raise InvalidRequest("the new drafter version does not share the tokenizer of the current one")
+        with self._swap_lock:
+            self._install(loaded, accept_head, self.generation + 1)
+
+    @torch.inference_mode()
+    def step(self, session, sampling, support):
+        with self._swap_lock:
+            runner, accept_head, generation = self.runner, self.accept_head, self.generation
+        if session.extra.get("generation") != generation:
+            session.cache, session.cached_len = None, 0  # KV of another model version is meaningless
+            session.extra["generation"] = generation
+        logits, hidden = runner.extend([session], output_hidden=accept_head is not None)[0]
+        last = logits[-1:]  # [1, V]
+        position = len(session.ids)
+        if sampling.greedy:
+            probs = last.float().softmax(-1)[0]
+            token = int(probs.argmax())
+            dist = None
+        else:
+            probs = warp_logits(last, sampling)[0]
+            indices, values = truncate_support(probs, support)
+            token = int(indices[sample_index(values, uniform(sampling.seed, position, DRAFT))])
+            dist = DraftDist(values, indices)
+        confidence = float(probs[token])
+        accept_prob = float(accept_head(hidden[-1:].float())[0]) if accept_head is not None else confidence
+        session.ids.append(token)
+        return DraftStep(token, confidence, entropy(probs), accept_prob), dist
+
+
+class NgramDrafter(Drafter):
+    """Prompt lookup: proposes what followed the latest earlier occurrence of the context's last n-gram."""
+
+    def __init__(self, vocab_size: int, ngram_max: int = 3, ngram_min: int = 1, max_sessions: int = 256,
+                 session_ttl_s: float = 300.0):
+        super().__init__(max_sessions, session_ttl_s, vocab_size)
+        self.ngram_max, self.ngram_min = ngram_max, ngram_min
+
+    @property
+    def version(self) -> str:
+        return f"ngram-{self.ngram_min}-{self.ngram_max}"
+
+    def step(self, session, sampling, support):
+        token = lookup_continuation(session.ids, self.ngram_max, self.ngram_min)
+        if token is None:
+            return None
+        session.ids.append(token)
+        dist = None if sampling.greedy else DraftDist(torch.ones(1), torch.tensor([token]))
+        return DraftStep(token, 1.0, 0.0, 1.0), dist
+
+
+def lookup_continuation(ids: list[int], ngram_max: int, ngram_min: int) -> int | None:
+    """The token that followed the most recent earlier match of ids' last n-gram, longest n first."""
+    for n in range(min(ngram_max, len(ids) - 1), ngram_min - 1, -1):
+        tail = ids[-n:]
+        for start in range(len(ids) - n - 1, -1, -1):
+            if ids[start:start + n] == tail:
+                return ids[start + n]
+    return None

@@ -1,0 +1,130 @@
+"""gRPC servicer for the drafter: converts messages and delegates to a Drafter."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from specdec import metrics
+from specdec.config import DrafterSettings
+from specdec.convert import dist_to_proto, sampling_from_proto
+from specdec.errors import InvalidRequest
+from specdec.models import check_pair, configure_threads, load_model, load_tokenizer, tokenizer_fingerprint
+from specdec.server import RunningServer, abort_for, serve_until_signalled, start_server
+from specdec.stopping import StopRule, should_stop
+from specdec.v1 import drafter_pb2, drafter_pb2_grpc, verifier_pb2
+from drafter_svc.drafters import Drafter, ModelDrafter, NgramDrafter
+from verifier_svc.server import expire_sessions_forever
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = "specdec.v1.Drafter"
+MAX_DRAFT_TOKENS = 128
+ANY_TOKENIZER = "any"  # model-free drafters work with every tokenizer
+
+
+class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
+    def __init__(self, drafter: Drafter, support: int, name: str, fingerprint: str, max_context: int):
+        self.drafter = drafter
+        self.support = support
+        self.name, self.fingerprint, self.max_context = name, fingerprint, max_context
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drafter-compute")
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def Draft(self, request, context):
+        # One draft stream per session at a time: a new one waits for a cancelled one's current step.
+        lock = self._locks.setdefault(request.session_id, asyncio.Lock())
+        async with lock:
+            try:
+                if not 0 < request.max_tokens <= MAX_DRAFT_TOKENS:
+                    raise InvalidRequest(f"max_tokens must be in [1, {MAX_DRAFT_TOKENS}], got {request.max_tokens}")
+                if not request.session_id:
+                    raise InvalidRequest("session_id is required")
+                rule = StopRule(request.stop_rule)
+                sampling = sampling_from_proto(request.sampling)
+                session = await self._run(self.drafter.sync, request.session_id, request.base_len,
+                                          list(request.tokens), request.request_id)
+            except ValueError as err:  # unknown stop rule enum value
+                await abort_for(context, err if isinstance(err, InvalidRequest) else InvalidRequest(str(err)))
+            except Exception as err:  # noqa: BLE001
+                await abort_for(context, err)
+            steps = []
+            version = self.drafter.version
+            started = time.perf_counter()
+            while len(steps) < request.max_tokens and len(session.ids) < self.max_context:
+                result = await self._run(self.drafter.step, session, sampling, self.support)
+                if result is None:
+                    break
+                step, dist = result
+                steps.append(step)
+                yield drafter_pb2.DraftToken(token=step.token, probs=dist_to_proto(dist), confidence=step.confidence,
+                                             entropy=step.entropy, accept_prob=step.accept_prob, drafter_version=version)
+                if should_stop(rule, request.stop_threshold, steps):
+                    break
+            metrics.DRAFT_LATENCY.observe(time.perf_counter() - started)
+            self._update_gauges()
+
+    async def Rollback(self, request, context):
+        try:
+            session = self.drafter.sessions.get(request.session_id)
+            if not 0 <= request.length <= len(session.ids):
+                raise InvalidRequest(f"rollback length {request.length} outside [0, {len(session.ids)}]")
+            await self._run(session.crop, request.length)
+        except Exception as err:  # noqa: BLE001
+            await abort_for(context, err)
+        return drafter_pb2.RollbackResponse(length=len(session.ids))
+
+    async def Release(self, request, context):
+        released = self.drafter.release(request.session_id)
+        self._locks.pop(request.session_id, None)
+        self._update_gauges()
+        return verifier_pb2.ReleaseResponse(released=released)
+
+    async def Info(self, request, context):
+        return verifier_pb2.ModelInfo(model_name=self.name, vocab_size=self.drafter.vocab_size,
+                                      max_context=self.max_context, tokenizer_fingerprint=self.fingerprint,
+                                      model_version=self.drafter.version, active_sessions=len(self.drafter.sessions),
+                                      max_sessions=self.drafter.sessions.max_sessions)
+
+    def _update_gauges(self) -> None:
+        metrics.ACTIVE_SESSIONS.labels(service="drafter").set(len(self.drafter.sessions))
+        metrics.KV_CACHE_BYTES.labels(service="drafter").set(self.drafter.sessions.kv_bytes())
+
+
+def build_drafter(settings: DrafterSettings) -> DrafterServicer:
+    """Loads the configured drafter and refuses one whose tokenizer differs from the target's."""
+    if settings.model == "ngram":
+        tokenizer = load_tokenizer(settings.target) if settings.target else None
+        vocab = len(tokenizer) if tokenizer is not None else 2**31 - 1
+        drafter = NgramDrafter(vocab, settings.ngram_max, settings.ngram_min, settings.max_sessions, settings.session_ttl_s)
+        return DrafterServicer(drafter, 0, "ngram", ANY_TOKENIZER, 2**31 - 1)
+    loaded = load_model(settings.model, settings.device, settings.dtype, tokenizer_from=settings.target or None,
+                        max_context=settings.max_context)
+    if settings.target:
+        target_tokenizer = load_tokenizer(settings.target)
+        check_pair(tokenizer_fingerprint(target_tokenizer, len(target_tokenizer) if target_tokenizer else 0),
+                   loaded.fingerprint, settings.target, settings.model)
+    drafter = ModelDrafter(loaded, settings.max_sessions, settings.session_ttl_s)
+    return DrafterServicer(drafter, settings.draft_support, loaded.name, loaded.fingerprint, loaded.max_context)
+
+
+async def start(settings: DrafterSettings) -> RunningServer:
+    configure_threads(settings.threads)
+    servicer = build_drafter(settings)
+    metrics.set_drafter_version(servicer.drafter.version)
+    running = await start_server(settings, lambda s: drafter_pb2_grpc.add_DrafterServicer_to_server(servicer, s),
+                                 [SERVICE_NAME])
+    metrics_port = metrics.serve_metrics(settings.metrics_port, settings.metrics_host)
+    running.background.append(asyncio.ensure_future(expire_sessions_forever(servicer.drafter.sessions, "drafter")))
+    log.info("drafter ready", extra={"fields": {"port": running.port, "metrics_port": metrics_port,
+                                                "drafter": servicer.name, "version": servicer.drafter.version}})
+    return running
+
+
+async def serve(settings: DrafterSettings) -> None:
+    running = await start(settings)
+    await serve_until_signalled(running, settings.grace_period_s)

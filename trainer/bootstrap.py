@@ -1,0 +1,222 @@
+"""Starting a drafter before there is any traffic.
+
+`init_drafter_from_target` cuts a shallow drafter out of the target itself
+(same tokenizer by construction): embeddings, final norm, lm_head and a few
+evenly spaced decoder layers. `distill_from_prompts` then runs the very same
+online pipeline, fed by a prompt file instead of live requests: the target's
+greedy continuations become TraceRecords on the trace stream and a
+TrainerWorker consumes them, publishing and gating checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from specdec.traces import TEACHER_DRAFTER_VERSION, TraceRecord, append_traces
+from trainer.batching import slot_forward
+
+log = logging.getLogger(__name__)
+
+# "model.layers.7.mlp..." (Llama, Qwen2, Mistral) or "transformer.h.7.attn..." (GPT-2)
+_LAYER_KEY = re.compile(r"^(?P<prefix>.*\.(?:layers|h))\.(?P<index>\d+)\.(?P<rest>.+)$")
+
+
+def evenly_spaced_layers(total: int, keep: int) -> list[int]:
+    """`keep` layer indices spread over 0..total-1, always including the first and last."""
+    if not 1 <= keep <= total:
+        raise ValueError(f"cannot keep {keep} of {total} layers")
+    if keep == 1:
+        return [0]
+    return sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
+
+
+def init_drafter_from_target(target: torch.nn.Module, num_layers: int) -> torch.nn.Module:
+    """A `num_layers`-deep copy of `target` sharing its embeddings, final norm and lm_head."""
+    config = copy.deepcopy(target.config)
+    total = config.num_hidden_layers
+    keep = evenly_spaced_layers(total, num_layers)
+    config.num_hidden_layers = len(keep)  # GPT-2 maps this onto n_layer
+    if isinstance(getattr(config, "layer_types", None), list):  # Qwen2-style per-layer attention kinds
+        config.layer_types = [config.layer_types[i] for i in keep]
+    if getattr(config, "max_window_layers", None) is not None:
+        config.max_window_layers = min(config.max_window_layers, len(keep))
+    from transformers import AutoModelForCausalLM
+
+    drafter = AutoModelForCausalLM.from_config(config)
+    source = target.state_dict()
+    state = {}
+    for key in drafter.state_dict():
+        match = _LAYER_KEY.match(key)
+        if match:
+            source_key = f"{match['prefix']}.{keep[int(match['index'])]}.{match['rest']}"
+        else:
+            source_key = key
+        if source_key not in source:
+            raise KeyError(f"target has no {source_key} for drafter parameter {key}")
+        state[key] = source[source_key].detach().clone()
+    drafter.load_state_dict(state, strict=True)
+    drafter.to(dtype=next(target.parameters()).dtype, device=next(target.parameters()).device)
+    log.info("initialised a %d-layer drafter from target layers %s", len(keep), keep)
+    return drafter
+
+
+@dataclass
+class Prompt:
+    id: str
+    category: str
+    prompt: str
+
+
+def read_prompts(path: str | Path) -> list[Prompt]:
+    """JSON Lines of {"id", "category", "prompt"}; blank lines ignored."""
+    prompts = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            prompts.append(Prompt(id=str(item.get("id", f"{Path(path).stem}-{number}")),
+                                  category=str(item.get("category", "")), prompt=str(item["prompt"])))
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}:{number}: not a prompt record: {err}") from None
+    return prompts
+
+
+def encode_prompt(tokenizer, text: str, use_chat_template: bool = True) -> list[int]:
+    """Token ids of a user turn (chat template with a generation prompt when the tokenizer has one)."""
+    if use_chat_template and getattr(tokenizer, "chat_template", None):
+        encoded = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                tokenize=True)
+        if hasattr(encoded, "keys"):  # some versions return a BatchEncoding
+            encoded = encoded["input_ids"]
+        return list(encoded)
+    return list(tokenizer(text)["input_ids"])
+
+
+@torch.no_grad()
+def greedy_continuations(target, prompts: list[list[int]], max_new_tokens: int, pad_id: int,
+                         eos_ids: set[int]) -> list[list[int]]:
+    """Batched greedy generation (left-padded); each continuation ends at its first EOS (kept)."""
+    device = next(target.parameters()).device
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt):] = torch.tensor(prompt)
+        attention_mask[row, width - len(prompt):] = 1
+    output = target.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
+                             eos_token_id=sorted(eos_ids) or None)
+    continuations = []
+    for row in output[:, width:].tolist():
+        cut = next((i + 1 for i, token in enumerate(row) if token in eos_ids), len(row))
+        continuations.append(row[:cut])
+    return continuations
+
+
+@torch.no_grad()
+def teacher_top_k(target, sequences: list[list[int]], starts: list[int], top_k: int,
+                  pad_id: int = 0) -> list[tuple[list[list[int]], list[list[float]]]]:
+    """The target's top-k at positions starts[r]-1 .. len(seq)-1 of each sequence
+    (its distribution for every continuation token plus the one after)."""
+    device = next(target.parameters()).device
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    rows, positions = [], []
+    for r, sequence in enumerate(sequences):
+        input_ids[r, : len(sequence)] = torch.tensor(sequence)
+        attention_mask[r, : len(sequence)] = 1
+        span = range(starts[r] - 1, len(sequence))
+        rows += [r] * len(span)
+        positions += list(span)
+    target.eval()
+    logits, _ = slot_forward(target, input_ids.to(device), attention_mask.to(device),
+                             torch.tensor(rows, device=device), torch.tensor(positions, device=device))
+    probs, ids = torch.softmax(logits.float(), dim=-1).topk(top_k, dim=-1)  # [S, K]
+    results, cursor = [], 0
+    for r, sequence in enumerate(sequences):
+        n = len(sequence) - starts[r] + 1
+        results.append((ids[cursor:cursor + n].tolist(), probs[cursor:cursor + n].tolist()))
+        cursor += n
+    return results
+
+
+def teacher_traces(target, prompts: list[list[int]], request_ids: list[str], *, max_new_tokens: int = 64,
+                   block_size: int = 8, top_k: int = 16, pad_id: int = 0, eos_ids: set[int] | None = None,
+                   target_version: str = "") -> list[TraceRecord]:
+    """TraceRecords from the target's own greedy continuations, cut into blocks of
+    `block_size` "draft" tokens that the target accepts in full."""
+    continuations = greedy_continuations(target, prompts, max_new_tokens, pad_id, eos_ids or set())
+    sequences = [[*p, *c] for p, c in zip(prompts, continuations)]
+    kept = [i for i, c in enumerate(continuations) if c]
+    if not kept:
+        return []
+    tops = teacher_top_k(target, [sequences[i] for i in kept], [len(prompts[i]) for i in kept], top_k, pad_id)
+    records = []
+    for i, (top_ids, top_probs) in zip(kept, tops):
+        prompt, continuation = prompts[i], continuations[i]
+        for start in range(0, len(continuation), block_size):
+            draft = continuation[start:start + block_size]
+            records.append(TraceRecord(
+                request_id=request_ids[i], drafter_version=TEACHER_DRAFTER_VERSION, target_version=target_version,
+                context_ids=[*prompt, *continuation[:start]], draft_tokens=draft,
+                target_top_ids=top_ids[start:start + len(draft) + 1],
+                target_top_probs=top_probs[start:start + len(draft) + 1],
+                accepted=len(draft), temperature=0.0,
+            ))
+    return records
+
+
+@dataclass
+class DistillSummary:
+    prompts: int
+    traces: int
+    steps: int
+    decisions: list[dict]
+
+
+def distill_from_prompts(target, worker, prompts: list[list[int]], request_ids: list[str], *,
+                         max_new_tokens: int = 64, block_size: int = 8, top_k: int = 16, generation_batch: int = 8,
+                         pad_id: int = 0, eos_ids: set[int] | None = None, target_version: str = "",
+                         maxlen: int | None = 100_000, final_publish: bool = True) -> DistillSummary:
+    """Generates teacher traces batch by batch, appends them to the worker's stream
+    and lets `worker` consume them before generating more (the stream stays short).
+    Ends with a checkpoint through the promotion gate unless one was just published."""
+    total = 0
+    for start in range(0, len(prompts), generation_batch):
+        records = teacher_traces(target, prompts[start:start + generation_batch],
+                                 request_ids[start:start + generation_batch], max_new_tokens=max_new_tokens,
+                                 block_size=block_size, top_k=top_k, pad_id=pad_id, eos_ids=eos_ids,
+                                 target_version=target_version)
+        append_traces(worker.consumer.client, records, stream=worker.consumer.stream, maxlen=maxlen)
+        total += len(records)
+        worker.drain()
+        log.info("distilled %d/%d prompts, %d traces, %d steps", min(start + generation_batch, len(prompts)),
+                 len(prompts), total, worker.steps)
+    if final_publish and worker.steps and worker.steps % worker.options.publish_every:
+        worker.publish_and_gate()
+    return DistillSummary(prompts=len(prompts), traces=total, steps=worker.steps, decisions=list(worker.decisions))
+
+
+def distill_prompt_file(target, tokenizer, worker, prompts_path: str | Path, *, max_prompts: int | None = None,
+                        use_chat_template: bool = True, **kwargs) -> DistillSummary:
+    """distill_from_prompts on a JSON Lines prompt file, tokenised with the target's tokenizer."""
+    items = read_prompts(prompts_path)[:max_prompts]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    generation_eos = getattr(getattr(target, "generation_config", None), "eos_token_id", None)
+    if isinstance(generation_eos, int):
+        eos.add(generation_eos)
+    elif isinstance(generation_eos, list):
+        eos.update(generation_eos)
+    encoded = [encode_prompt(tokenizer, item.prompt, use_chat_template) for item in items]
+    return distill_from_prompts(target, worker, encoded, [item.id for item in items], pad_id=pad_id, eos_ids=eos,
+                                **kwargs)

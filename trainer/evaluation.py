@@ -1,0 +1,116 @@
+"""Greedy acceptance of a drafter on recorded traces, and the promotion gate.
+
+Under greedy verification a draft token is accepted iff it equals the
+target's argmax, so a drafter's expected accepted length on a trace is the
+number of leading draft slots where its argmax matches the target's. A slot
+can only be judged while the trace's own prefix follows the target's greedy
+path: after the first slot where the recorded draft token differs from the
+target's argmax, the drafter would be conditioned on text the target never
+produces. Distillation traces follow the target everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from specdec.traces import TraceRecord
+from trainer.batching import build_batch, slot_forward
+from trainer.losses import target_argmax
+
+
+@dataclass
+class AcceptanceReport:
+    mean_accepted_length: float  # leading agreeing slots per block (the gate metric)
+    agreement_rate: float  # drafter argmax == target argmax over judged slots
+    blocks: int  # traces with at least one judged slot
+    judged_slots: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GateDecision:
+    promote: bool
+    reason: str
+    metrics: dict
+
+
+def judged_slots(draft_tokens: list[int], target_best: list[int | None]) -> int:
+    """How many leading draft slots lie on the target's greedy path (slot i needs
+    the target's argmax at i, and draft slots before i equal to the target's)."""
+    count = 0
+    for i in range(len(draft_tokens)):
+        if i >= len(target_best) or target_best[i] is None:
+            break
+        count += 1
+        if draft_tokens[i] != target_best[i]:
+            break
+    return count
+
+
+def greedy_accepted_length(drafter_best: list[int], target_best: list[int | None], draft_tokens: list[int]) -> tuple[int, int]:
+    """-> (accepted length, judged slots) for one block under greedy verification."""
+    judged = judged_slots(draft_tokens, target_best)
+    accepted = 0
+    while accepted < judged and drafter_best[accepted] == target_best[accepted]:
+        accepted += 1
+    return accepted, judged
+
+
+@torch.no_grad()
+def evaluate_acceptance(model, records: list[TraceRecord], batch_size: int = 16, max_context: int = 256) -> AcceptanceReport:
+    """Teacher-forces `model` on each held-out trace and scores its greedy drafts."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total_accepted = total_agree = total_judged = blocks = 0
+    try:
+        for start in range(0, len(records), batch_size):
+            chunk = records[start:start + batch_size]
+            batch = build_batch(chunk, max_context=max_context)
+            if batch is None:
+                continue
+            batch = batch.to(device)
+            logits, _hidden = slot_forward(model, batch.input_ids, batch.attention_mask, batch.slot_row, batch.slot_pos)
+            drafter_best = logits.argmax(-1).tolist()
+            target_best = target_argmax(batch.top_ids, batch.top_probs).tolist()
+            per_record: dict[int, tuple[dict[int, int], dict[int, int]]] = {}
+            for s, record_number in enumerate(batch.record_index.tolist()):
+                mine, theirs = per_record.setdefault(record_number, ({}, {}))
+                slot = int(batch.slot_index[s])
+                mine[slot] = drafter_best[s]
+                theirs[slot] = target_best[s]
+            for record_number, (mine, theirs) in per_record.items():
+                draft = chunk[record_number].draft_tokens
+                target_row = [theirs.get(i) for i in range(len(draft))]
+                drafter_row = [mine.get(i, -1) for i in range(len(draft))]
+                accepted, judged = greedy_accepted_length(drafter_row, target_row, draft)
+                if judged == 0:
+                    continue
+                blocks += 1
+                total_accepted += accepted
+                total_judged += judged
+                total_agree += sum(drafter_row[i] == target_row[i] for i in range(judged))
+    finally:
+        model.train(was_training)
+    return AcceptanceReport(
+        mean_accepted_length=total_accepted / blocks if blocks else 0.0,
+        agreement_rate=total_agree / total_judged if total_judged else 0.0,
+        blocks=blocks,
+        judged_slots=total_judged,
+    )
+
+
+def gate(candidate: AcceptanceReport, current: AcceptanceReport, min_blocks: int = 1) -> GateDecision:
+    """Promote only when the candidate's accepted length is strictly better on the same traces."""
+    metrics = {"candidate": candidate.as_dict(), "current": current.as_dict()}
+    if candidate.blocks < min_blocks:
+        return GateDecision(False, f"only {candidate.blocks} held-out blocks (need {min_blocks})", metrics)
+    if candidate.mean_accepted_length > current.mean_accepted_length:
+        return GateDecision(True, (f"accepted length {candidate.mean_accepted_length:.3f} > "
+                                   f"{current.mean_accepted_length:.3f} on {candidate.blocks} held-out blocks"), metrics)
+    return GateDecision(False, (f"accepted length {candidate.mean_accepted_length:.3f} <= "
+                                f"{current.mean_accepted_length:.3f} on {candidate.blocks} held-out blocks"), metrics)

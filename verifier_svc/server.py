@@ -1,0 +1,100 @@
+"""gRPC servicer for the verifier: converts messages and delegates to VerifierCore."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from specdec import metrics
+from specdec.config import VerifierSettings
+from specdec.convert import dist_from_proto, sampling_from_proto
+from specdec.errors import InvalidRequest
+from specdec.models import LoadedModel, configure_threads, load_model
+from specdec.server import RunningServer, abort_for, serve_until_signalled, start_server
+from specdec.v1 import common_pb2, verifier_pb2, verifier_pb2_grpc
+from verifier_svc.verifier import VerifierCore
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = "specdec.v1.Verifier"
+
+
+class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
+    def __init__(self, core: VerifierCore):
+        self.core = core
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verifier-compute")
+
+    async def _run(self, fn, *args):
+        started = time.perf_counter()
+        result = await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        return result, (time.perf_counter() - started) * 1e3
+
+    def _update_gauges(self) -> None:
+        metrics.ACTIVE_SESSIONS.labels(service="verifier").set(len(self.core.sessions))
+        metrics.KV_CACHE_BYTES.labels(service="verifier").set(self.core.sessions.kv_bytes())
+
+    async def Prefill(self, request, context):
+        try:
+            sampling = sampling_from_proto(request.sampling)
+            committed, ms = await self._run(self.core.prefill, request.session_id, list(request.token_ids), sampling,
+                                            request.max_new_tokens, request.request_id)
+        except Exception as err:  # noqa: BLE001 - abort_for re-raises what it cannot map
+            await abort_for(context, err)
+        self._update_gauges()
+        return verifier_pb2.PrefillResponse(committed_len=committed, timing=common_pb2.Timing(compute_ms=ms))
+
+    async def Verify(self, request, context):
+        try:
+            if request.bild_rollback_threshold < 0:
+                raise InvalidRequest("bild_rollback_threshold must be >= 0")
+            dists = [dist_from_proto(p) for p in request.draft_probs]
+            outcome, wall_ms = await self._run(self.core.verify, request.session_id, request.committed_len,
+                                               list(request.draft_tokens), dists, request.return_top_k,
+                                               request.bild_rollback_threshold)
+        except Exception as err:  # noqa: BLE001
+            await abort_for(context, err)
+        self._update_gauges()
+        return verifier_pb2.VerifyResponse(
+            accepted=outcome.accepted, next_token=outcome.next_token, committed_len=outcome.committed_len,
+            target_top_k=[common_pb2.TopKProbs(indices=i, probs=p) for i, p in outcome.target_top],
+            timing=common_pb2.Timing(compute_ms=outcome.compute_ms, queue_ms=max(wall_ms - outcome.compute_ms, 0.0)),
+            lossy=outcome.lossy)
+
+    async def Release(self, request, context):
+        released = self.core.release(request.session_id)
+        self._update_gauges()
+        return verifier_pb2.ReleaseResponse(released=released)
+
+    async def Info(self, request, context):
+        loaded = self.core.loaded
+        return verifier_pb2.ModelInfo(model_name=loaded.name, vocab_size=loaded.vocab_size, max_context=loaded.max_context,
+                                      tokenizer_fingerprint=loaded.fingerprint, model_version=loaded.version,
+                                      active_sessions=len(self.core.sessions), max_sessions=self.core.sessions.max_sessions,
+                                      eos_token_ids=loaded.eos_token_ids)
+
+
+async def expire_sessions_forever(store, service: str, period_s: float = 5.0) -> None:
+    while True:
+        await asyncio.sleep(period_s)
+        for session_id in store.expire():
+            log.info("session expired", extra={"fields": {"session_id": session_id}})
+        metrics.ACTIVE_SESSIONS.labels(service=service).set(len(store))
+
+
+async def start(settings: VerifierSettings, loaded: LoadedModel | None = None) -> RunningServer:
+    configure_threads(settings.threads)
+    loaded = loaded or load_model(settings.model, settings.device, settings.dtype, max_context=settings.max_context)
+    servicer = VerifierServicer(VerifierCore(loaded, settings.max_sessions, settings.session_ttl_s))
+    running = await start_server(settings, lambda s: verifier_pb2_grpc.add_VerifierServicer_to_server(servicer, s),
+                                 [SERVICE_NAME])
+    metrics_port = metrics.serve_metrics(settings.metrics_port, settings.metrics_host)
+    running.background.append(asyncio.ensure_future(expire_sessions_forever(servicer.core.sessions, "verifier")))
+    log.info("verifier ready", extra={"fields": {"port": running.port, "metrics_port": metrics_port,
+                                                 "model": loaded.name, "vocab": loaded.vocab_size}})
+    return running
+
+
+async def serve(settings: VerifierSettings) -> None:
+    running = await start(settings)
+    await serve_until_signalled(running, settings.grace_period_s)
