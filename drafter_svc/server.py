@@ -11,7 +11,8 @@ from specdec import metrics
 from specdec.config import DrafterSettings
 from specdec.convert import dist_to_proto, sampling_from_proto
 from specdec.errors import InvalidRequest
-from specdec.models import check_pair, configure_threads, load_model, load_tokenizer, tokenizer_fingerprint
+from specdec.models import (check_pair, configure_threads, load_model, load_tokenizer, materialise, resolve_source,
+                            tokenizer_fingerprint)
 from specdec.server import RunningServer, abort_for, serve_until_signalled, start_server
 from specdec.stopping import StopRule, should_stop
 from specdec.v1 import drafter_pb2, drafter_pb2_grpc, verifier_pb2
@@ -105,8 +106,11 @@ def build_drafter(settings: DrafterSettings) -> DrafterServicer:
     loaded = load_model(settings.model, settings.device, settings.dtype, tokenizer_from=settings.target or None,
                         max_context=settings.max_context)
     if settings.target:
-        target_tokenizer = load_tokenizer(settings.target)
-        check_pair(tokenizer_fingerprint(target_tokenizer, len(target_tokenizer) if target_tokenizer else 0),
+        from transformers import AutoConfig
+
+        target_dir = materialise(resolve_source(settings.target))
+        target_vocab = AutoConfig.from_pretrained(target_dir).vocab_size
+        check_pair(tokenizer_fingerprint(load_tokenizer(settings.target), target_vocab),
                    loaded.fingerprint, settings.target, settings.model)
     drafter = ModelDrafter(loaded, settings.max_sessions, settings.session_ttl_s)
     return DrafterServicer(drafter, settings.draft_support, loaded.name, loaded.fingerprint, loaded.max_context)

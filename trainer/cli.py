@@ -1,0 +1,161 @@
+"""`specd train`, `specd distill` and `specd checkpoints` (added to the main CLI by add_subcommands)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import typing
+
+from specdec.config import ConfigError, TrainerSettings, load_settings
+
+log = logging.getLogger(__name__)
+
+
+def add_trainer_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One --flag-with-dashes per TrainerSettings field; values are validated by the schema."""
+    parser.add_argument("--config", help="YAML settings file (also SPECD_CONFIG)")
+    for name, field in TrainerSettings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        choices = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is typing.Literal else None
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                                help=field.description)
+        else:
+            parser.add_argument(flag, dest=name, default=None, choices=choices, help=field.description)
+
+
+def trainer_settings(args: argparse.Namespace) -> TrainerSettings:
+    overrides = {name: getattr(args, name) for name in TrainerSettings.model_fields
+                 if getattr(args, name, None) is not None}
+    return load_settings("trainer", overrides, getattr(args, "config", None))
+
+
+def _setup(settings: TrainerSettings) -> None:
+    from specdec.logs import setup_logging
+    from specdec.metrics import serve_metrics
+
+    setup_logging("trainer", settings.log_level, settings.log_json)
+    if settings.metrics_port and not settings.ray_address:
+        serve_metrics(settings.metrics_port, settings.metrics_host)
+
+
+def train_command(args: argparse.Namespace) -> int:
+    try:
+        settings = trainer_settings(args)
+    except ConfigError as err:
+        print(f"specd train: {err}", file=sys.stderr)
+        return 2
+    _setup(settings)
+    if settings.ray_address:
+        from trainer.ray_launch import launch
+
+        summaries = launch(settings, max_steps=args.max_steps, idle_exit_s=args.idle_exit_s,
+                           drafter_layers=args.drafter_layers)
+        print(json.dumps(summaries, default=str))
+        return 0
+    from trainer.assemble import build_worker
+
+    worker = build_worker(settings, drafter_layers=args.drafter_layers)
+    try:
+        summary = worker.run(max_steps=args.max_steps, idle_exit_s=args.idle_exit_s)
+    except KeyboardInterrupt:
+        return 130
+    print(json.dumps({"steps": summary.steps, "traces": summary.traces, "decisions": summary.decisions}))
+    return 0
+
+
+def distill_command(args: argparse.Namespace) -> int:
+    try:
+        settings = trainer_settings(args)
+    except ConfigError as err:
+        print(f"specd distill: {err}", file=sys.stderr)
+        return 2
+    _setup(settings)
+    from trainer.assemble import build_worker, load_target
+    from trainer.bootstrap import distill_prompt_file
+
+    target = load_target(settings)
+    if target.tokenizer is None:
+        print(f"specd distill: target {settings.target!r} has no tokenizer to encode prompts with", file=sys.stderr)
+        return 2
+    worker = build_worker(settings, drafter_layers=args.layers, target=target)
+    summary = distill_prompt_file(
+        target.model, target.tokenizer, worker, args.prompts, max_prompts=args.max_prompts,
+        use_chat_template=not args.raw, max_new_tokens=args.max_new_tokens, block_size=args.block_size,
+        top_k=args.top_k, generation_batch=args.generation_batch, target_version=target.version,
+    )
+    print(json.dumps({"prompts": summary.prompts, "traces": summary.traces, "steps": summary.steps,
+                      "decisions": summary.decisions, "current": worker.store.current()}))
+    return 0
+
+
+def checkpoints_command(args: argparse.Namespace) -> int:
+    from specdec import redisutil
+    from specdec.checkpoints import CheckpointError, CheckpointStore, parse_version
+
+    client = redisutil.connect(args.redis_url) if args.redis_url else None
+    store = CheckpointStore(args.checkpoint_dir, redis_client=client)
+    try:
+        if args.action == "list":
+            current = store.current()
+            statuses = store.statuses()
+            rows = []
+            for version in store.versions():
+                meta = store.meta(version)
+                rows.append({"version": f"v{version}", "current": version == current, "status": statuses[version],
+                             "parent": meta.get("parent_version"), "steps": meta.get("steps"),
+                             "created_ms": meta.get("created_ms")})
+            if args.json:
+                print(json.dumps(rows))
+            else:
+                for row in rows:
+                    marker = "*" if row["current"] else " "
+                    print(f"{marker} {row['version']:>6}  {row['status']:<8}  parent={row['parent']}  steps={row['steps']}")
+            return 0
+        if args.version is None:
+            print(f"specd checkpoints {args.action}: --version is required", file=sys.stderr)
+            return 2
+        version = parse_version(args.version)
+        store.verify(version)  # never point drafters at a damaged checkpoint
+        if args.action == "promote":
+            store.promote(version, args.reason or "manual promotion", {})
+        else:
+            store.rollback(version, args.reason or "manual rollback", {})
+        print(f"CURRENT = v{store.current()}")
+        return 0
+    except (CheckpointError, ValueError) as err:
+        print(f"specd checkpoints: {err}", file=sys.stderr)
+        return 1
+
+
+def add_subcommands(subparsers) -> None:
+    train = subparsers.add_parser("train", help="train the drafter online from the trace stream")
+    add_trainer_settings_flags(train)
+    train.add_argument("--max-steps", type=int, default=None, help="stop after this many optimisation steps")
+    train.add_argument("--idle-exit-s", type=float, default=None, help="stop after this long without traces")
+    train.add_argument("--drafter-layers", type=int, default=4,
+                       help="decoder layers of a drafter initialised from the target")
+    train.set_defaults(handler=train_command)
+
+    distill = subparsers.add_parser("distill", help="bootstrap the drafter from a prompt file (same pipeline)")
+    add_trainer_settings_flags(distill)
+    distill.add_argument("--prompts", required=True, help="JSON Lines of {id, category, prompt}")
+    distill.add_argument("--max-new-tokens", type=int, default=64)
+    distill.add_argument("--layers", type=int, default=4, help="decoder layers of a drafter initialised from the target")
+    distill.add_argument("--block-size", type=int, default=8, help="draft tokens per trace")
+    distill.add_argument("--top-k", type=int, default=16, help="target probabilities kept per position")
+    distill.add_argument("--generation-batch", type=int, default=8, help="prompts generated together")
+    distill.add_argument("--max-prompts", type=int, default=None)
+    distill.add_argument("--raw", action="store_true", help="skip the chat template")
+    distill.set_defaults(handler=distill_command)
+
+    checkpoints = subparsers.add_parser("checkpoints", help="list, promote or roll back drafter checkpoints")
+    checkpoints.add_argument("action", choices=["list", "promote", "rollback"])
+    checkpoints.add_argument("--checkpoint-dir", required=True)
+    checkpoints.add_argument("--version", default=None, help="N or vN")
+    checkpoints.add_argument("--reason", default="")
+    checkpoints.add_argument("--redis-url", default="", help="also notify drafters through Redis")
+    checkpoints.add_argument("--json", action="store_true")
+    checkpoints.set_defaults(handler=checkpoints_command)
