@@ -43,7 +43,7 @@ GRPC_PORTS = {"coordinator": 50050, "verifier": 50051, "drafter": 50052}
 METRICS_PORT = 9100
 SERVE_ROLES = ("verifier", "drafter", "coordinator")
 SPECD_SUBCOMMANDS = {"serve", "train", "health", "up", "generate", "checkpoints"}
-HEALTH_FLAGS = {"--addr", "--service"}
+HEALTH_FLAGS = {"--addr", "--service", "--timeout"}
 K8S_VERSIONS = ["1.28", "1.37"]  # oldest and newest cluster versions we validate against
 SECRET_PLACEHOLDER = "REPLACE-ME"
 
@@ -866,25 +866,40 @@ def test_raycluster(overlay):
                 f"{label}: with ray.io/overwrite-container-cmd the command must start Ray itself"
             script = " ".join(container["args"])
             assert "KUBERAY_GEN_RAY_START_CMD" in script and "ulimit -n" in script, label
-        script = " ".join(container.get("command", []) + container.get("args", []))
-        if "specd" in script:
-            argv, _ = parse_specd_command(container["command"] + [" ".join(container["args"])], label)
+        for other in template["spec"]["containers"][1:]:
+            assert "specd" not in " ".join(container_command(other)), f"{label}: run the driver in the Ray container"
+        script = " ".join(container_command(container))
+        if "specd " in script:
+            argv, _ = parse_specd_command(container_command(container), label)
             role, flags = check_specd_argv(argv, label)
             assert role == "trainer" and "--ray-address" in flags, f"{label}: {argv}"
             assert flags[flags.index("--ray-address") + 1] == "auto", f"{label}: {argv}"
-            assert "--block" in script and "/--block/" in script, \
-                f"{label}: ray start must not block before the trainer starts"
+            assert "${KUBERAY_GEN_RAY_START_CMD/--block/}" in script, \
+                f"{label}: ray start must not block before the driver starts"
             trainers.append(label)
-    assert trainers and all(t.startswith("worker") for t in trainers), \
-        f"worker group containers must run `specd train --ray-address auto`: {trainers}"
+        else:
+            assert "$KUBERAY_GEN_RAY_START_CMD" in script and "/--block/" not in script, \
+                f"{label}: a plain Ray node keeps `ray start --block` as its main process"
+    # One driver: several would start actors with the same consumer names and metrics ports.
+    assert trainers == ["head"], f"exactly one `specd train --ray-address auto` driver, in the head: {trainers}"
+    assert head["rayStartParams"].get("num-cpus") == "0", "keep actors off the head"
+    for group in groups:
+        assert group["rayStartParams"].get("num-cpus") == "1", \
+            f"{group['groupName']}: one Ray CPU per pod places one trainer actor per pod"
 
 
 # --------------------------------------------------------------------------
 # Kubernetes: semantics
 # --------------------------------------------------------------------------
 
+# Pod component label -> the settings role its containers load. The Ray head
+# pod runs the single trainer driver, so it carries trainer settings.
+COMPONENT_ROLE = {"verifier": "verifier", "drafter": "drafter", "coordinator": "coordinator",
+                  "trainer": "trainer", "ray-head": "trainer"}
+
+
 def pod_workloads(objects) -> list[tuple[str, str, dict]]:
-    """(where, role label, pod template) for Deployments and RayCluster groups."""
+    """(where, component label, pod template) for Deployments and RayCluster groups."""
     out = []
     for name, dep in by_kind(objects, "Deployment").items():
         out.append((f"Deployment/{name}", dep["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"],
@@ -928,26 +943,31 @@ def test_k8s_env_names_are_settings_fields(overlay):
     objects = render(overlay)
     # ConfigMaps on their own: each key a field of every role that loads it.
     users: dict[str, set[str]] = {}
-    for where, role, template in pod_workloads(objects):
+    for where, component, template in pod_workloads(objects):
         for container in template["spec"]["containers"]:
             for source in container.get("envFrom", []):
-                users.setdefault(source["configMapRef"]["name"], set()).add(role)
+                users.setdefault(source["configMapRef"]["name"], set()).add(COMPONENT_ROLE[component])
     for name, cm in by_kind(objects, "ConfigMap").items():
         assert name in users, f"ConfigMap {name} is loaded by no pod"
-        for role in users[name] - {"ray-head"}:
+        for role in users[name]:
             check_env_names(role, cm.get("data", {}), f"{overlay}: ConfigMap/{name} (used by {role})")
 
     seen = set()
-    for where, role, template in pod_workloads(objects):
+    for where, component, template in pod_workloads(objects):
+        role = COMPONENT_ROLE.get(component)
         for container in template["spec"]["containers"]:
             env = effective_env(objects, container, where)
-            if role not in SETTINGS_BY_ROLE:
-                assert not [k for k in env if k.startswith("SPECD_")], f"{where}: {role} is not a specd role"
+            if role is None:
+                assert not [k for k in env if k.startswith("SPECD_")], f"{where}: {component} is not a specd role"
                 continue
             check_env_names(role, env, f"{overlay}: {where}")
-            specd_argv, _ = parse_specd_command(container_command(container), where)
-            cmd_role, flags = check_specd_argv(specd_argv, where)
-            assert cmd_role == role, f"{where}: runs {cmd_role} but is labelled {role}"
+            flags: list[str] = []
+            if "specd " in " ".join(container_command(container)):
+                specd_argv, _ = parse_specd_command(container_command(container), where)
+                cmd_role, flags = check_specd_argv(specd_argv, where)
+                assert cmd_role == role, f"{where}: runs {cmd_role} but is labelled {component}"
+            else:
+                assert component == "trainer", f"{where}: runs no specd command"
             settings = load_role(role, env, flag_overrides(role, flags, where), f"{overlay}: {where}")
             assert settings.host == "0.0.0.0" and settings.metrics_host == "0.0.0.0", where
             assert settings.metrics_port == METRICS_PORT, where
@@ -994,7 +1014,8 @@ def _allowed(policies, namespaces: dict, src: tuple[str, dict], dst: tuple[str, 
     for policy in selecting:
         for rule in policy["spec"].get("ingress", []):
             ports = rule.get("ports")
-            if ports and not any(p.get("port") == port and p.get("protocol", "TCP") == "TCP" for p in ports):
+            if ports and not any(p.get("protocol", "TCP") == "TCP" and p.get("port") <= port <= p.get("endPort", p["port"])
+                                 for p in ports):
                 continue
             peers = rule.get("from")
             if not peers:
@@ -1029,6 +1050,7 @@ def test_network_policies(overlay):
         ("coordinator", 50050): set(sources),
         ("verifier", METRICS_PORT): {"prometheus"},
         ("coordinator", METRICS_PORT): {"prometheus"},
+        ("trainer", METRICS_PORT + 1): {"prometheus", "trainer", "ray-head"},  # actor 1 metrics; Ray pods talk freely
         ("trainer", 6379): {"trainer", "ray-head"},  # Ray's own traffic stays inside the cluster
         ("ray-head", 6379): {"trainer", "ray-head"},
     }

@@ -39,7 +39,7 @@ def make_record(request_id: str = "req-1", n_draft: int = 4, seed: int = 0) -> T
         request_id=request_id, drafter_version="v3", target_version="smollm2-135m",
         context_ids=rng.integers(0, 50_000, size=40).tolist(), draft_tokens=rng.integers(0, 50_000, size=n_draft).tolist(),
         draft_probs=rng.random(n_draft).tolist(), target_top_ids=top_ids, target_top_probs=top_probs,
-        accepted=2, temperature=0.7, created_ms=1_700_000_000_123,
+        accepted=min(2, n_draft), temperature=0.7, created_ms=1_700_000_000_123,
     )
 
 
@@ -146,8 +146,12 @@ def test_sampling_is_deterministic_and_matches_the_rate(server):
     assert first == [publisher.should_sample(i) for i in ids]
     assert 0.27 < sum(first) / len(ids) < 0.33
     publisher.close()
-    assert not any(TracePublisher(client=server, sample_rate=0.0, registry=registry).should_sample(i) for i in ids)
-    assert all(TracePublisher(client=server, sample_rate=1.0, registry=registry).should_sample(i) for i in ids)
+    never = TracePublisher(client=server, sample_rate=0.0, registry=registry)
+    always = TracePublisher(client=server, sample_rate=1.0, registry=registry)
+    assert not any(never.should_sample(i) for i in ids)
+    assert all(always.should_sample(i) for i in ids)
+    never.close()
+    always.close()
 
 
 def test_publisher_never_blocks_and_counts_drops_when_redis_stops(server):

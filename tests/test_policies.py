@@ -1,0 +1,84 @@
+"""Draft-length policies and stop rules, each on its own."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from coordinator.policies import POLICIES, make_policy
+from specdec.stopping import (DraftStep, StopRule, adaedl_acceptance_lower_bound, probability_some_rejected,
+                              should_stop)
+
+
+def test_static_never_changes():
+    policy = make_policy("static", 4, 16)
+    for sent, accepted in [(4, 4), (4, 0), (4, 2)]:
+        policy.update(sent, accepted)
+    assert (policy.block_size(), policy.min_ready(True), policy.stop_rule()[0]) == (4, 4, StopRule.NONE)
+
+
+def test_heuristic_follows_hugging_face_schedule():
+    policy = make_policy("heuristic", 4, 7)
+    policy.update(4, 4)
+    assert policy.length == 6
+    policy.update(6, 6)
+    assert policy.length == 7  # capped
+    policy.update(7, 3)
+    assert policy.length == 6
+    for _ in range(10):
+        policy.update(policy.length, 0)
+    assert policy.length == 1  # never below one
+
+
+def test_pearl_verifies_early_in_overlap_and_adapts_sequentially():
+    policy = make_policy("pearl", 4, 12)
+    assert policy.min_ready(overlapped=True) == 1          # pre-verify: start on the first token
+    assert policy.block_size() == 12 and policy.lookahead() >= 12  # post-verify: draft on meanwhile
+    for _ in range(20):
+        policy.update(8, 8)
+    assert policy.min_ready(overlapped=False) == 9        # tracks accepted length + 1
+    for _ in range(20):
+        policy.update(8, 0)
+    assert policy.min_ready(overlapped=False) == 1
+
+
+@pytest.mark.parametrize("name, rule", [("adaedl", StopRule.ENTROPY), ("specdecpp", StopRule.CONFIDENCE),
+                                        ("bild", StopRule.MIN_CONFIDENCE)])
+def test_stop_rule_policies(name, rule):
+    policy = make_policy(name, 4, 10, threshold=0.25)
+    assert policy.stop_rule() == (rule, 0.25)
+    assert policy.block_size() == 10
+
+
+def test_every_policy_is_registered():
+    assert set(POLICIES) == {"static", "heuristic", "pearl", "adaedl", "specdecpp", "bild"}
+
+
+def _step(confidence=0.9, entropy=0.1, accept_prob=None):
+    return DraftStep(1, confidence, entropy, confidence if accept_prob is None else accept_prob)
+
+
+def test_adaedl_bound_and_stop():
+    assert adaedl_acceptance_lower_bound(0.0) == 1.0
+    assert adaedl_acceptance_lower_bound(2.0, gamma=0.5) == pytest.approx(0.0)
+    assert not should_stop(StopRule.ENTROPY, 0.3, [_step(entropy=0.05)])
+    assert should_stop(StopRule.ENTROPY, 0.3, [_step(entropy=3.0)])
+
+
+def test_specdecpp_stops_on_cumulative_rejection_probability():
+    assert probability_some_rejected([0.9, 0.9]) == pytest.approx(0.19)
+    steps = [_step(accept_prob=0.9)]
+    assert not should_stop(StopRule.CONFIDENCE, 0.3, steps)
+    steps += [_step(accept_prob=0.9), _step(accept_prob=0.8)]
+    assert should_stop(StopRule.CONFIDENCE, 0.3, steps)  # 1 - 0.9*0.9*0.8 = 0.352
+
+
+def test_bild_fallback_stops_on_low_confidence():
+    assert not should_stop(StopRule.MIN_CONFIDENCE, 0.4, [_step(confidence=0.6)])
+    assert should_stop(StopRule.MIN_CONFIDENCE, 0.4, [_step(confidence=0.6), _step(confidence=0.2)])
+
+
+def test_no_rule_never_stops():
+    assert not should_stop(StopRule.NONE, 0.0, [_step(confidence=0.0, entropy=math.inf)])
+    assert not should_stop(StopRule.ENTROPY, 1.0, [])

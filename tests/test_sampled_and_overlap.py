@@ -1,0 +1,105 @@
+"""Sampling through the services follows the target; overlap, stale drafts and fallback."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from conftest import InProcessStack, perturbed, save, tiny_model
+from specdec.client import SpecdClient
+from specdec.sampling import SamplingParams, warp_logits
+
+VOCAB = 8
+
+
+@pytest.fixture(scope="module")
+def tiny_vocab(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vocab8")
+    target = tiny_model("llama", seed=11, vocab_size=VOCAB)
+    return target, save(target, root / "target"), save(perturbed(target, 1.0, seed=12), root / "drafter")
+
+
+@pytest.mark.parametrize("mode", ["sequential", "overlapped"])
+def test_sampled_tokens_follow_target_distribution(tiny_vocab, mode):
+    """Chi-square on the first two generated tokens (joint, 64 cells) over many seeded requests."""
+    target, target_dir, drafter_dir = tiny_vocab
+    prompt = [1, 5, 2]
+    params = SamplingParams(temperature=1.3, top_k=6)
+    with torch.no_grad():
+        first = warp_logits(target(torch.tensor([prompt])).logits[0, -1:], params)[0]
+        second = torch.stack([warp_logits(target(torch.tensor([prompt + [t]])).logits[0, -1:], params)[0]
+                              for t in range(VOCAB)])
+    expected = (first[:, None] * second).flatten().double().numpy()
+    expected /= expected.sum()
+    stack = InProcessStack(target_dir, drafter_dir)
+    n = 700
+    try:
+        client = SpecdClient(stack.address)
+        counts = np.zeros(VOCAB * VOCAB)
+        accepted = drafted = 0
+        for seed in range(n):
+            result = client.generate(token_ids=prompt, max_new_tokens=2, temperature=1.3, top_k=6, seed=seed,
+                                     mode=mode, policy="static", draft_length=2)
+            counts[result.token_ids[0] * VOCAB + result.token_ids[1]] += 1
+            accepted += result.stats["accepted_tokens"]
+            drafted += result.stats["drafted_tokens"]
+    finally:
+        stack.close()
+    keep = expected * n >= 5  # chi-square needs populated cells; pool the rest
+    observed = np.append(counts[keep], counts[~keep].sum())
+    wanted = np.append(expected[keep] * n, expected[~keep].sum() * n)
+    assert chisquare(observed, wanted).pvalue > 1e-3
+    assert 0 < accepted < drafted  # both acceptances and rejections were exercised
+
+
+def test_seeded_sampling_is_reproducible(tiny_dirs):
+    dirs = tiny_dirs["qwen2"]
+    stack = InProcessStack(dirs["target"], dirs["close"])
+    try:
+        client = SpecdClient(stack.address)
+        runs = [client.generate(token_ids=[4, 8, 15, 16], max_new_tokens=20, temperature=0.9, top_p=0.9, seed=42,
+                                mode="sequential").token_ids for _ in range(3)]
+        other = client.generate(token_ids=[4, 8, 15, 16], max_new_tokens=20, temperature=0.9, top_p=0.9, seed=43,
+                                mode="sequential").token_ids
+    finally:
+        stack.close()
+    assert runs[0] == runs[1] == runs[2]
+    assert other != runs[0]
+
+
+def test_overlap_hides_draft_time_and_discards_stale_drafts(tiny_dirs):
+    dirs = tiny_dirs["llama"]
+    stack = InProcessStack(dirs["target"], dirs["close"])
+    try:
+        client = SpecdClient(stack.address)
+        prompt = [9, 8, 7, 6, 5, 4, 3, 2, 1]
+        sequential = client.generate(token_ids=prompt, max_new_tokens=48, mode="sequential", policy="static", draft_length=4)
+        overlapped = client.generate(token_ids=prompt, max_new_tokens=48, mode="overlapped", policy="pearl")
+    finally:
+        stack.close()
+    assert overlapped.token_ids == sequential.token_ids
+    assert overlapped.stats["hidden_draft_ms"] > 0          # drafting ran while the target verified
+    assert sequential.stats["hidden_draft_ms"] < 0.05 * sequential.stats["draft_ms"] + 1
+    assert overlapped.stats["stale_draft_tokens"] > 0       # some drafts were built on rejected prefixes ...
+    assert overlapped.stats["new_tokens"] == 48             # ... and none leaked into the output
+
+
+def test_unreachable_drafter_falls_back_to_target_only(tiny_dirs):
+    from conftest import InProcessStack as Stack
+
+    dirs = tiny_dirs["gpt2"]
+    stack = Stack(dirs["target"], dirs["close"])
+    try:
+        client = SpecdClient(stack.address)
+        reference = client.generate(token_ids=[1, 2, 3], max_new_tokens=20, mode="target_only").token_ids
+        stack.stop_server("drafter")
+        result = client.generate(token_ids=[1, 2, 3], max_new_tokens=20, mode="overlapped")
+    finally:
+        stack.close()
+    assert result.token_ids == reference
+    assert result.stats["fallback_steps"] > 0
