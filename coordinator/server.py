@@ -17,12 +17,14 @@ from coordinator.backends import BackendPool
 from coordinator.engine import Generation, GenerationRequest, GenerationStats, UpstreamError, VerifiedBlock
 from coordinator.policies import make_policy
 from coordinator.text import TextStream
+from coordinator.tracing import TraceSink
 from specdec import metrics
 from specdec.config import CoordinatorSettings
 from specdec.errors import InvalidRequest
 from specdec.logs import request_id_var
 from specdec.models import load_tokenizer
 from specdec.sampling import SamplingParams, validate_sampling
+from specdec.traces import TracePublisher
 from specdec.server import REQUEST_ID_HEADER, RunningServer, channel_credentials, message_options, serve_until_signalled, start_server
 from specdec.v1 import drafter_pb2_grpc, generation_pb2, generation_pb2_grpc, verifier_pb2, verifier_pb2_grpc
 
@@ -250,10 +252,22 @@ async def build_servicer(settings: CoordinatorSettings, trace_sink=None) -> Gene
                               trace_sink)
 
 
+def trace_sink_for(settings: CoordinatorSettings) -> TraceSink | None:
+    """The OSD trace publisher, or None when no Redis is configured."""
+    if not settings.redis_url:
+        return None
+    publisher = TracePublisher(settings.redis_url, stream=settings.trace_stream, maxlen=settings.trace_maxlen,
+                               sample_rate=settings.trace_sample_rate)
+    return TraceSink(publisher)
+
+
 async def start(settings: CoordinatorSettings, trace_sink=None) -> RunningServer:
+    trace_sink = trace_sink or trace_sink_for(settings)
     servicer = await build_servicer(settings, trace_sink)
     running = await start_server(settings, lambda s: generation_pb2_grpc.add_GenerationServicer_to_server(servicer, s),
                                  [SERVICE_NAME])
+    if isinstance(trace_sink, TraceSink):
+        running.on_stop(trace_sink.close)
     metrics_port = metrics.serve_metrics(settings.metrics_port, settings.metrics_host)
     log.info("coordinator ready", extra={"fields": {"port": running.port, "metrics_port": metrics_port,
                                                     "verifiers": settings.verifier_addrs, "drafters": settings.drafter_addrs}})

@@ -17,6 +17,8 @@ from specdec.server import RunningServer, abort_for, serve_until_signalled, star
 from specdec.stopping import StopRule, should_stop
 from specdec.v1 import drafter_pb2, drafter_pb2_grpc, verifier_pb2
 from drafter_svc.drafters import Drafter, ModelDrafter, NgramDrafter
+from drafter_svc.hot_swap import CheckpointWatcher
+from specdec.checkpoints import CheckpointStore
 from verifier_svc.server import expire_sessions_forever
 
 log = logging.getLogger(__name__)
@@ -116,6 +118,21 @@ def build_drafter(settings: DrafterSettings) -> DrafterServicer:
     return DrafterServicer(drafter, settings.draft_support, loaded.name, loaded.fingerprint, loaded.max_context)
 
 
+def checkpoint_watcher(settings: DrafterSettings, drafter: Drafter) -> CheckpointWatcher | None:
+    """Follows settings.checkpoint_dir when the drafter is a model (n-gram drafters have no weights)."""
+    if not settings.checkpoint_dir:
+        return None
+    if not isinstance(drafter, ModelDrafter):
+        log.warning("checkpoint_dir ignored: the %s drafter has no weights to swap", drafter.version)
+        return None
+    redis_client = None
+    if settings.redis_url:
+        from specdec import redisutil
+
+        redis_client = redisutil.connect(settings.redis_url)
+    return CheckpointWatcher(drafter, CheckpointStore(settings.checkpoint_dir), settings.swap_poll_s, redis_client)
+
+
 async def start(settings: DrafterSettings) -> RunningServer:
     configure_threads(settings.threads)
     servicer = build_drafter(settings)
@@ -124,6 +141,12 @@ async def start(settings: DrafterSettings) -> RunningServer:
                                  [SERVICE_NAME])
     metrics_port = metrics.serve_metrics(settings.metrics_port, settings.metrics_host)
     running.background.append(asyncio.ensure_future(expire_sessions_forever(servicer.drafter.sessions, "drafter")))
+    watcher = checkpoint_watcher(settings, servicer.drafter)
+    if watcher is not None:
+        initial = watcher.wanted()
+        if initial is not None:  # serve the promoted version from the first request on
+            await asyncio.to_thread(watcher.swap_to, initial)
+        running.background.append(asyncio.ensure_future(watcher.run()))
     log.info("drafter ready", extra={"fields": {"port": running.port, "metrics_port": metrics_port,
                                                 "drafter": servicer.name, "version": servicer.drafter.version}})
     return running

@@ -95,6 +95,11 @@ class RunningServer:
     port: int
     health: health.aio.HealthServicer
     background: list[asyncio.Task] = field(default_factory=list)
+    closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def on_stop(self, close: Callable[[], None]) -> None:
+        """Runs `close` after the last RPC has finished (e.g. flushing the trace publisher)."""
+        self.closers.append(close)
 
     async def drain(self, grace_s: float) -> None:
         """NOT_SERVING first so balancers stop routing, then finish in-flight RPCs."""
@@ -102,6 +107,8 @@ class RunningServer:
         await self.server.stop(grace_s)
         for task in self.background:
             task.cancel()
+        for close in self.closers:
+            await asyncio.to_thread(close)
 
 
 async def start_server(settings: CommonSettings, register: Callable[[grpc.aio.Server], None],
