@@ -89,8 +89,7 @@ class ModelDrafter(Drafter):
         if session.extra.get("generation") != generation:
             session.cache, session.cached_len = None, 0  # KV of another model version is meaningless
             session.extra["generation"] = generation
-        logits, hidden = runner.extend([session], output_hidden=accept_head is not None)[0]
-        last = logits[-1:]  # [1, V]
+        last, hidden = runner.extend([session], output_hidden=accept_head is not None, keep_logits=1)[0]  # [1, V]
         position = len(session.ids)
         if sampling.greedy:
             probs = last.float().softmax(-1)[0]

@@ -138,18 +138,24 @@ class ModelRunner:
     """
 
     def __init__(self, model: torch.nn.Module, device: torch.device):
+        import inspect
+
         self.model = model
         self.device = device
+        # The LM head over a long prefill is costly; most HF models can skip rows nobody reads.
+        self.can_skip_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     @torch.inference_mode()
-    def extend(self, sessions: list[KVSession], output_hidden: bool = False) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    def extend(self, sessions: list[KVSession], output_hidden: bool = False,
+               keep_logits: int = 0) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """Feeds each session's uncached ids; returns per session (logits [n, V], last hidden [n, H] | None).
 
-        Row i of the logits predicts the token after ids[cached_len + i].
+        Row i of the logits predicts the token after ids[cached_len + i]; with keep_logits > 0 only
+        the last keep_logits rows are computed (and returned).
         """
-        return [self._extend_one(session, output_hidden) for session in sessions]
+        return [self._extend_one(session, output_hidden, keep_logits) for session in sessions]
 
-    def _extend_one(self, session: KVSession, output_hidden: bool):
+    def _extend_one(self, session: KVSession, output_hidden: bool, keep_logits: int):
         from transformers import DynamicCache
 
         new_ids = session.ids[session.cached_len:]
@@ -158,9 +164,11 @@ class ModelRunner:
         if session.cache is None:
             session.cache = DynamicCache(config=self.model.config)
         input_ids = torch.tensor([new_ids], dtype=torch.long, device=self.device)
+        extra = {"logits_to_keep": keep_logits} if keep_logits and self.can_skip_logits else {}
         out = self.model(input_ids=input_ids, past_key_values=session.cache, use_cache=True,
-                         output_hidden_states=output_hidden)
+                         output_hidden_states=output_hidden, **extra)
         session.cache = out.past_key_values
         session.cached_len = len(session.ids)
         hidden = out.hidden_states[-1][0] if output_hidden else None
-        return out.logits[0], hidden
+        logits = out.logits[0]  # [n or keep_logits, V]
+        return (logits[-keep_logits:] if keep_logits else logits), hidden

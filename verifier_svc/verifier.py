@@ -54,7 +54,7 @@ class VerifierCore:
         if len(token_ids) > 1:
             session.ids = list(token_ids[:-1])
             with self._compute:
-                self.runner.extend([session])
+                self.runner.extend([session], keep_logits=1)  # the cache is what prefill is for
             session.ids.append(token_ids[-1])
         return len(session.ids)
 
@@ -80,8 +80,7 @@ class VerifierCore:
         base = len(session.ids)
         session.ids.extend(draft_tokens)
         with self._compute:
-            logits, _ = self.runner.extend([session])[0]
-        slot_logits = logits[-(len(draft_tokens) + 1):]  # [k+1, V]
+            slot_logits, _ = self.runner.extend([session], keep_logits=len(draft_tokens) + 1)[0]  # [k+1, V]
 
         # 3. Decide acceptance, then 4. roll the cache back to the accepted prefix.
         if sampling.greedy:

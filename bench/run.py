@@ -1,0 +1,191 @@
+"""Side-by-side benchmark: HF target-only, HF assisted, specd sequential and specd overlapped per policy.
+
+    python -m bench.run --quick                 # CI smoke run, under 3 minutes
+    python -m bench.run                         # the full suite, for people
+    python -m bench.run --drafter ngram --drafter /path/to/drafter/checkpoint
+
+All modes run on the same machine, prompts and models, interleaved per
+prompt (the mode order rotates) so that drift hits every mode alike. specd
+runs as separate processes (`specd up` topology) with one torch thread
+each for verifier and drafter; the HF baselines run in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from bench.measure import Sample, run_hf, run_specd
+from bench.report import category_table, markdown_table, mismatches, plot, summarise, update_results_md
+from specdec.cli import LocalStack
+from specdec.client import SpecdClient
+from specdec.models import load_model
+
+POLICIES = ["static", "heuristic", "pearl", "adaedl", "specdecpp", "bild"]
+BASELINE = "(a) hf target-only"
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    category: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    kind: str            # hf | hf-assisted | specd
+    drafter: str = ""
+    pipeline: str = ""   # sequential | overlapped
+    policy: str = ""
+
+
+def read_prompts(path: Path, per_category: int | None) -> list[Prompt]:
+    prompts, counts = [], {}
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        counts[row["category"]] = counts.get(row["category"], 0) + 1
+        if per_category is None or counts[row["category"]] <= per_category:
+            prompts.append(Prompt(row["id"], row["category"], row["prompt"]))
+    return prompts
+
+
+def drafter_label(spec: str) -> str:
+    return "ngram" if spec == "ngram" else Path(spec).name or spec
+
+
+def build_modes(drafters: list[str], policies: list[str], sequential_policy: str) -> list[Mode]:
+    modes = [Mode(BASELINE, "hf")]
+    for spec in drafters:
+        label = drafter_label(spec)
+        modes.append(Mode(f"(b) hf assisted [{label}]", "hf-assisted", spec))
+        modes.append(Mode(f"(c) specd sequential [{label}, {sequential_policy}]", "specd", spec, "sequential",
+                          sequential_policy))
+        for policy in policies:
+            modes.append(Mode(f"(d) specd overlapped [{label}, {policy}]", "specd", spec, "overlapped", policy))
+    return modes
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, torch {torch.__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one prompt per category, 32 tokens (CI smoke)")
+    parser.add_argument("--target", default="smollm2-135m")
+    parser.add_argument("--drafter", action="append", help="ngram or a drafter model (repeatable; default ngram)")
+    parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--sequential-policy", default="static")
+    parser.add_argument("--prompts", default=str(HERE / "prompts" / "suite.jsonl"))
+    parser.add_argument("--per-category", type=int, default=None, help="prompts per category (default: all)")
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--prompt-lookup-tokens", type=int, default=10, help="HF prompt_lookup_num_tokens for (b)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each specd model service and of HF")
+    parser.add_argument("--out", default=None, help="directory for results.json and speedup.png")
+    parser.add_argument("--results-md", default=None, help="Markdown file whose bench section is replaced")
+    args = parser.parse_args(argv)
+
+    drafters = args.drafter or ["ngram"]
+    per_category = args.per_category if args.per_category is not None else (1 if args.quick else None)
+    max_new_tokens = args.max_new_tokens or (32 if args.quick else 128)
+    out = Path(args.out or (HERE / ("results-quick" if args.quick else "results")))
+    out.mkdir(parents=True, exist_ok=True)
+    results_md = Path(args.results_md) if args.results_md else (None if args.quick else HERE / "RESULTS.md")
+    prompts = read_prompts(Path(args.prompts), per_category)
+    modes = build_modes(drafters, [p for p in args.policies.split(",") if p], args.sequential_policy)
+    command = "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    torch.set_num_threads(args.threads)
+    target = load_model(args.target)
+    tokenizer = target.tokenizer
+    assistants = {spec: load_model(spec, tokenizer_from=args.target).model for spec in drafters if spec != "ngram"}
+    stacks, clients = {}, {}
+    log_dir = tempfile.mkdtemp(prefix="specd-bench-")
+    try:
+        for spec in drafters:
+            stacks[spec] = LocalStack(args.target, spec, threads_verifier=args.threads, threads_drafter=args.threads,
+                                      log_dir=log_dir)
+            clients[spec] = SpecdClient(stacks[spec].start(timeout_s=600))
+        encoded = {p.id: tokenizer.apply_chat_template([{"role": "user", "content": p.text}],
+                                                       add_generation_prompt=True, tokenize=True,
+                                                       return_dict=True)["input_ids"] for p in prompts}
+
+        def run(mode: Mode, prompt: Prompt, tokens: int) -> Sample:
+            ids = list(encoded[prompt.id])
+            if mode.kind == "hf":
+                return run_hf(mode.name, target.model, ids, tokens, prompt.id, prompt.category)
+            if mode.kind == "hf-assisted":
+                if mode.drafter == "ngram":
+                    return run_hf(mode.name, target.model, ids, tokens, prompt.id, prompt.category,
+                                  prompt_lookup=args.prompt_lookup_tokens)
+                return run_hf(mode.name, target.model, ids, tokens, prompt.id, prompt.category,
+                              assistant=assistants[mode.drafter])
+            return run_specd(mode.name, clients[mode.drafter], ids, tokens, prompt.id, prompt.category,
+                             mode.pipeline, mode.policy)
+
+        for mode in modes:  # warm-up: first-call costs (allocations, gRPC channels) stay out of the numbers
+            run(mode, prompts[0], 8)
+        samples: list[Sample] = []
+        started = time.monotonic()
+        for index, prompt in enumerate(prompts):
+            rotation = index % len(modes)
+            for mode in modes[rotation:] + modes[:rotation]:
+                samples.append(run(mode, prompt, max_new_tokens))
+            print(f"[{index + 1}/{len(prompts)}] {prompt.id} done, {time.monotonic() - started:.0f}s", flush=True)
+    finally:
+        for client in clients.values():
+            client.close()
+        for stack in stacks.values():
+            stack.stop()
+
+    rows = summarise(samples, BASELINE)
+    bad = mismatches(samples, BASELINE)
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    meta = {"command": command, "machine": machine(), "date": date, "target": args.target, "drafters": drafters,
+            "max_new_tokens": max_new_tokens, "prompts": len(prompts), "threads": args.threads}
+    (out / "results.json").write_text(json.dumps({"meta": meta, "summary": rows, "mismatches": bad,
+                                                  "samples": [asdict(s) for s in samples]}, indent=1))
+    title = f"specd on {args.target}: greedy, {len(prompts)} prompts x {max_new_tokens} tokens ({date})"
+    plot(rows, out / "speedup.png", title)
+    table, by_category = markdown_table(rows), category_table(rows)
+    print(table)
+    print(by_category)
+    if results_md is not None:
+        image = os.path.relpath(out / "speedup.png", results_md.parent)
+        update_results_md(results_md, "\n\n".join([
+            f"## Speed: specd vs HF on `{args.target}` (generated by `{command}`)",
+            f"- Machine: {meta['machine']}\n- Date: {date}\n- Greedy, {len(prompts)} prompts, "
+            f"{max_new_tokens} new tokens each, {args.threads} torch thread(s) per model process; "
+            f"modes interleaved per prompt.\n- Greedy mismatches against (a): {len(bad)}",
+            table, "### By prompt category (speedup vs (a), acceptance rate)", by_category,
+            f"![speedup]({image})"]))
+    if bad:
+        print(f"GREEDY MISMATCH against {BASELINE}: {bad}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
