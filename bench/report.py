@@ -8,7 +8,6 @@ from pathlib import Path
 
 from bench.measure import Sample
 
-BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -139,13 +138,14 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def update_results_md(path: Path, section: str) -> None:
-    """Replaces the generated section between the bench markers, keeping hand-written text around it."""
+def update_results_md(path: Path, section: str, name: str = "bench") -> None:
+    """Replaces the generated section `name` between its markers, keeping hand-written text around it."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    block = f"{BEGIN}\n{section.strip()}\n{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
+    block = f"{begin}\n{section.strip()}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)

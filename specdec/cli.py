@@ -288,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--timeout", type=float, default=2.0)
     health.set_defaults(handler=_health)
 
+    # Listed for --help only: main() hands every argument after it to the demo's own parser.
+    commands.add_parser("osd-demo", help="live online-learning demo: acceptance over a domain shift", add_help=False)
+
     try:
         from trainer.cli import add_subcommands
     except ImportError:
@@ -298,6 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["osd-demo"]:
+        from bench.osd_demo import main as osd_demo
+
+        return osd_demo(argv[1:])
     args = build_parser().parse_args(argv)
     return args.handler(args) or 0
 

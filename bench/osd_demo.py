@@ -1,0 +1,216 @@
+"""Online speculative decoding, live: acceptance climbs on one traffic domain, drops on a shift, recovers.
+
+    specd osd-demo                      # or: python -m bench.osd_demo
+    specd osd-demo --requests-per-domain 150 --max-new-tokens 48
+
+Starts the real topology (verifier, drafter following a checkpoint store,
+coordinator publishing traces to an embedded Redis, and a `specd train`
+worker), then streams requests from trainer/prompts/domain_a.jsonl followed
+by domain_b.jsonl. Every request reports its acceptance rate, tokens/s and the
+drafter version that served it; the run ends with a plot and a Markdown
+section in bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bench.report import update_results_md
+from specdec import redisutil
+from specdec.checkpoints import CheckpointStore
+from specdec.cli import LocalStack
+from specdec.client import SpecdClient
+
+HERE = Path(__file__).resolve().parent
+PROMPTS = HERE.parent / "trainer" / "prompts"
+WINDOW = 20
+
+
+@dataclass
+class Point:
+    index: int
+    domain: str
+    prompt_id: str
+    acceptance: float
+    tokens_per_s: float
+    drafted: int
+    accepted: int
+    drafter_version: str
+
+
+def read_domain(path: Path) -> list[tuple[str, str]]:
+    return [(row["id"], row["prompt"]) for row in map(json.loads, path.read_text().splitlines()) if row]
+
+
+def pooled_acceptance(points: list[Point]) -> float:
+    drafted = sum(p.drafted for p in points)
+    return sum(p.accepted for p in points) / drafted if drafted else 0.0
+
+
+def ensure_initial_drafter(store: CheckpointStore, target: str, layers: int) -> int:
+    """A store without CURRENT gets a drafter initialised from the target's own layers, untrained."""
+    if store.current() is not None:
+        return store.current()
+    from specdec.models import load_model
+    from trainer.bootstrap import init_drafter_from_target
+
+    loaded = load_model(target)
+    drafter = init_drafter_from_target(loaded.model, layers)
+    version = store.publish(drafter, {"source": f"{layers} layers of {target}, untrained",
+                                      "tokenizer_fingerprint": loaded.fingerprint, "target_version": loaded.version})
+    store.promote(version, "osd-demo starting point")
+    return version
+
+
+def summary_lines(points: list[Point], domains: list[str]) -> list[str]:
+    lines = []
+    for domain in domains:
+        part = [p for p in points if p.domain == domain]
+        if len(part) < 2 * WINDOW:
+            continue
+        first, last = part[:WINDOW], part[-WINDOW:]
+        lines.append(
+            f"| {domain} | {len(part)} | {pooled_acceptance(first):.3f} | {pooled_acceptance(last):.3f} | "
+            f"{pooled_acceptance(last) - pooled_acceptance(first):+.3f} | "
+            f"{statistics.median(p.tokens_per_s for p in first):.1f} | "
+            f"{statistics.median(p.tokens_per_s for p in last):.1f} | "
+            f"{first[0].drafter_version} → {last[-1].drafter_version} |")
+    return lines
+
+
+def plot(points: list[Point], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
+    xs = [p.index for p in points]
+    rolling = [pooled_acceptance(points[max(0, i - WINDOW + 1): i + 1]) for i in range(len(points))]
+    top.plot(xs, [p.acceptance for p in points], ".", alpha=0.35, label="per request")
+    top.plot(xs, rolling, "-", linewidth=2, label=f"pooled over last {WINDOW}")
+    top.set_ylabel("acceptance rate")
+    bottom.plot(xs, [p.tokens_per_s for p in points], ".", alpha=0.35)
+    bottom.set_ylabel("tokens/s")
+    bottom.set_xlabel("requests seen")
+    for axis in (top, bottom):
+        for i in range(1, len(points)):
+            if points[i].domain != points[i - 1].domain:
+                axis.axvline(points[i].index, color="red", linestyle="--")
+            if points[i].drafter_version != points[i - 1].drafter_version:
+                axis.axvline(points[i].index, color="grey", linewidth=0.5)
+                if axis is top:
+                    axis.text(points[i].index, 1.01, points[i].drafter_version, fontsize=7, rotation=90,
+                              va="bottom", transform=axis.get_xaxis_transform())
+    top.legend(loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="specd osd-demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default="smollm2-135m")
+    parser.add_argument("--checkpoint-dir", default="", help="store to start from (default: a fresh one)")
+    parser.add_argument("--drafter-layers", type=int, default=4, help="layers of a target-initialised drafter")
+    parser.add_argument("--domains", default="domain_a,domain_b")
+    parser.add_argument("--requests-per-domain", type=int, default=200)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--policy", default="static")
+    parser.add_argument("--draft-length", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=8, help="traces per trainer step")
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--publish-every", type=int, default=10)
+    parser.add_argument("--loss", default="fkl")
+    parser.add_argument("--out", default=str(HERE / "results-osd"))
+    parser.add_argument("--results-md", default=str(HERE / "RESULTS.md"), help="'' to skip")
+    args = parser.parse_args(argv)
+
+    workdir = Path(tempfile.mkdtemp(prefix="specd-osd-"))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    redis_client = redisutil.connect("embedded", state_directory=workdir / "redis")
+    redis_url = redisutil.url_of(redis_client)
+    store = CheckpointStore(args.checkpoint_dir or workdir / "checkpoints", redis_client=redis_client)
+    first_version = ensure_initial_drafter(store, args.target, args.drafter_layers)
+    domains = [d for d in args.domains.split(",") if d]
+    prompts = {d: read_domain(PROMPTS / f"{d}.jsonl") for d in domains}
+
+    stack = LocalStack(args.target, str(store.path(first_version)), threads_verifier=1, threads_drafter=1,
+                       log_dir=str(workdir),
+                       drafter_args=["--checkpoint-dir", str(store.root), "--redis-url", redis_url,
+                                     "--swap-poll-s", "1"],
+                       coordinator_args=["--redis-url", redis_url, "--trace-sample-rate", "1.0"])
+    trainer_log = open(workdir / "trainer.log", "ab")
+    trainer = subprocess.Popen(
+        [sys.executable, "-m", "specdec.cli", "train", "--target", args.target, "--redis-url", redis_url,
+         "--checkpoint-dir", str(store.root), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+         "--publish-every", str(args.publish_every), "--loss", args.loss, "--threads", "1", "--metrics-port", "0"],
+        stdout=trainer_log, stderr=trainer_log, start_new_session=True)
+    points: list[Point] = []
+    print(f"osd-demo: logs and state in {workdir}", file=sys.stderr, flush=True)
+    try:
+        client = SpecdClient(stack.start(timeout_s=600))
+        for domain in domains:
+            pool = prompts[domain]
+            for i in range(args.requests_per_domain):
+                prompt_id, text = pool[i % len(pool)]
+                result = client.generate(text, max_new_tokens=args.max_new_tokens, policy=args.policy,
+                                         draft_length=args.draft_length, request_id=f"osd-{len(points)}")
+                stats = result.stats
+                points.append(Point(len(points), domain, prompt_id, stats.get("acceptance_rate", 0.0),
+                                    stats.get("tokens_per_s", 0.0), stats.get("drafted_tokens", 0),
+                                    stats.get("accepted_tokens", 0), stats.get("drafter_version", "")))
+                if len(points) % 10 == 0:
+                    recent = points[-WINDOW:]
+                    print(f"[{len(points)}] {domain} acceptance(last {len(recent)})={pooled_acceptance(recent):.3f} "
+                          f"tok/s={statistics.median(p.tokens_per_s for p in recent):.1f} "
+                          f"drafter={points[-1].drafter_version}", flush=True)
+                if trainer.poll() is not None:
+                    raise RuntimeError(f"the trainer exited with code {trainer.returncode}; see {workdir}/trainer.log")
+        client.close()
+    finally:
+        trainer.terminate()
+        try:
+            trainer.wait(30)
+        except subprocess.TimeoutExpired:
+            trainer.kill()
+        stack.stop()
+
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    command = "specd osd-demo " + " ".join(argv if argv is not None else sys.argv[1:])
+    (out / "osd.json").write_text(json.dumps({"command": command, "date": date,
+                                              "decisions": store.decisions(),
+                                              "points": [asdict(p) for p in points]}, indent=1))
+    plot(points, out / "osd.png", f"OSD on {args.target}: {', '.join(domains)} ({date})")
+    table = ["| domain | requests | acceptance, first 20 | acceptance, last 20 | gain | tok/s p50, first 20 | "
+             "tok/s p50, last 20 | drafter |", "|---|---|---|---|---|---|---|---|",
+             *summary_lines(points, domains)]
+    print("\n".join(table))
+    if args.results_md:
+        results_md = Path(args.results_md)
+        image = Path(out / "osd.png").resolve().relative_to(results_md.resolve().parent)
+        promoted = sum(1 for d in store.decisions() if d["action"] == "promote")
+        rejected = sum(1 for d in store.decisions() if d["action"] == "reject")
+        update_results_md(results_md, "\n\n".join([
+            f"## Online learning: domain shift (generated by `{command}`)",
+            f"- Date: {date}; target {args.target}; drafter starts as v{first_version}; greedy, "
+            f"{args.max_new_tokens} new tokens, policy {args.policy} k={args.draft_length}; "
+            f"trainer: {args.loss}, batch {args.batch_size}, lr {args.lr}, gate every {args.publish_every} steps; "
+            f"{promoted} checkpoints promoted, {rejected} rejected.",
+            "\n".join(table), f"![osd]({image})"]), name="osd")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
