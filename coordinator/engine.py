@@ -199,6 +199,8 @@ class Generation:
             if backend is None:
                 raise UpstreamError(grpc.StatusCode.UNAVAILABLE, f"no healthy verifier left: {last_error}")
             remaining = max(self.req.max_new_tokens - len(self.generated), 0)
+            # Recorded before the call: a request abandoned mid-Prefill must still release what it opened.
+            self.verifier_addrs_used.add(backend.addr)
             try:
                 await backend.stub.Prefill(verifier_pb2.PrefillRequest(
                     session_id=self.session_id, token_ids=self.committed, sampling=sampling_to_proto(self.req.sampling),
@@ -213,7 +215,6 @@ class Generation:
                 tried.add(backend.addr)
                 continue
             self.verifier = backend
-            self.verifier_addrs_used.add(backend.addr)
             return
 
     def _deadline_passed(self) -> bool:
@@ -308,7 +309,9 @@ class Generation:
                     self.stats.stale_draft_tokens += 1
                     self._reset_chain()
                     return
-                self.stats.drafter_version = message.drafter_version
+                if message.drafter_version != self.stats.drafter_version:
+                    self.stats.drafter_version = message.drafter_version
+                    metrics.set_drafter_version(message.drafter_version)  # follows hot swaps
                 self.chain.append(message)
                 self.chain_event.set()
             if epoch == self.chain_epoch:
@@ -452,11 +455,10 @@ class Generation:
 
     async def _release(self) -> None:
         calls = []
-        if self.verifier is not None:
-            for backend in self.verifiers.backends:
-                if backend.addr in self.verifier_addrs_used:
-                    calls.append(backend.stub.Release(verifier_pb2.ReleaseRequest(session_id=self.session_id),
-                                                      timeout=RELEASE_TIMEOUT_S, metadata=self.metadata))
+        for backend in self.verifiers.backends:  # Release is idempotent: unknown sessions are a no-op
+            if backend.addr in self.verifier_addrs_used:
+                calls.append(backend.stub.Release(verifier_pb2.ReleaseRequest(session_id=self.session_id),
+                                                  timeout=RELEASE_TIMEOUT_S, metadata=self.metadata))
         for backend in self.drafters.backends:
             if backend.addr in self.drafter_sessions:
                 calls.append(backend.stub.Release(verifier_pb2.ReleaseRequest(session_id=self.session_id),

@@ -25,7 +25,7 @@ from specdec.logs import request_id_var
 from specdec.models import load_tokenizer
 from specdec.sampling import SamplingParams, validate_sampling
 from specdec.traces import TracePublisher
-from specdec.server import REQUEST_ID_HEADER, RunningServer, channel_credentials, message_options, serve_until_signalled, start_server
+from specdec.server import REQUEST_ID_HEADER, RunningServer, clean_request_id, channel_credentials, message_options, serve_until_signalled, start_server
 from specdec.v1 import drafter_pb2_grpc, generation_pb2, generation_pb2_grpc, verifier_pb2, verifier_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             raise InvalidRequest(f"draft_length must be in [0, {settings.max_draft_length}]")
         if request.policy_threshold < 0 or math.isnan(request.policy_threshold):
             raise InvalidRequest("policy_threshold must be >= 0")
+        if request.request_id and clean_request_id(request.request_id) != request.request_id:
+            raise InvalidRequest("request_id must be 1-128 printable ASCII characters")
         prompt_ids = self._prompt_ids(request)
         if len(prompt_ids) + request.max_new_tokens > self.target_info.max_context:
             raise InvalidRequest(f"prompt of {len(prompt_ids)} tokens plus max_new_tokens {request.max_new_tokens} "

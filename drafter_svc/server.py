@@ -83,6 +83,8 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
 
     async def Release(self, request, context):
         released = self.drafter.release(request.session_id)
+        # A sync queued on the compute thread could re-create the session: release again behind it.
+        self.executor.submit(self.drafter.release, request.session_id)
         self._locks.pop(request.session_id, None)
         self._update_gauges()
         return verifier_pb2.ReleaseResponse(released=released)

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import logging
 import signal
+import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -22,39 +25,135 @@ from specdec.logs import request_id_var
 log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "x-request-id"
+MAX_REQUEST_ID_LEN = 128
 UNAUTHENTICATED_METHODS = ("/grpc.health.v1.Health/",)  # probes carry no token
 
 
 class _RequestContextInterceptor(grpc.aio.ServerInterceptor):
-    """Checks the bearer token (constant-time) and binds the request id for logs."""
+    """Checks the bearer token (constant-time), binds the request id for logs, echoes it to the
+    caller in the trailing metadata and writes a debug access-log line per RPC."""
 
     def __init__(self, token: str):
         self._expected = f"Bearer {token}".encode() if token else b""
 
     async def intercept_service(self, continuation, handler_call_details):
         metadata = dict(handler_call_details.invocation_metadata or ())
-        request_id_var.set(metadata.get(REQUEST_ID_HEADER, ""))
-        if self._expected and not handler_call_details.method.startswith(UNAUTHENTICATED_METHODS):
+        request_id = clean_request_id(metadata.get(REQUEST_ID_HEADER, "")) or uuid.uuid4().hex
+        request_id_var.set(request_id)
+        method = handler_call_details.method
+        handler = await continuation(handler_call_details)
+        if self._expected and not method.startswith(UNAUTHENTICATED_METHODS):
             supplied = metadata.get("authorization", "").encode()
             if not hmac.compare_digest(supplied, self._expected):
-                return _deny_handler(await continuation(handler_call_details))
-        return await continuation(handler_call_details)
+                log.debug("unauthenticated call refused", extra={"fields": {"method": method}})
+                return _deny_handler(handler, request_id)
+        if handler is None:
+            return None
+        return _observed_handler(handler, method, request_id)
 
 
-def _deny_handler(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
+def clean_request_id(value: str) -> str:
+    """A caller's request id, kept only if it is a short printable-ASCII token (it goes into logs and headers)."""
+    value = value.strip()
+    if not value or len(value) > MAX_REQUEST_ID_LEN or not all(" " < ch < "\x7f" for ch in value):
+        return ""
+    return value
+
+
+_HANDLER_KINDS = {  # (request_streaming, response_streaming) -> (attribute, factory)
+    (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
+    (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
+}
+
+
+def _status_name(context) -> str:
+    try:
+        code = context.code()
+    except Exception:  # noqa: BLE001 - older grpc without code()
+        code = None
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return "UNKNOWN"
+
+
+def _observed_handler(handler: grpc.RpcMethodHandler, method: str, request_id: str) -> grpc.RpcMethodHandler:
+    """Wraps an async handler: the request id is bound for its logs and echoed in the trailing metadata
+    (the id the handler settled on, if it chose another one), and a debug line records how it ended."""
+    attribute, factory = _HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)]
+    behavior = getattr(handler, attribute)
+    if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
+        return handler  # a synchronous handler runs in grpc's thread pool; leave it alone
+
+    def begin(context) -> float:
+        request_id_var.set(request_id)
+        context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
+        return time.perf_counter()
+
+    def succeeded(context) -> None:
+        settled = clean_request_id(request_id_var.get())
+        if settled and settled != request_id:
+            context.set_trailing_metadata(((REQUEST_ID_HEADER, settled),))
+
+    def finished(started: float, code: str) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("rpc finished", extra={"fields": {
+                "method": method, "code": code, "ms": round((time.perf_counter() - started) * 1e3, 2)}})
+
+    if inspect.isasyncgenfunction(behavior):  # streams its responses by yielding
+        async def observed(request, context):
+            started, code = begin(context), "OK"
+            responses = behavior(request, context)
+            try:
+                async for message in responses:
+                    yield message
+                succeeded(context)
+            except (asyncio.CancelledError, GeneratorExit):
+                code = "CANCELLED"
+                raise
+            except BaseException:
+                code = _status_name(context)
+                raise
+            finally:
+                await responses.aclose()  # run the handler's own clean-up now, not when it is collected
+                finished(started, code)
+    else:  # a coroutine: returns its response, or streams with context.write
+        async def observed(request, context):
+            started, code = begin(context), "OK"
+            try:
+                response = await behavior(request, context)
+                succeeded(context)
+                return response
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except BaseException:
+                code = _status_name(context)
+                raise
+            finally:
+                finished(started, code)
+
+    return factory(observed, request_deserializer=handler.request_deserializer,
+                   response_serializer=handler.response_serializer)
+
+
+def _deny_handler(handler: grpc.RpcMethodHandler | None, request_id: str) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as the real one that only answers UNAUTHENTICATED."""
+    trailer = ((REQUEST_ID_HEADER, request_id),)
+
     async def deny(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token", trailer)
 
     async def deny_stream(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token", trailer)
         yield  # pragma: no cover - makes this an async generator
 
-    if handler is not None and handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(deny_stream, handler.request_deserializer, handler.response_serializer)
-    kwargs = {}
-    if handler is not None:
-        kwargs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
-    return grpc.unary_unary_rpc_method_handler(deny, **kwargs)
+    if handler is None:  # unknown method: deny without revealing whether it exists
+        return grpc.unary_unary_rpc_method_handler(deny)
+    _attribute, factory = _HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)]
+    return factory(deny_stream if handler.response_streaming else deny,
+                   request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
 
 
 def message_options(settings: CommonSettings) -> list[tuple[str, int]]:

@@ -34,14 +34,33 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
         metrics.ACTIVE_SESSIONS.labels(service="verifier").set(len(self.core.sessions))
         metrics.KV_CACHE_BYTES.labels(service="verifier").set(self.core.sessions.kv_bytes())
 
+    def _release_now(self, session_id: str) -> bool:
+        released = self.core.release(session_id)
+        self._update_gauges()
+        return released
+
+    def _release_after_pending(self, session_id: str) -> None:
+        """Releases the session once the compute queued before now is done (the executor is one FIFO thread)."""
+        self.executor.submit(self._release_now, session_id)
+
     async def Prefill(self, request, context):
         try:
             sampling = sampling_from_proto(request.sampling)
             committed, ms = await self._run(self.core.prefill, request.session_id, list(request.token_ids), sampling,
                                             request.max_new_tokens, request.request_id)
+        except asyncio.CancelledError:
+            # The caller went away (cancelled, deadline passed, server draining) while the prefill was queued or
+            # running. It never learnt that the session exists, so it cannot be relied on to release it: the
+            # prefill may still create it, so release it after the prefill job rather than now.
+            log.info("prefill abandoned by the caller; releasing its session",
+                     extra={"fields": {"session_id": request.session_id}})
+            self._release_after_pending(request.session_id)
+            raise
         except Exception as err:  # noqa: BLE001 - abort_for re-raises what it cannot map
             await abort_for(context, err)
         self._update_gauges()
+        log.debug("session opened", extra={"fields": {"session_id": request.session_id, "committed_len": committed,
+                                                      "compute_ms": round(ms, 2)}})
         return verifier_pb2.PrefillResponse(committed_len=committed, timing=common_pb2.Timing(compute_ms=ms))
 
     async def Verify(self, request, context):
@@ -62,8 +81,11 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
             lossy=outcome.lossy)
 
     async def Release(self, request, context):
-        released = self.core.release(request.session_id)
-        self._update_gauges()
+        # Free the KV now, and once more after the compute already queued: a Prefill that the caller abandoned
+        # may still be waiting for the compute thread and would otherwise re-create the session afterwards.
+        released = self._release_now(request.session_id)
+        self._release_after_pending(request.session_id)
+        log.debug("session released", extra={"fields": {"session_id": request.session_id, "released": released}})
         return verifier_pb2.ReleaseResponse(released=released)
 
     async def Info(self, request, context):
