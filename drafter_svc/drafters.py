@@ -109,7 +109,7 @@ class ModelDrafter(Drafter):
 class NgramDrafter(Drafter):
     """Prompt lookup: proposes what followed the latest earlier occurrence of the context's last n-gram."""
 
-    def __init__(self, vocab_size: int, ngram_max: int = 3, ngram_min: int = 1, max_sessions: int = 256,
+    def __init__(self, vocab_size: int, ngram_max: int = 3, ngram_min: int = 2, max_sessions: int = 256,
                  session_ttl_s: float = 300.0):
         super().__init__(max_sessions, session_ttl_s, vocab_size)
         self.ngram_max, self.ngram_min = ngram_max, ngram_min
