@@ -1,5 +1,8 @@
 """Side-by-side benchmark: HF target-only, HF assisted, specd sequential and specd overlapped per policy.
 
+A diagnostic mode (e) runs specd without drafting, to separate the cost of
+the service topology from the cost of speculation.
+
     python -m bench.run --quick                 # CI smoke run, under 3 minutes
     python -m bench.run                         # the full suite, for people
     python -m bench.run --drafter ngram --drafter /path/to/drafter/checkpoint
@@ -68,7 +71,8 @@ def drafter_label(spec: str) -> str:
 
 
 def build_modes(drafters: list[str], policies: list[str], sequential_policy: str) -> list[Mode]:
-    modes = [Mode(BASELINE, "hf")]
+    # (e) isolates the cost of the service topology itself: same path as specd, no drafting.
+    modes = [Mode(BASELINE, "hf"), Mode("(e) specd target-only", "specd", drafters[0], "target_only", "static")]
     for spec in drafters:
         label = drafter_label(spec)
         modes.append(Mode(f"(b) hf assisted [{label}]", "hf-assisted", spec))
