@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -24,6 +24,17 @@ ACTIVE_SESSIONS = Gauge("specd_active_sessions", "Open sessions", ["service"])
 KV_CACHE_BYTES = Gauge("specd_kv_cache_bytes", "KV-cache bytes held by sessions", ["service"])
 FALLBACK_STEPS = Counter("specd_fallback_steps", "Target-only steps taken because the drafter failed")
 DRAFTER_VERSION = Gauge("specd_drafter_version_info", "Drafter version in use (1 for the current one)", ["version"])
+
+
+def register(registry: CollectorRegistry, cls, name: str, doc: str, labels=()):
+    """A metric on `registry`; one registered there earlier under `name` is shared, not duplicated."""
+    try:
+        return cls(name, doc, labelnames=labels, registry=registry)
+    except ValueError:
+        existing = registry._names_to_collectors.get(name)  # noqa: SLF001 - no public lookup exists
+        if isinstance(existing, cls):
+            return existing
+        raise
 
 
 def serve_metrics(port: int, host: str) -> int:

@@ -29,6 +29,7 @@ import redis
 from prometheus_client import REGISTRY, CollectorRegistry, Counter
 
 from specdec import redisutil
+from specdec.metrics import register
 
 log = logging.getLogger(__name__)
 
@@ -213,25 +214,14 @@ _metrics_by_registry: "weakref.WeakKeyDictionary[CollectorRegistry, _PublisherMe
 _metrics_lock = threading.Lock()
 
 
-def _counter(registry: CollectorRegistry, name: str, doc: str) -> Counter:
-    try:
-        return Counter(name, doc, registry=registry)
-    except ValueError:
-        # Registered earlier on this registry by someone else: share that one.
-        existing = registry._names_to_collectors.get(name)  # noqa: SLF001 - no public lookup exists
-        if isinstance(existing, Counter):
-            return existing
-        raise
-
-
 def _publisher_metrics(registry: CollectorRegistry) -> _PublisherMetrics:
     with _metrics_lock:
         metrics = _metrics_by_registry.get(registry)
         if metrics is None:
             metrics = _PublisherMetrics(
-                published=_counter(registry, "specd_trace_published_total", "Trace records written to Redis."),
-                dropped=_counter(registry, "specd_trace_dropped_total",
-                                 "Trace records dropped (queue full, Redis down or slow, bad record)."),
+                published=register(registry, Counter, "specd_trace_published_total", "Trace records written to Redis."),
+                dropped=register(registry, Counter, "specd_trace_dropped_total",
+                                "Trace records dropped (queue full, Redis down or slow, bad record)."),
             )
             _metrics_by_registry[registry] = metrics
         return metrics

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from specdec.metrics import register
+
 
 @dataclass
 class TrainerMetrics:
@@ -25,32 +27,22 @@ _by_registry: "weakref.WeakKeyDictionary[CollectorRegistry, TrainerMetrics]" = w
 _lock = threading.Lock()
 
 
-def _register(registry: CollectorRegistry, cls, name: str, doc: str, labels=()):
-    try:
-        return cls(name, doc, labelnames=labels, registry=registry)
-    except ValueError:
-        existing = registry._names_to_collectors.get(name)  # noqa: SLF001 - no public lookup exists
-        if isinstance(existing, cls):
-            return existing
-        raise
-
-
 def trainer_metrics(registry: CollectorRegistry) -> TrainerMetrics:
     with _lock:
         metrics = _by_registry.get(registry)
         if metrics is None:
             metrics = TrainerMetrics(
-                loss=_register(registry, Gauge, "specd_trainer_loss", "Distillation loss of the last step."),
-                steps=_register(registry, Counter, "specd_trainer_steps_total", "Optimisation steps taken."),
-                stream_lag=_register(registry, Gauge, "specd_trace_stream_lag",
-                                     "Traces in the stream not yet delivered to the trainer group."),
-                traces=_register(registry, Counter, "specd_trainer_traces_total", "Traces consumed, by use.",
-                                 ("use",)),
-                decisions=_register(registry, Counter, "specd_trainer_checkpoint_decisions_total",
-                                    "Promotion gate decisions.", ("action",)),
-                holdout_accepted_length=_register(registry, Gauge, "specd_trainer_holdout_accepted_length",
-                                                  "Greedy accepted length on held-out traces at the last gate.",
-                                                  ("model",)),
+                loss=register(registry, Gauge, "specd_trainer_loss", "Distillation loss of the last step."),
+                steps=register(registry, Counter, "specd_trainer_steps_total", "Optimisation steps taken."),
+                stream_lag=register(registry, Gauge, "specd_trace_stream_lag",
+                                    "Traces in the stream not yet delivered to the trainer group."),
+                traces=register(registry, Counter, "specd_trainer_traces_total", "Traces consumed, by use.",
+                                ("use",)),
+                decisions=register(registry, Counter, "specd_trainer_checkpoint_decisions_total",
+                                   "Promotion gate decisions.", ("action",)),
+                holdout_accepted_length=register(registry, Gauge, "specd_trainer_holdout_accepted_length",
+                                                 "Greedy accepted length on held-out traces at the last gate.",
+                                                 ("model",)),
             )
             _by_registry[registry] = metrics
         return metrics
