@@ -27,7 +27,7 @@ from specdec.checkpoints import CheckpointStore, read_redis_pointer
 from specdec.traces import TraceRecord, append_traces
 from trainer.batching import build_batch, slot_forward
 from trainer.bootstrap import distill_from_prompts, init_drafter_from_target, teacher_traces
-from trainer.evaluation import evaluate_acceptance, greedy_accepted_length
+from trainer.evaluation import evaluate_acceptance, greedy_accepted_length, recency_weights, recent_holdout
 from trainer.losses import (
     LOSSES,
     forward_kl,
@@ -363,6 +363,41 @@ def test_gate_rejects_a_worse_checkpoint_and_promotes_a_better_one(world, tmp_pa
     blind = make_worker(copy.deepcopy(world.target), store, redis_client, group="gate-blind")
     decision = blind.publish_and_gate()
     assert not decision.promote and "held-out blocks" in decision.reason and store.current() == 3
+
+
+def test_recency_weights_halve_per_half_life_and_old_traces_drop_out():
+    assert recency_weights(3, 0) == [1.0, 1.0, 1.0]
+    assert recency_weights(5, 2) == pytest.approx([0.25, 0.5 ** 1.5, 0.5, 0.5 ** 0.5, 1.0])
+    records = list(range(1000))
+    kept, weights = recent_holdout(records, half_life=10)
+    assert kept == records[-44:] and weights[-1] == 1.0 and 0.05 <= weights[0] < 0.052
+    assert recent_holdout(records, half_life=0) == (records, [1.0] * 1000)
+
+
+def test_gate_judges_a_domain_shift_on_the_new_traffic(world, tmp_path, redis_client):
+    """Held-out traffic shifts from the current drafter's domain to a new one: a candidate that
+    learned the new domain loses on all held-out traces equally weighted, and wins when the gate
+    weighs recent traces more."""
+    new_target = tiny_llama(seed=7)
+    old_domain, new_domain = world.train[:192], traces_for(new_target, random_prompts(12, seed=3), "new")
+    store = CheckpointStore(tmp_path / "ck", redis_client=redis_client)
+    store.promote(store.publish(copy.deepcopy(world.target)), "serves the old domain")
+    append_traces(redis_client, old_domain + new_domain, stream=STREAM)
+
+    def gate_with(half_life: int):
+        worker = make_worker(copy.deepcopy(new_target), store, redis_client, group=f"shift-{half_life}",
+                             holdout_fraction=1.0, holdout_half_life=half_life, resync_on_reject=False)
+        worker.drain()
+        assert len(worker.holdout) == len(old_domain) + len(new_domain) == 240
+        return worker.publish_and_gate()
+
+    uniform = gate_with(0)
+    assert not uniform.promote, uniform.reason
+    recent = gate_with(16)
+    assert recent.promote, recent.reason
+    # Only the recent window was judged, and the old domain's traces at its start still count a little.
+    assert recent.metrics["holdout_traces"] == 70 and recent.metrics["candidate"]["blocks"] == 70
+    assert 3.0 < recent.metrics["candidate"]["mean_accepted_length"] < 4.0
 
 
 # -- training raises acceptance; the acceptance head learns --------------------------------------------

@@ -7,10 +7,14 @@ can only be judged while the trace's own prefix follows the target's greedy
 path: after the first slot where the recorded draft token differs from the
 target's argmax, the drafter would be conditioned on text the target never
 produces. Distillation traces follow the target everywhere.
+
+Held-out traces can carry weights: the gate weighs recent traffic more, so
+that after a domain shift a candidate is judged on the traffic it will serve.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -22,8 +26,8 @@ from trainer.losses import target_argmax
 
 @dataclass
 class AcceptanceReport:
-    mean_accepted_length: float  # leading agreeing slots per block (the gate metric)
-    agreement_rate: float  # drafter argmax == target argmax over judged slots
+    mean_accepted_length: float  # leading agreeing slots per block, weighted mean (the gate metric)
+    agreement_rate: float  # drafter argmax == target argmax over judged slots, weighted
     blocks: int  # traces with at least one judged slot
     judged_slots: int
 
@@ -60,13 +64,37 @@ def greedy_accepted_length(drafter_best: list[int], target_best: list[int | None
     return accepted, judged
 
 
+# Traces older than this many half-lives weigh under 5% and are not evaluated.
+RECENCY_HORIZON_HALF_LIVES = math.log2(20)
+
+
+def recency_weights(count: int, half_life: int) -> list[float]:
+    """Weights of `count` traces, oldest first: 1 for the newest, halving every `half_life` (0: all 1)."""
+    if half_life <= 0:
+        return [1.0] * count
+    return [0.5 ** ((count - 1 - i) / half_life) for i in range(count)]
+
+
+def recent_holdout(records: list[TraceRecord], half_life: int) -> tuple[list[TraceRecord], list[float]]:
+    """-> (the held-out traces worth evaluating, their recency weights); `records` oldest first."""
+    if half_life > 0:
+        records = records[-math.ceil(half_life * RECENCY_HORIZON_HALF_LIVES):]
+    return records, recency_weights(len(records), half_life)
+
+
 @torch.no_grad()
-def evaluate_acceptance(model, records: list[TraceRecord], batch_size: int = 16, max_context: int = 256) -> AcceptanceReport:
-    """Teacher-forces `model` on each held-out trace and scores its greedy drafts."""
+def evaluate_acceptance(model, records: list[TraceRecord], weights: list[float] | None = None,
+                        batch_size: int = 16, max_context: int = 256) -> AcceptanceReport:
+    """Teacher-forces `model` on each held-out trace and scores its greedy drafts.
+
+    weights: one per record (default 1); the report's means are weighted by them."""
+    if weights is not None and len(weights) != len(records):
+        raise ValueError(f"{len(weights)} weights for {len(records)} records")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total_accepted = total_agree = total_judged = blocks = 0
+    total_accepted = total_agree = total_weight = total_judged_weight = 0.0
+    blocks = judged_slots_count = 0
     try:
         for start in range(0, len(records), batch_size):
             chunk = records[start:start + batch_size]
@@ -90,17 +118,20 @@ def evaluate_acceptance(model, records: list[TraceRecord], batch_size: int = 16,
                 accepted, judged = greedy_accepted_length(drafter_row, target_row, draft)
                 if judged == 0:
                     continue
+                weight = 1.0 if weights is None else weights[start + record_number]
                 blocks += 1
-                total_accepted += accepted
-                total_judged += judged
-                total_agree += sum(drafter_row[i] == target_row[i] for i in range(judged))
+                judged_slots_count += judged
+                total_weight += weight
+                total_accepted += weight * accepted
+                total_judged_weight += weight * judged
+                total_agree += weight * sum(drafter_row[i] == target_row[i] for i in range(judged))
     finally:
         model.train(was_training)
     return AcceptanceReport(
-        mean_accepted_length=total_accepted / blocks if blocks else 0.0,
-        agreement_rate=total_agree / total_judged if total_judged else 0.0,
+        mean_accepted_length=total_accepted / total_weight if total_weight else 0.0,
+        agreement_rate=total_agree / total_judged_weight if total_judged_weight else 0.0,
         blocks=blocks,
-        judged_slots=total_judged,
+        judged_slots=judged_slots_count,
     )
 
 

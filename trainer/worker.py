@@ -11,9 +11,10 @@ One `TrainerWorker.step`:
   4. XACK only then, so a crash before this point leaves the traces pending
      for another worker to reclaim.
 Every `publish_every` steps it publishes a checkpoint and runs the gate: the
-candidate and the current drafter are scored on the same held-out traces and
-the candidate is promoted only if strictly better. Every decision is logged
-in the store.
+candidate and the current drafter are scored on the same held-out traces,
+newer ones weighing more so that a traffic shift is judged on the new traffic,
+and the candidate is promoted only if strictly better. Every decision is
+logged in the store.
 
 Several workers (Ray actors) each train their own replica; after a rejected
 candidate a worker adopts the current checkpoint if that scored better, so
@@ -40,7 +41,7 @@ from specdec.checkpoints import CheckpointError, CheckpointStore, version_name
 from specdec.traces import DEFAULT_STREAM, TraceRecord, sample_fraction
 from trainer.batching import build_batch, slot_forward, usable
 from trainer.consumer import TraceConsumer
-from trainer.evaluation import GateDecision, evaluate_acceptance, gate
+from trainer.evaluation import GateDecision, evaluate_acceptance, gate, recent_holdout
 from trainer.losses import LOSSES, mismatch_weights, weighted_mean
 from trainer.metrics import trainer_metrics
 
@@ -63,6 +64,7 @@ class WorkerOptions:
     claim_idle_ms: int = 30_000
     holdout_fraction: float = 0.1  # share of requests kept out of training for the gate
     holdout_size: int = 512  # most recent held-out traces kept
+    holdout_half_life: int = 128  # gate weight halves per this many newer held-out traces (0: uniform)
     min_holdout_blocks: int = 8  # fewer judged blocks than this: the gate rejects
     mismatch_boost: float = 1.0  # extra weight of slots where drafter argmax != target argmax (0: off)
     max_context: int = 256  # context tokens the drafter sees per trace
@@ -81,7 +83,8 @@ class WorkerOptions:
         return cls(stream=settings.trace_stream, group=settings.consumer_group,
                    consumer=settings.consumer_name or default_consumer_name(), batch_size=settings.batch_size,
                    lr=settings.lr, loss=settings.loss, publish_every=settings.publish_every,
-                   claim_idle_ms=settings.claim_idle_ms, **extra)
+                   claim_idle_ms=settings.claim_idle_ms, holdout_fraction=settings.holdout_fraction,
+                   holdout_half_life=settings.holdout_half_life, **extra)
 
 
 @dataclass
@@ -227,7 +230,7 @@ class TrainerWorker:
 
     def publish_and_gate(self) -> GateDecision:
         """Publishes the current weights, then promotes or rejects them (logged in the store)."""
-        holdout = list(self.holdout)
+        holdout, weights = recent_holdout(list(self.holdout), self.options.holdout_half_life)
         meta = {"parent_version": self.base_version, "steps": self.steps, "traces_seen": self.traces_seen,
                 "loss": self.options.loss, "lr": self.options.lr, "consumer": self.options.consumer,
                 "target_version": self.options.target_version,
@@ -235,8 +238,8 @@ class TrainerWorker:
         candidate_version = self.store.publish(self.drafter, meta, accept_head=self.accept_head)
         current_version = self.store.current()
         reference, reference_head, reference_name = self._reference(current_version)
-        candidate_report = evaluate_acceptance(self.drafter, holdout, max_context=self.options.max_context)
-        reference_report = evaluate_acceptance(reference, holdout, max_context=self.options.max_context)
+        candidate_report = evaluate_acceptance(self.drafter, holdout, weights, max_context=self.options.max_context)
+        reference_report = evaluate_acceptance(reference, holdout, weights, max_context=self.options.max_context)
         decision = gate(candidate_report, reference_report, min_blocks=self.options.min_holdout_blocks)
         decision.metrics.update({"candidate_version": candidate_version, "reference": reference_name,
                                  "steps": self.steps, "holdout_traces": len(holdout)})
