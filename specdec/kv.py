@@ -38,9 +38,12 @@ class KVSession:
     extra: dict = field(default_factory=dict)  # role-specific state (sampling params, seed, ...)
 
     def crop(self, length: int) -> None:
-        """Keeps the first `length` ids and the KV of at most `length - 1` of them."""
+        """Keeps the first `length` ids and whatever KV they have: a rollback recomputes nothing."""
         del self.ids[length:]
-        keep = min(self.cached_len, max(length - 1, 0))
+        self.crop_kv(min(self.cached_len, length))
+
+    def crop_kv(self, keep: int) -> None:
+        """Drops KV beyond the first `keep` ids (the ids stay)."""
         if self.cache is not None and keep < self.cached_len:
             crop_cache(self.cache, keep)
         self.cached_len = keep
@@ -150,17 +153,20 @@ class ModelRunner:
                keep_logits: int = 0) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """Feeds each session's uncached ids; returns per session (logits [n, V], last hidden [n, H] | None).
 
-        Row i of the logits predicts the token after ids[cached_len + i]; with keep_logits > 0 only
-        the last keep_logits rows are computed (and returned).
+        Row i of the logits predicts the token after ids[cached_len + i] (a fully cached session
+        first uncaches its last id); with keep_logits > 0 only the last keep_logits rows are computed.
         """
         return [self._extend_one(session, output_hidden, keep_logits) for session in sessions]
 
     def _extend_one(self, session: KVSession, output_hidden: bool, keep_logits: int):
         from transformers import DynamicCache
 
+        if not session.ids:
+            raise ValueError("nothing to feed: the session has no tokens")
+        if session.cached_len >= len(session.ids):
+            # Logits are not kept, only KV: a fully cached session recomputes its last token.
+            session.crop_kv(len(session.ids) - 1)
         new_ids = session.ids[session.cached_len:]
-        if not new_ids:
-            raise ValueError("nothing to feed: the session's last token is already cached")
         if session.cache is None:
             session.cache = DynamicCache(config=self.model.config)
         input_ids = torch.tensor([new_ids], dtype=torch.long, device=self.device)

@@ -8,6 +8,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import InProcessStack
+from drafter_svc.drafters import ModelDrafter
+from specdec.models import load_model
+from specdec.sampling import SamplingParams
+from verifier_svc.verifier import VerifierCore
 from specdec.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc, generation_pb2, verifier_pb2, verifier_pb2_grpc
 from specdec.client import SpecdClient
 
@@ -74,6 +78,40 @@ def test_drafter_rollback_matches_fresh_prefill(stack):
                                                          max_tokens=1, sampling=GREEDY)))
     fresh = _next_logits(dirs["unrelated"], prompt + [first[0].token]).softmax(-1)
     assert third[0].token == int(fresh.argmax())
+
+
+def _count_fed_tokens(model) -> list[int]:
+    """Records how many tokens each forward of `model` feeds."""
+    fed: list[int] = []
+    model.register_forward_pre_hook(lambda _m, _args, kwargs: fed.append(kwargs["input_ids"].shape[1]),
+                                    with_kwargs=True)
+    return fed
+
+
+def test_rollbacks_keep_all_valid_kv_and_recompute_nothing(tiny_dirs):
+    """A verify round feeds the correction plus the new draft only, and a drafter resumes after a
+    partial acceptance by feeding the correction alone: no accepted token is ever fed twice."""
+    dirs = tiny_dirs["llama"]
+    target = load_model(dirs["target"])
+    fed = _count_fed_tokens(target.model)
+    core = VerifierCore(target)
+    prompt = [3, 14, 15, 92, 65, 35]
+    committed = core.prefill("kv", prompt, SamplingParams(), max_new_tokens=16)
+    first = core.verify("kv", committed, [0, 1, 2, 3], None)
+    second = core.verify("kv", first.committed_len, [5, 6], None)
+    core.verify("kv", second.committed_len, [], None)
+    assert fed == [len(prompt) - 1, 1 + 4, 1 + 2, 1]
+
+    drafter = ModelDrafter(load_model(dirs["unrelated"]))
+    fed = _count_fed_tokens(drafter.loaded.model)
+    session = drafter.sync("kv", 0, prompt)
+    drafts = [drafter.step(session, SamplingParams(), 0)[0].token for _ in range(3)]
+    session = drafter.sync("kv", len(prompt), drafts[:2] + [(drafts[2] + 1) % 256])
+    drafter.step(session, SamplingParams(), 0)
+    # A rollback into already drafted text with nothing new to feed recomputes the last token only.
+    session = drafter.sync("kv", len(prompt), drafts[:1])
+    drafter.step(session, SamplingParams(), 0)
+    assert fed == [len(prompt), 1, 1, 1, 1]
 
 
 def _code(call) -> tuple[grpc.StatusCode, str]:
