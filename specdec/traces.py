@@ -20,7 +20,6 @@ import logging
 import queue
 import threading
 import time
-import weakref
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -210,21 +209,12 @@ class _PublisherMetrics:
     dropped: Counter
 
 
-_metrics_by_registry: "weakref.WeakKeyDictionary[CollectorRegistry, _PublisherMetrics]" = weakref.WeakKeyDictionary()
-_metrics_lock = threading.Lock()
-
-
 def _publisher_metrics(registry: CollectorRegistry) -> _PublisherMetrics:
-    with _metrics_lock:
-        metrics = _metrics_by_registry.get(registry)
-        if metrics is None:
-            metrics = _PublisherMetrics(
-                published=register(registry, Counter, "specd_trace_published_total", "Trace records written to Redis."),
-                dropped=register(registry, Counter, "specd_trace_dropped_total",
-                                "Trace records dropped (queue full, Redis down or slow, bad record)."),
-            )
-            _metrics_by_registry[registry] = metrics
-        return metrics
+    return _PublisherMetrics(
+        published=register(registry, Counter, "specd_trace_published_total", "Trace records written to Redis."),
+        dropped=register(registry, Counter, "specd_trace_dropped_total",
+                         "Trace records dropped (queue full, Redis down or slow, bad record)."),
+    )
 
 
 class TracePublisher:
