@@ -33,7 +33,7 @@ from specdec.cli import LocalStack
 from specdec.client import SpecdClient
 from specdec.models import load_model
 
-POLICIES = ["static", "heuristic", "pearl", "adaedl", "specdecpp", "bild"]
+POLICIES = ["static", "heuristic", "pearl", "adaedl", "specdecpp", "bild", "goodput"]
 BASELINE = "(a) hf target-only"
 HERE = Path(__file__).resolve().parent
 

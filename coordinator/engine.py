@@ -7,7 +7,7 @@ One `Generation` per request. Its loop, in numbered steps:
    verified (post-verify) and a block may be as short as one token, so the
    verifier starts as soon as the first draft token exists (pre-verify);
 3. verify the block; an empty block is a target-only step (drafter down,
-   too slow, or nothing to propose);
+   too slow, nothing to propose, or the policy judged speculation not to pay);
 4. commit the accepted prefix plus the correction/bonus token, drop draft
    tokens built on a rejected prefix, and cut at stop conditions.
 
@@ -74,6 +74,7 @@ class GenerationStats:
     accepted_tokens: int = 0
     fallback_steps: int = 0
     stale_draft_tokens: int = 0
+    speculation_off_rounds: int = 0
     ttft_ms: float = 0.0
     total_ms: float = 0.0
     draft_ms: float = 0.0
@@ -162,8 +163,10 @@ class Generation:
         try:
             await self._open_verifier()
             while not self.finish_reason:
+                round_started = time.perf_counter()
                 block = await self._gather_block()
                 response = await self._verify(block)
+                self.req.policy.record_round(response.accepted + 1, time.perf_counter() - round_started)
                 new_tokens = self._apply(block, response)
                 if new_tokens:
                     if not self.stats.ttft_ms:
@@ -230,12 +233,18 @@ class Generation:
         return self.drafter is not None
 
     async def _gather_block(self) -> list[drafter_pb2.DraftToken]:
+        policy = self.req.policy
+        if self.req.mode != "target_only" and policy.block_size() == 0:
+            # The policy turned speculation off: stop the drafter competing for compute meanwhile.
+            if self.chain or self._streaming():
+                self._reset_chain()
+            self.stats.speculation_off_rounds += 1
+            return []
         if not self._drafter_usable():
             if self.drafters.backends and self.req.mode != "target_only":
                 self.stats.fallback_steps += 1
                 metrics.FALLBACK_STEPS.inc()
             return []
-        policy = self.req.policy
         overlapped = self.req.mode == "overlapped"
         want = policy.min_ready(overlapped)
         size = policy.block_size() if overlapped else want

@@ -5,7 +5,9 @@ A policy answers three questions every round:
 - `min_ready`: how many must be drafted before the verifier may start (the
   overlapped pipeline verifies as soon as this many exist);
 - `stop_rule`: which rule the drafter applies to end a draft stream early.
-After each verification `update` sees how many were sent and accepted.
+After each verification `update` sees how many were sent and accepted, and
+`record_round` how many tokens the round committed in how much wall time.
+A block size of 0 means a target-only round.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ class DraftLengthPolicy:
 
     def update(self, sent: int, accepted: int) -> None:
         """Static: nothing to learn."""
+
+    def record_round(self, committed: int, seconds: float) -> None:
+        """Wall-clock outcome of one round (target-only rounds too); most policies ignore it."""
 
 
 @dataclass
@@ -120,6 +125,55 @@ class BildPolicy(AdaEdlPolicy):
         return StopRule.MIN_CONFIDENCE, self.threshold
 
 
+@dataclass
+class GoodputPolicy(HeuristicPolicy):
+    """SmartSpec-style goodput control: committed tokens per second of wall time, measured
+    per request with speculation (on the heuristic schedule) and without, decides whether
+    speculating pays at all. A weak drafter, or drafter and target contending for the same
+    cores under load, turns speculation off for the request; the losing choice is re-probed
+    for `probe_rounds` after every exploit phase, whose length doubles (up to
+    `max_exploit_rounds`) while the same choice keeps winning."""
+
+    name: str = "goodput"
+    speculating: bool = True
+    probing: bool = False
+    phase_rounds: int = 0
+    exploit_rounds: int = 8
+    min_exploit_rounds: int = 8
+    max_exploit_rounds: int = 64
+    probe_rounds: int = 4
+    decay: float = 0.8  # per round of the same choice: older rounds fade
+    # [tokens, seconds] with and without speculation, exponentially decayed
+    observed: dict = field(default_factory=lambda: {True: [0.0, 0.0], False: [0.0, 0.0]})
+
+    def block_size(self) -> int:
+        return self.length if self.speculating else 0
+
+    def min_ready(self, overlapped: bool) -> int:
+        return self.block_size()
+
+    def goodput(self, speculating: bool) -> float:
+        tokens, seconds = self.observed[speculating]
+        return tokens / seconds if seconds > 0 else 0.0
+
+    def record_round(self, committed: int, seconds: float) -> None:
+        totals = self.observed[self.speculating]
+        totals[0] = self.decay * totals[0] + committed
+        totals[1] = self.decay * totals[1] + seconds
+        self.phase_rounds += 1
+        if self.phase_rounds < (self.probe_rounds if self.probing else self.exploit_rounds):
+            return
+        self.phase_rounds = 0
+        if not self.probing:
+            self.probing, self.speculating = True, not self.speculating
+            return
+        winner = self.goodput(True) >= self.goodput(False)
+        same = winner == (not self.speculating)  # the choice exploited before this probe won again
+        self.exploit_rounds = (min(2 * self.exploit_rounds, self.max_exploit_rounds) if same
+                               else self.min_exploit_rounds)
+        self.probing, self.speculating = False, winner
+
+
 POLICIES: dict[str, type[DraftLengthPolicy]] = {
     "static": DraftLengthPolicy,
     "heuristic": HeuristicPolicy,
@@ -127,6 +181,7 @@ POLICIES: dict[str, type[DraftLengthPolicy]] = {
     "adaedl": AdaEdlPolicy,
     "specdecpp": SpecDecPPPolicy,
     "bild": BildPolicy,
+    "goodput": GoodputPolicy,
 }
 
 

@@ -34,7 +34,8 @@ ANY_TOKENIZER = "any"
 
 POLICY_NAMES = {generation_pb2.DRAFT_POLICY_STATIC: "static", generation_pb2.DRAFT_POLICY_HEURISTIC: "heuristic",
                 generation_pb2.DRAFT_POLICY_PEARL: "pearl", generation_pb2.DRAFT_POLICY_ADAEDL: "adaedl",
-                generation_pb2.DRAFT_POLICY_SPECDECPP: "specdecpp", generation_pb2.DRAFT_POLICY_BILD: "bild"}
+                generation_pb2.DRAFT_POLICY_SPECDECPP: "specdecpp", generation_pb2.DRAFT_POLICY_BILD: "bild",
+                generation_pb2.DRAFT_POLICY_GOODPUT: "goodput"}
 MODE_NAMES = {generation_pb2.PIPELINE_MODE_SEQUENTIAL: "sequential", generation_pb2.PIPELINE_MODE_OVERLAPPED: "overlapped",
               generation_pb2.PIPELINE_MODE_TARGET_ONLY: "target_only"}
 FINISH = {"length": generation_pb2.FINISH_REASON_LENGTH, "eos": generation_pb2.FINISH_REASON_EOS,
@@ -209,7 +210,8 @@ def _stats_proto(stats: GenerationStats) -> generation_pb2.GenerationStats:
         ttft_ms=stats.ttft_ms, total_ms=stats.total_ms, tokens_per_s=stats.tokens_per_s,
         fallback_steps=stats.fallback_steps, draft_ms=stats.draft_ms, verify_ms=stats.verify_ms,
         hidden_draft_ms=stats.hidden_draft_ms, policy=stats.policy, mode=stats.mode, lossy=stats.lossy,
-        drafter_version=stats.drafter_version, stale_draft_tokens=stats.stale_draft_tokens)
+        drafter_version=stats.drafter_version, stale_draft_tokens=stats.stale_draft_tokens,
+        speculation_off_rounds=stats.speculation_off_rounds)
 
 
 async def _backend_info(pool: BackendPool, metadata, wait_s: float, required: bool) -> verifier_pb2.ModelInfo | None:

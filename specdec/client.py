@@ -10,7 +10,7 @@ import grpc
 
 from specdec.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
-POLICIES = {"static": 1, "heuristic": 2, "pearl": 3, "adaedl": 4, "specdecpp": 5, "bild": 6}
+POLICIES = {"static": 1, "heuristic": 2, "pearl": 3, "adaedl": 4, "specdecpp": 5, "bild": 6, "goodput": 7}
 MODES = {"sequential": 1, "overlapped": 2, "target_only": 3}
 
 

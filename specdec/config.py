@@ -98,7 +98,7 @@ class CoordinatorSettings(CommonSettings):
     verifier_addrs: list[str] = Field(default_factory=list, description="host:port of each verifier.")
     drafter_addrs: list[str] = Field(default_factory=list, description="host:port of each drafter (empty: target-only).")
     mode: Literal["sequential", "overlapped", "target_only"] = "overlapped"
-    policy: Literal["static", "heuristic", "pearl", "adaedl", "specdecpp", "bild"] = "pearl"
+    policy: Literal["static", "heuristic", "pearl", "adaedl", "specdecpp", "bild", "goodput"] = "pearl"
     draft_length: int = Field(5, ge=1, le=64)
     max_draft_length: int = Field(16, ge=1, le=128)
     max_new_tokens_limit: int = Field(4096, ge=1)

@@ -52,7 +52,48 @@ def test_stop_rule_policies(name, rule):
 
 
 def test_every_policy_is_registered():
-    assert set(POLICIES) == {"static", "heuristic", "pearl", "adaedl", "specdecpp", "bild"}
+    assert set(POLICIES) == {"static", "heuristic", "pearl", "adaedl", "specdecpp", "bild", "goodput"}
+
+
+def _run_goodput(policy, rounds: int, speculative: tuple[int, float], target_only: tuple[int, float]) -> list[bool]:
+    """Feeds `rounds` rounds whose (tokens committed, seconds) depend on whether the policy speculated;
+    returns the choice made each round."""
+    choices = []
+    for _ in range(rounds):
+        speculating = policy.block_size() > 0
+        choices.append(speculating)
+        tokens, seconds = speculative if speculating else target_only
+        if speculating:
+            policy.update(policy.block_size(), min(tokens - 1, policy.block_size()))
+        policy.record_round(tokens, seconds)
+    return choices
+
+
+def test_goodput_turns_speculation_off_when_it_does_not_pay_and_reprobes_with_backoff():
+    policy = make_policy("goodput", 4, 8)
+    # A weak drafter: 1.2 tokens per 0.3 s round, against 1 token per 0.1 s without it.
+    choices = _run_goodput(policy, 8 + 4 + 8 + 4 + 16 + 4, speculative=(1, 0.3), target_only=(1, 0.1))
+    assert choices[:8] == [True] * 8            # starts speculating
+    assert choices[8:12] == [False] * 4         # probes target-only
+    assert choices[12:20] == [False] * 8        # target-only won: exploits it
+    assert choices[20:24] == [True] * 4         # re-probes speculation
+    assert choices[24:40] == [False] * 16       # target-only won again: twice as long before the next probe
+    assert choices[40:] == [True] * 4
+    assert policy.goodput(False) == pytest.approx(10.0) and policy.goodput(True) == pytest.approx(1 / 0.3)
+
+
+def test_goodput_keeps_speculating_when_it_pays_and_switches_back_when_the_drafter_improves():
+    policy = make_policy("goodput", 4, 8)
+    assert not any(not c for c in _run_goodput(policy, 8, speculative=(4, 0.15), target_only=(1, 0.1)))
+    choices = _run_goodput(policy, 4 + 16, speculative=(4, 0.15), target_only=(1, 0.1))
+    assert choices == [False] * 4 + [True] * 16  # probed, lost, speculation exploited for twice as long
+
+    weak = make_policy("goodput", 4, 8)
+    _run_goodput(weak, 12, speculative=(1, 0.3), target_only=(1, 0.1))
+    assert weak.block_size() == 0
+    # The drafter got better (a new checkpoint): the next probe finds out and speculation resumes.
+    choices = _run_goodput(weak, 8 + 4 + 2, speculative=(5, 0.2), target_only=(1, 0.1))
+    assert choices == [False] * 8 + [True] * 4 + [True] * 2
 
 
 def _step(confidence=0.9, entropy=0.1, accept_prob=None):

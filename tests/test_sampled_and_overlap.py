@@ -103,3 +103,29 @@ def test_unreachable_drafter_falls_back_to_target_only(tiny_dirs):
         stack.close()
     assert result.token_ids == reference
     assert result.stats["fallback_steps"] > 0
+
+
+@pytest.mark.parametrize("mode", ["sequential", "overlapped"])
+def test_goodput_policy_stops_speculating_with_a_useless_drafter_and_keeps_a_perfect_one(tiny_dirs, mode):
+    """Same output either way; an unrelated drafter (nothing accepted, every round costs more) is
+    switched off after the first probe, the target drafting for itself (everything accepted) is kept."""
+    dirs = tiny_dirs["llama"]
+    prompt, new_tokens = [5, 9, 2, 7], 48
+    outcomes = {}
+    for kind in ("unrelated", "target"):
+        stack = InProcessStack(dirs["target"], dirs[kind])
+        try:
+            client = SpecdClient(stack.address)
+            reference = client.generate(token_ids=prompt, max_new_tokens=new_tokens, mode="target_only").token_ids
+            result = client.generate(token_ids=prompt, max_new_tokens=new_tokens, mode=mode, policy="goodput")
+        finally:
+            stack.close()
+        assert result.token_ids == reference, kind
+        assert result.stats["fallback_steps"] == 0
+        outcomes[kind] = result.stats
+    useless, perfect = outcomes["unrelated"], outcomes["target"]
+    # 8 speculative rounds, a 4-round target-only probe that wins, then 8, later 16 more without drafts,
+    # broken only by 4-round probes of speculation.
+    assert useless["speculation_off_rounds"] >= 12
+    assert useless["speculation_off_rounds"] >= 0.6 * useless["rounds"], useless
+    assert perfect["acceptance_rate"] == 1.0 and perfect["speculation_off_rounds"] <= 4
