@@ -58,6 +58,18 @@ def save(model, directory: Path) -> str:
     return str(directory)
 
 
+def hf_greedy(model_dir: str, prompt: list[int], new_tokens: int) -> list[int]:
+    """The target's own greedy continuation by Hugging Face `generate`: the reference output."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = torch.tensor([prompt])
+    # An explicit mask: otherwise HF masks prompt tokens that equal pad_token_id.
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                         pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
 class InProcessStack:
     """Verifier(s), drafter and coordinator as real gRPC servers on loopback, in a background loop."""
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
 
-from conftest import InProcessStack
+from conftest import InProcessStack, hf_greedy
 from specdec.client import SpecdClient
 
 ARCHS = ["llama", "qwen2", "gpt2"]
@@ -25,20 +23,11 @@ def _prompts(count: int, seed: int) -> list[list[int]]:
     return prompts
 
 
-def _reference(target_dir: str, prompt: list[int]) -> list[int]:
-    model = AutoModelForCausalLM.from_pretrained(target_dir).eval()
-    ids = torch.tensor([prompt])
-    # An explicit mask: otherwise HF masks prompt tokens that equal pad_token_id.
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
-                         pad_token_id=0)
-    return out[0, len(prompt):].tolist()
-
-
 @pytest.fixture(scope="module", params=ARCHS)
 def arch_case(request, tiny_dirs):
     dirs = tiny_dirs[request.param]
     prompts = _prompts(4, seed=ARCHS.index(request.param))
-    references = [_reference(dirs["target"], p) for p in prompts]
+    references = [hf_greedy(dirs["target"], p, NEW_TOKENS) for p in prompts]
     return request.param, dirs, prompts, references
 
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import InProcessStack, perturbed
+from conftest import InProcessStack, hf_greedy, perturbed
 from specdec import redisutil
 from specdec.checkpoints import CheckpointStore
 from specdec.client import SpecdClient
@@ -16,14 +15,6 @@ from specdec.traces import iter_traces
 
 NEW_TOKENS = 24
 PROMPTS = [[5, 17, 99, 3, 42, 8], [200, 1, 1, 7, 33, 19, 64, 2, 250]]
-
-
-def _reference(target_dir: str, prompt: list[int], new_tokens: int = NEW_TOKENS) -> list[int]:
-    model = AutoModelForCausalLM.from_pretrained(target_dir).eval()
-    ids = torch.tensor([prompt])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-                         pad_token_id=0)
-    return out[0, len(prompt):].tolist()
 
 
 @pytest.fixture()
@@ -72,7 +63,7 @@ def test_serving_unaffected_when_redis_stops(tiny_dirs, tmp_path):
     stack = InProcessStack(dirs["target"], dirs["close"], coordinator_overrides={"redis_url": url})
     try:
         client = SpecdClient(stack.address)
-        reference = _reference(dirs["target"], PROMPTS[0])
+        reference = hf_greedy(dirs["target"], PROMPTS[0], NEW_TOKENS)
         assert client.generate(token_ids=PROMPTS[0], max_new_tokens=NEW_TOKENS).token_ids == reference
         server.shutdown()
         started = time.monotonic()
@@ -99,7 +90,7 @@ def test_checkpoint_swap_during_streaming_keeps_greedy_output(tiny_dirs, tmp_pat
     try:
         client = SpecdClient(stack.address)
         long_tokens = 400
-        reference = _reference(dirs["target"], PROMPTS[1], long_tokens)
+        reference = hf_greedy(dirs["target"], PROMPTS[1], long_tokens)
         before = client.generate(token_ids=PROMPTS[1], max_new_tokens=long_tokens, policy="static", draft_length=3)
         assert before.token_ids == reference
         assert before.stats["drafter_version"] == f"v{first}"  # CURRENT at start-up beats the configured model
@@ -138,7 +129,7 @@ def test_damaged_checkpoint_is_refused_and_serving_continues(tiny_dirs, tmp_path
                            drafter_overrides={"checkpoint_dir": str(store.root), "swap_poll_s": 0.1})
     try:
         client = SpecdClient(stack.address)
-        reference = _reference(dirs["target"], PROMPTS[0])
+        reference = hf_greedy(dirs["target"], PROMPTS[0], NEW_TOKENS)
         bad = store.publish(perturbed(target, 0.3, seed=22))
         weights = store.path(bad) / "model.safetensors"
         raw = bytearray(weights.read_bytes())
