@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--publish-every", type=int, default=10)
     parser.add_argument("--loss", default="fkl")
     parser.add_argument("--holdout-fraction", type=float, default=0.1, help="share of requests the gate holds out")
+    parser.add_argument("--max-trace-age-s", type=float, default=120.0,
+                        help="the trainer skips traces older than this when it falls behind (0: never)")
     parser.add_argument("--holdout-half-life", type=int, default=128,
                         help="the gate's recency half-life, in held-out traces (0: all weigh the same)")
     parser.add_argument("--out", default=str(HERE / "results-osd"))
@@ -159,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         [sys.executable, "-m", "specdec.cli", "train", "--target", args.target, "--redis-url", redis_url,
          "--checkpoint-dir", str(store.root), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
          "--publish-every", str(args.publish_every), "--loss", args.loss, "--threads", "1", "--metrics-port", "0",
-         "--holdout-fraction", str(args.holdout_fraction), "--holdout-half-life", str(args.holdout_half_life)],
+         "--holdout-fraction", str(args.holdout_fraction), "--holdout-half-life", str(args.holdout_half_life),
+         "--max-trace-age-s", str(args.max_trace_age_s)],
         stdout=trainer_log, stderr=trainer_log, start_new_session=True)
     points: list[Point] = []
     print(f"osd-demo: logs and state in {workdir}", file=sys.stderr, flush=True)
@@ -211,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             f"- Date: {date}; target {args.target}; drafter starts as v{first_version}; greedy, "
             f"{args.max_new_tokens} new tokens, policy {args.policy} k={args.draft_length}; "
             f"trainer: {args.loss}, batch {args.batch_size}, lr {args.lr}, gate every {args.publish_every} steps "
-            f"on {args.holdout_fraction:.0%} held-out requests, recency half-life {args.holdout_half_life} traces; "
+            f"on {args.holdout_fraction:.0%} held-out requests, recency half-life {args.holdout_half_life} traces, "
+            f"traces older than {args.max_trace_age_s:.0f} s skipped; "
             f"{promoted} checkpoints promoted, {rejected} rejected.",
             "\n".join(table), f"![osd]({image})"]), name="osd")
     return 0

@@ -146,6 +146,7 @@ class TrainerSettings(CommonSettings):
     publish_every: int = Field(20, ge=1, description="Optimisation steps between checkpoints.")
     claim_idle_ms: int = Field(30_000, ge=100, description="Pending traces idle this long are reclaimed from dead workers.")
     holdout_fraction: float = Field(0.1, ge=0, le=1, description="Share of requests kept out of training for the promotion gate.")
+    max_trace_age_s: float = Field(300.0, ge=0, description="A trainer that falls behind skips undelivered traces older than this, so it follows current traffic (0: never skip).")
     holdout_half_life: int = Field(128, ge=0, description="The gate weights held-out traces by recency: this many newer ones halve a trace's weight (0: all equal).")
     ray_address: str = Field("", description="Ray cluster address ('' : run in-process; 'local' : ray.init locally).")
     num_workers: int = Field(1, ge=1, description="Ray trainer actors when ray_address is set.")

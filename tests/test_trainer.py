@@ -305,6 +305,23 @@ def test_pending_traces_trimmed_from_the_stream_are_dropped_not_kept_forever(wor
     assert redis_client.xpending(STREAM, "trim")["pending"] == 0 and second.lag() == 0
 
 
+def test_a_worker_behind_the_traffic_skips_stale_traces_but_not_pending_ones(world, tmp_path, redis_client):
+    old = append_traces(redis_client, world.train[:6], stream=STREAM)
+    worker = make_worker(copy.deepcopy(world.target), CheckpointStore(tmp_path / "ck"), redis_client,
+                         group="fresh", batch_size=2, holdout_fraction=0.0, max_trace_age_s=1.0)
+    in_flight = worker.consumer.fetch(2, block_ms=10)  # delivered, never acked: a crashed step's batch
+    time.sleep(1.2)
+    fresh = append_traces(redis_client, world.train[6:9], stream=STREAM)
+    result = worker.step()
+    # The four old undelivered traces are skipped; the fetch reclaims nothing yet (not idle long enough).
+    assert result.entry_ids == fresh[:2] and result.trained == 2
+    assert worker.metrics.traces.labels(use="stale")._value.get() == 4  # noqa: SLF001
+    assert worker.step().entry_ids == fresh[2:]
+    pending = redis_client.xpending_range(STREAM, "fresh", min="-", max="+", count=10)
+    assert [p["message_id"].decode() for p in pending] == [e.entry_id for e in in_flight] == old[:2]
+    assert worker.consumer.skip_older_than(1.0) == 0 and worker.consumer.skip_older_than(0) == 0
+
+
 def test_specd_train_cli_consumes_the_stream_and_publishes(world, tmp_path, redis_client):
     published = set(append_traces(redis_client, world.train[:24], stream=STREAM))
     drafter_dir = save(tiny_llama(seed=9), tmp_path / "drafter")

@@ -81,6 +81,7 @@ def distill_command(args: argparse.Namespace) -> int:
         print(f"specd distill: target {settings.target!r} has no tokenizer to encode prompts with", file=sys.stderr)
         return 2
     worker = build_worker(settings, drafter_layers=args.layers, target=target)
+    worker.options.max_trace_age_s = 0  # a batch job: every teacher trace is wanted, however long training takes
     summary = distill_prompt_file(
         target.model, target.tokenizer, worker, args.prompts, max_prompts=args.max_prompts,
         use_chat_template=not args.raw, max_new_tokens=args.max_new_tokens, block_size=args.block_size,

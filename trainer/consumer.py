@@ -4,6 +4,8 @@ Each `fetch` first takes over entries another consumer read but never
 acknowledged for `claim_idle_ms` (XAUTOCLAIM: the worker died mid-batch),
 then reads new entries (XREADGROUP ">"). Entries stay pending until the
 caller acks them after using them, so a crash at any point loses nothing.
+Entries older than the freshness bound that were never delivered are skipped
+on purpose (`skip_older_than`): online learning follows current traffic.
 """
 
 from __future__ import annotations
@@ -96,6 +98,26 @@ class TraceConsumer:
             return StreamEntry(entry_id, decode_fields(fields), claimed=claimed)
         except TraceSchemaError as err:
             return StreamEntry(entry_id, None, error=str(err), claimed=claimed)
+
+    def skip_older_than(self, max_age_s: float, count_limit: int = 10_000) -> int:
+        """Moves the group past undelivered entries older than max_age_s; returns how many it skipped.
+
+        A trainer slower than the traffic would otherwise train on ever older traces and
+        adapt to a traffic shift only after working through the whole backlog."""
+        if max_age_s <= 0:
+            return 0
+        cutoff_ms = int(time.time() * 1000 - max_age_s * 1000)
+        for info in self.client.xinfo_groups(self.stream):
+            if _text(info["name"]) != self.group:
+                continue
+            last = _text(info["last-delivered-id"])
+            if int(last.split("-")[0]) >= cutoff_ms:
+                return 0
+            skipped = len(self.client.xrange(self.stream, min=f"({last}", max=f"{cutoff_ms}-0", count=count_limit))
+            if skipped:
+                self.client.xgroup_setid(self.stream, self.group, f"{cutoff_ms}-0")
+            return skipped
+        return 0
 
     def lag(self) -> int:
         """Entries in the stream not yet delivered to this group."""

@@ -15,7 +15,7 @@ class TrainerMetrics:
     loss: Gauge
     steps: Counter
     stream_lag: Gauge
-    traces: Counter  # labelled by use: train, holdout, bad
+    traces: Counter  # labelled by use: train, holdout, bad, stale (skipped: too old)
     decisions: Counter  # labelled by action: promote, reject
     holdout_accepted_length: Gauge  # labelled by model: candidate, current
 

@@ -1,6 +1,8 @@
 """The online-distillation loop: traces in, better drafter checkpoints out.
 
 One `TrainerWorker.step`:
+  0. skip undelivered traces older than `max_trace_age_s` when the worker has
+     fallen behind the traffic,
   1. fetch a batch from the consumer group (stale entries of dead workers first),
   2. hold out ~1/10 of requests (by request-id hash, so all blocks of a request
      land on the same side) into a bounded buffer for the promotion gate,
@@ -65,6 +67,7 @@ class WorkerOptions:
     holdout_fraction: float = 0.1  # share of requests kept out of training for the gate
     holdout_size: int = 512  # most recent held-out traces kept
     holdout_half_life: int = 128  # gate weight halves per this many newer held-out traces (0: uniform)
+    max_trace_age_s: float = 300.0  # undelivered traces older than this are skipped, not trained on (0: never)
     min_holdout_blocks: int = 8  # fewer judged blocks than this: the gate rejects
     mismatch_boost: float = 1.0  # extra weight of slots where drafter argmax != target argmax (0: off)
     max_context: int = 256  # context tokens the drafter sees per trace
@@ -84,7 +87,7 @@ class WorkerOptions:
                    consumer=settings.consumer_name or default_consumer_name(), batch_size=settings.batch_size,
                    lr=settings.lr, loss=settings.loss, publish_every=settings.publish_every,
                    claim_idle_ms=settings.claim_idle_ms, holdout_fraction=settings.holdout_fraction,
-                   holdout_half_life=settings.holdout_half_life, **extra)
+                   holdout_half_life=settings.holdout_half_life, max_trace_age_s=settings.max_trace_age_s, **extra)
 
 
 @dataclass
@@ -148,6 +151,11 @@ class TrainerWorker:
 
     def step(self, block_ms: int | None = None) -> StepResult | None:
         """Fetches, trains, acks; None when no trace arrived within block_ms."""
+        stale = self.consumer.skip_older_than(self.options.max_trace_age_s)
+        if stale:
+            self.metrics.traces.labels(use="stale").inc(stale)
+            log.warning("trainer behind the traffic: skipped %d traces older than %.0f s", stale,
+                        self.options.max_trace_age_s)
         entries = self.consumer.fetch(self.options.batch_size,
                                       self.options.block_ms if block_ms is None else block_ms)
         self._update_lag()
