@@ -49,6 +49,8 @@ from trainer.metrics import trainer_metrics
 
 log = logging.getLogger(__name__)
 
+STALE_LOG_INTERVAL_S = 60.0
+
 
 def default_consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
@@ -136,6 +138,7 @@ class TrainerWorker:
         self.steps = 0
         self.traces_seen = 0
         self.decisions: list[dict] = []
+        self._stale_unlogged, self._stale_logged_at = 0, -STALE_LOG_INTERVAL_S
         self.metrics = trainer_metrics(registry)
         self._make_optimizers()
 
@@ -151,11 +154,7 @@ class TrainerWorker:
 
     def step(self, block_ms: int | None = None) -> StepResult | None:
         """Fetches, trains, acks; None when no trace arrived within block_ms."""
-        stale = self.consumer.skip_older_than(self.options.max_trace_age_s)
-        if stale:
-            self.metrics.traces.labels(use="stale").inc(stale)
-            log.warning("trainer behind the traffic: skipped %d traces older than %.0f s", stale,
-                        self.options.max_trace_age_s)
+        self._skip_stale()
         entries = self.consumer.fetch(self.options.batch_size,
                                       self.options.block_ms if block_ms is None else block_ms)
         self._update_lag()
@@ -192,6 +191,18 @@ class TrainerWorker:
             if self.steps % self.options.publish_every == 0:
                 result.decision = self.publish_and_gate()
         return result
+
+    def _skip_stale(self) -> None:
+        skipped = self.consumer.skip_older_than(self.options.max_trace_age_s)
+        if not skipped:
+            return
+        self.metrics.traces.labels(use="stale").inc(skipped)
+        self._stale_unlogged += skipped
+        now = time.monotonic()
+        if now - self._stale_logged_at >= STALE_LOG_INTERVAL_S:  # a slow trainer skips every step: log a summary
+            log.warning("trainer behind the traffic: skipped %d traces older than %.0f s", self._stale_unlogged,
+                        self.options.max_trace_age_s)
+            self._stale_unlogged, self._stale_logged_at = 0, now
 
     def train_on(self, records: list[TraceRecord]) -> tuple[float | None, float | None]:
         """One optimisation step of the drafter (and the acceptance head) on `records`."""
