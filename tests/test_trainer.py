@@ -417,6 +417,22 @@ def test_gate_judges_a_domain_shift_on_the_new_traffic(world, tmp_path, redis_cl
     assert 3.0 < recent.metrics["candidate"]["mean_accepted_length"] < 4.0
 
 
+def test_a_worker_keeps_its_own_lineage_through_a_few_rejections(world, tmp_path, redis_client):
+    """Its own promoted checkpoint is an ancestor of its weights: a rejection means "not better yet",
+    so it keeps training them, and restarts from the checkpoint only after repeated rejections."""
+    store = CheckpointStore(tmp_path / "ck", redis_client=redis_client)
+    store.promote(store.publish(copy.deepcopy(world.target), {"consumer": "test-worker"}), "our earlier candidate")
+    append_traces(redis_client, world.held, stream=STREAM)
+    worker = make_worker(perturbed(world.target, 4.0, seed=3), store, redis_client, group="lineage",
+                         holdout_fraction=1.0, resync_after_rejects=2)
+    own = copy.deepcopy(worker.drafter)
+    worker.drain()
+    assert not worker.publish_and_gate().promote
+    assert same_weights(worker.drafter, own) and worker.base_version is None
+    assert not worker.publish_and_gate().promote
+    assert same_weights(worker.drafter, store.load(1).model) and worker.base_version == 1
+
+
 # -- training raises acceptance; the acceptance head learns --------------------------------------------
 
 

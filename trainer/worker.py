@@ -19,8 +19,9 @@ and the candidate is promoted only if strictly better. Every decision is
 logged in the store.
 
 Several workers (Ray actors) each train their own replica; after a rejected
-candidate a worker adopts the current checkpoint if that scored better, so
-replicas follow the best promoted model rather than averaging gradients.
+candidate a worker adopts the current checkpoint if that scored better and
+another worker promoted it (or its own candidates keep losing), so replicas
+follow the best promoted model rather than averaging gradients.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class WorkerOptions:
     block_ms: int = 500  # keep below the Redis socket timeout
     grad_clip: float = 1.0
     resync_on_reject: bool = True
+    resync_after_rejects: int = 5  # own candidates rejected this often in a row: restart from the current one
     keep_rejected: int = 5  # rejected checkpoints kept on disk
     target_version: str = ""
     tokenizer_fingerprint: str = ""
@@ -139,6 +141,7 @@ class TrainerWorker:
         self.traces_seen = 0
         self.decisions: list[dict] = []
         self._stale_unlogged, self._stale_logged_at = 0, -STALE_LOG_INTERVAL_S
+        self._rejects_in_row = 0
         self.metrics = trainer_metrics(registry)
         self._make_optimizers()
 
@@ -265,10 +268,13 @@ class TrainerWorker:
         if decision.promote:
             self.store.promote(candidate_version, decision.reason, decision.metrics)
             self.base_version = candidate_version
+            self._rejects_in_row = 0
         else:
             self.store.reject(candidate_version, decision.reason, decision.metrics)
+            self._rejects_in_row += 1
             if (self.options.resync_on_reject and current_version is not None
-                    and reference_report.mean_accepted_length > candidate_report.mean_accepted_length):
+                    and reference_report.mean_accepted_length > candidate_report.mean_accepted_length
+                    and self._should_resync(current_version)):
                 self._adopt(reference, reference_head, current_version)
         self.metrics.decisions.labels(action="promote" if decision.promote else "reject").inc()
         self.metrics.holdout_accepted_length.labels(model="candidate").set(candidate_report.mean_accepted_length)
@@ -288,6 +294,16 @@ class TrainerWorker:
                           version_name(current_version), err)
         return self._baseline, None, "starting weights"
 
+    def _should_resync(self, current_version: int) -> bool:
+        """Follow a better current checkpoint another worker (or a person) promoted at once. Our own
+        promoted checkpoint is an ancestor of our weights: a few rejections mean "not better yet"
+        (after a traffic shift, progress takes more than one publish interval), so keep training."""
+        try:
+            ours = self.store.meta(current_version).get("consumer") == self.options.consumer
+        except CheckpointError:
+            ours = False
+        return not ours or self._rejects_in_row >= self.options.resync_after_rejects
+
     def _adopt(self, model: torch.nn.Module, head: AcceptHead | None, version: int) -> None:
         ours, theirs = self.drafter.state_dict(), model.state_dict()
         if ours.keys() != theirs.keys() or any(ours[k].shape != theirs[k].shape for k in ours):
@@ -299,6 +315,7 @@ class TrainerWorker:
         if head is not None and self.accept_head is not None and head.spec() == self.accept_head.spec():
             self.accept_head.load_state_dict(head.state_dict())
         self.base_version = version
+        self._rejects_in_row = 0
         self._make_optimizers()
 
     def _prune(self) -> None:
