@@ -149,9 +149,6 @@ class GoodputPolicy(HeuristicPolicy):
     def block_size(self) -> int:
         return self.length if self.speculating else 0
 
-    def min_ready(self, overlapped: bool) -> int:
-        return self.block_size()
-
     def goodput(self, speculating: bool) -> float:
         tokens, seconds = self.observed[speculating]
         return tokens / seconds if seconds > 0 else 0.0

@@ -106,31 +106,36 @@ class TraceConsumer:
         adapt to a traffic shift only after working through the whole backlog."""
         if max_age_s <= 0:
             return 0
+        info = self._group_info()
+        if info is None:
+            return 0
         cutoff_ms = int(time.time() * 1000 - max_age_s * 1000)
-        for info in self.client.xinfo_groups(self.stream):
-            if _text(info["name"]) != self.group:
-                continue
-            last = _text(info["last-delivered-id"])
-            if int(last.split("-")[0]) >= cutoff_ms:
-                return 0
-            skipped = len(self.client.xrange(self.stream, min=f"({last}", max=f"{cutoff_ms}-0", count=count_limit))
-            if skipped:
-                self.client.xgroup_setid(self.stream, self.group, f"{cutoff_ms}-0")
-            return skipped
-        return 0
+        last = _text(info["last-delivered-id"])
+        if int(last.split("-")[0]) >= cutoff_ms:
+            return 0
+        skipped = len(self.client.xrange(self.stream, min=f"({last}", max=f"{cutoff_ms}-0", count=count_limit))
+        if skipped:
+            self.client.xgroup_setid(self.stream, self.group, f"{cutoff_ms}-0")
+        return skipped
 
     def lag(self) -> int:
         """Entries in the stream not yet delivered to this group."""
+        info = self._group_info()
+        if info is None:
+            return 0
+        if info.get("lag") is not None:  # Redis >= 7 tracks it
+            return int(info["lag"])
+        # Redis 6.2: count what lies after the last delivered id (bounded, at most every 5 s).
+        now = time.monotonic()
+        if now - self._lag_fallback_checked >= 5.0:
+            last = _text(info["last-delivered-id"])
+            self._lag_fallback = len(self.client.xrange(self.stream, min=f"({last}", max="+", count=1000))
+            self._lag_fallback_checked = now
+        return self._lag_fallback
+
+    def _group_info(self) -> dict | None:
+        """XINFO GROUPS' entry for our group (None if it does not exist)."""
         for info in self.client.xinfo_groups(self.stream):
-            if _text(info["name"]) != self.group:
-                continue
-            if info.get("lag") is not None:  # Redis >= 7 tracks it
-                return int(info["lag"])
-            # Redis 6.2: count what lies after the last delivered id (bounded, at most every 5 s).
-            now = time.monotonic()
-            if now - self._lag_fallback_checked >= 5.0:
-                last = _text(info["last-delivered-id"])
-                self._lag_fallback = len(self.client.xrange(self.stream, min=f"({last}", max="+", count=1000))
-                self._lag_fallback_checked = now
-            return self._lag_fallback
-        return 0
+            if _text(info["name"]) == self.group:
+                return info
+        return None
