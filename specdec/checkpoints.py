@@ -282,7 +282,9 @@ class CheckpointStore:
         """Builds the drafter from config.json and loads only verified safetensors (the model in
         `dtype`, the acceptance head always in float32)."""
         from safetensors.torch import load_model
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
+
+        from specdec.vocab_head import build_causal_lm
 
         if version is None:
             version = self.current()
@@ -292,7 +294,7 @@ class CheckpointStore:
         directory = self.path(version)
         try:
             config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
-            model = AutoModelForCausalLM.from_config(config)
+            model = build_causal_lm(config)
         except Exception as err:  # noqa: BLE001 - any config problem is a bad checkpoint
             raise CheckpointError(f"checkpoint {version_name(version)}: bad {CONFIG_FILE}: {err}") from err
         try:

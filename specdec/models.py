@@ -164,12 +164,10 @@ def load_tokenizer(spec: str, tokenizer_from: str | None = None):
 def load_model(spec: str, device: str = "cpu", dtype: str = "float32", tokenizer_from: str | None = None,
                max_context: int = 0) -> LoadedModel:
     """Loads `spec` for inference. `tokenizer_from` supplies a tokenizer to drafter checkpoints without one."""
-    from transformers import AutoModelForCausalLM
-
     source = resolve_source(spec)
     directory = materialise(source)
     torch_device = torch.device(device)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=_dtype(dtype, torch_device))
+    model = _from_directory(directory, _dtype(dtype, torch_device))
     model.to(torch_device).eval()
     tokenizer = load_tokenizer(spec, tokenizer_from)
     config = model.config
@@ -186,6 +184,22 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32", tokenizer
         device=torch_device,
         fingerprint=tokenizer_fingerprint(tokenizer, vocab_size),
     )
+
+
+def _from_directory(directory: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """from_pretrained, except for drafters with a subset LM head, which HF cannot rebuild itself."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from specdec.vocab_head import CONFIG_KEY, build_causal_lm
+
+    config = AutoConfig.from_pretrained(directory)
+    if not getattr(config, CONFIG_KEY, 0):
+        return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    from safetensors.torch import load_model as load_safetensors
+
+    model = build_causal_lm(config)
+    load_safetensors(model, str(directory / "model.safetensors"), strict=True)
+    return model.to(dtype=dtype)
 
 
 def _model_version(directory: Path) -> str:

@@ -14,6 +14,7 @@ os.environ.setdefault("SPECD_BACKEND_WAIT_S", "20")
 torch.set_num_threads(1)
 
 from specdec.config import load_settings  # noqa: E402
+from specdec.vocab_head import install_subset_head  # noqa: E402
 
 
 def tiny_config(arch: str, vocab_size: int = 256):
@@ -130,5 +131,8 @@ def tiny_dirs(tmp_path_factory):
             "target": save(target, root / f"{arch}-target"),
             "close": save(perturbed(target, 0.3, seed=2), root / f"{arch}-close"),
             "unrelated": save(tiny_model(arch, seed=3), root / f"{arch}-unrelated"),
+            # The close drafter restricted to even token ids: it can never propose half the vocabulary.
+            "pruned": save(install_subset_head(perturbed(target, 0.3, seed=2), torch.arange(0, 256, 2)),
+                           root / f"{arch}-pruned"),
         }
     return dirs

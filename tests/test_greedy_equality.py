@@ -31,7 +31,7 @@ def arch_case(request, tiny_dirs):
     return request.param, dirs, prompts, references
 
 
-@pytest.mark.parametrize("drafter_kind", ["close", "unrelated", "target", "ngram"])
+@pytest.mark.parametrize("drafter_kind", ["close", "pruned", "unrelated", "target", "ngram"])
 def test_greedy_equals_target_for_every_draft_length(arch_case, drafter_kind):
     arch, dirs, prompts, references = arch_case
     drafter = "ngram" if drafter_kind == "ngram" else dirs[drafter_kind]

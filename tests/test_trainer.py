@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections import Counter
 import math
 import os
 import random
@@ -607,6 +608,28 @@ def test_distill_from_token_prompts_promotes_a_better_checkpoint(world, tmp_path
     current = store.load()
     assert current.accept_head is not None and read_redis_pointer(redis_client) == current.version
     assert evaluate_acceptance(current.model, world.held).agreement_rate > start.agreement_rate + 0.05
+
+
+def test_distill_epochs_replay_training_traces_but_never_held_out_ones(world, tmp_path, redis_client):
+    from specdec.traces import iter_traces
+
+    store = CheckpointStore(tmp_path / "ck", redis_client=redis_client)
+    worker = make_worker(init_drafter_from_target(world.target, 1), store, redis_client, batch_size=16, lr=3e-4,
+                         publish_every=10**6, holdout_fraction=0.25)
+    prompts = random_prompts(32, seed=5)
+    request_ids = [f"e-{i}" for i in range(32)]
+    summary = distill_from_prompts(world.target, worker, prompts, request_ids, max_new_tokens=8, block_size=4,
+                                   top_k=8, generation_batch=8, epochs=3, final_publish=False)
+    seen = Counter(record.request_id for _, record in iter_traces(redis_client, STREAM))
+    held = {r for r in request_ids if worker.is_holdout(r)}
+    assert held and held != set(request_ids)
+    assert all(seen[r] == 2 for r in held)  # generated once: two blocks of 4 tokens, never replayed
+    assert all(seen[r] == 6 for r in request_ids if r not in held)  # the same two blocks in each of 3 epochs
+    assert summary.traces == sum(seen.values()) == redis_client.xlen(STREAM)
+    assert len(worker.holdout) == 2 * len(held)
+    assert redis_client.xpending(STREAM, "specd-trainers")["pending"] == 0
+    with pytest.raises(ValueError):
+        distill_from_prompts(world.target, worker, prompts, request_ids, epochs=0)
 
 
 WORDS = ("the cat dog sat ran on a mat log red blue big small fast slow and or but then now here there "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,24 +187,44 @@ class DistillSummary:
 def distill_from_prompts(target, worker, prompts: list[list[int]], request_ids: list[str], *,
                          max_new_tokens: int = 64, block_size: int = 8, top_k: int = 16, generation_batch: int = 8,
                          pad_id: int = 0, eos_ids: set[int] | None = None, target_version: str = "",
-                         maxlen: int | None = 100_000, final_publish: bool = True) -> DistillSummary:
+                         maxlen: int | None = 100_000, final_publish: bool = True, epochs: int = 1,
+                         seed: int = 0) -> DistillSummary:
     """Generates teacher traces batch by batch, appends them to the worker's stream
     and lets `worker` consume them before generating more (the stream stays short).
-    Ends with a checkpoint through the promotion gate unless one was just published."""
-    total = 0
+    Epochs after the first replay the same teacher traces in a new order (the
+    target runs once; a small prompt set is worth several passes), minus the
+    held-out requests, which the gate already holds. Ends with a checkpoint
+    through the promotion gate unless one was just published."""
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
+    total, generated = 0, []
     for start in range(0, len(prompts), generation_batch):
         records = teacher_traces(target, prompts[start:start + generation_batch],
                                  request_ids[start:start + generation_batch], max_new_tokens=max_new_tokens,
                                  block_size=block_size, top_k=top_k, pad_id=pad_id, eos_ids=eos_ids,
                                  target_version=target_version)
-        append_traces(worker.consumer.client, records, stream=worker.consumer.stream, maxlen=maxlen)
-        total += len(records)
-        worker.drain()
+        total += _feed(worker, records, maxlen)
+        if epochs > 1:
+            generated += [r for r in records if not worker.is_holdout(r.request_id)]
         log.info("distilled %d/%d prompts, %d traces, %d steps", min(start + generation_batch, len(prompts)),
                  len(prompts), total, worker.steps)
+    order = random.Random(seed)
+    chunk = max(1, generation_batch * max(1, max_new_tokens // max(1, block_size)))
+    for epoch in range(2, epochs + 1):
+        order.shuffle(generated)
+        for start in range(0, len(generated), chunk):
+            total += _feed(worker, generated[start:start + chunk], maxlen)
+        log.info("epoch %d/%d done: %d traces, %d steps", epoch, epochs, total, worker.steps)
     if final_publish and worker.steps and worker.steps % worker.options.publish_every:
         worker.publish_and_gate()
     return DistillSummary(prompts=len(prompts), traces=total, steps=worker.steps, decisions=list(worker.decisions))
+
+
+def _feed(worker, records: list[TraceRecord], maxlen: int | None) -> int:
+    """Appends `records` to the worker's stream and trains on all of them."""
+    append_traces(worker.consumer.client, records, stream=worker.consumer.stream, maxlen=maxlen)
+    worker.drain()
+    return len(records)
 
 
 def distill_prompt_file(target, tokenizer, worker, prompts_path: str | Path, *, max_prompts: int | None = None,

@@ -9,6 +9,7 @@ import sys
 import typing
 
 from specdec.config import ConfigError, TrainerSettings, load_settings
+from specdec.traces import DEFAULT_STREAM
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +87,31 @@ def distill_command(args: argparse.Namespace) -> int:
         target.model, target.tokenizer, worker, args.prompts, max_prompts=args.max_prompts,
         use_chat_template=not args.raw, max_new_tokens=args.max_new_tokens, block_size=args.block_size,
         top_k=args.top_k, generation_batch=args.generation_batch, target_version=target.version,
+        epochs=args.epochs,
     )
     print(json.dumps({"prompts": summary.prompts, "traces": summary.traces, "steps": summary.steps,
                       "decisions": summary.decisions, "current": worker.store.current()}))
+    return 0
+
+
+def prune_head_command(args: argparse.Namespace) -> int:
+    from specdec import redisutil
+    from specdec.checkpoints import CheckpointError, CheckpointStore, parse_version
+    from trainer.prune_head import prune_checkpoint, recent_traces
+
+    client = redisutil.connect(args.redis_url)
+    store = CheckpointStore(args.checkpoint_dir, redis_client=client)
+    try:
+        version = parse_version(args.version) if args.version else store.current()
+        if version is None:
+            print(f"specd prune-head: {args.checkpoint_dir} has no CURRENT checkpoint; pass --version", file=sys.stderr)
+            return 2
+        records = recent_traces(client, args.stream, args.traces)
+        report = prune_checkpoint(store, version, args.head_vocab, records, promote=args.promote)
+    except (CheckpointError, ValueError) as err:
+        print(f"specd prune-head: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(report))
     return 0
 
 
@@ -149,8 +172,20 @@ def add_subcommands(subparsers) -> None:
     distill.add_argument("--top-k", type=int, default=16, help="target probabilities kept per position")
     distill.add_argument("--generation-batch", type=int, default=8, help="prompts generated together")
     distill.add_argument("--max-prompts", type=int, default=None)
+    distill.add_argument("--epochs", type=int, default=1,
+                         help="passes over the teacher traces (the target generates them once)")
     distill.add_argument("--raw", action="store_true", help="skip the chat template")
     distill.set_defaults(handler=distill_command)
+
+    prune = subparsers.add_parser("prune-head", help="publish a drafter whose LM head keeps only frequent tokens")
+    prune.add_argument("--checkpoint-dir", required=True)
+    prune.add_argument("--version", default=None, help="N or vN to prune (default: CURRENT)")
+    prune.add_argument("--head-vocab", type=int, required=True, help="tokens the pruned head keeps")
+    prune.add_argument("--redis-url", default="embedded", help="where the trace stream that ranks tokens lives")
+    prune.add_argument("--stream", default=DEFAULT_STREAM)
+    prune.add_argument("--traces", type=int, default=20_000, help="newest traces to rank tokens on")
+    prune.add_argument("--promote", action="store_true", help="make the pruned version CURRENT")
+    prune.set_defaults(handler=prune_head_command)
 
     checkpoints = subparsers.add_parser("checkpoints", help="list, promote or roll back drafter checkpoints")
     checkpoints.add_argument("action", choices=["list", "promote", "rollback"])

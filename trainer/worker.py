@@ -42,6 +42,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from specdec.accept_head import AcceptHead, accept_head_loss
 from specdec.checkpoints import CheckpointError, CheckpointStore, version_name
 from specdec.traces import DEFAULT_STREAM, TraceRecord, sample_fraction
+from specdec.vocab_head import drop_excluded, head_token_ids
 from trainer.batching import build_batch, slot_forward, usable
 from trainer.consumer import TraceConsumer
 from trainer.evaluation import GateDecision, evaluate_acceptance, gate, recent_holdout
@@ -132,7 +133,7 @@ class TrainerWorker:
         if accept_head is None and self.options.train_accept_head:
             accept_head = AcceptHead(hidden_size)
         self.accept_head = accept_head.to(self.device) if accept_head is not None else None
-        self.vocab_size = drafter.get_output_embeddings().weight.shape[0]
+        self.vocab_size = int(drafter.config.vocab_size)
         self.base_version = base_version
         # The weights we started from: the gate's reference until a checkpoint is current.
         self._baseline = copy.deepcopy(drafter).eval()
@@ -216,8 +217,9 @@ class TrainerWorker:
         self.drafter.train()
         logits, hidden = slot_forward(self.drafter, batch.input_ids, batch.attention_mask, batch.slot_row,
                                       batch.slot_pos)  # [S, V], [S, H]
-        per_slot = LOSSES[self.options.loss](logits, batch.top_ids, batch.top_probs)  # [S]
-        weights = (mismatch_weights(logits, batch.top_ids, batch.top_probs, self.options.mismatch_boost)
+        top_ids = drop_excluded(batch.top_ids, head_token_ids(self.drafter), self.vocab_size)  # [S, K]
+        per_slot = LOSSES[self.options.loss](logits, top_ids, batch.top_probs)  # [S]
+        weights = (mismatch_weights(logits, top_ids, batch.top_probs, self.options.mismatch_boost)
                    if self.options.mismatch_boost > 0 else torch.ones_like(per_slot))
         loss = weighted_mean(per_slot, weights)
         self.optimizer.zero_grad(set_to_none=True)
