@@ -203,6 +203,41 @@ def test_slot_forward_reads_the_positions_that_predict_each_draft_slot():
     assert hidden.shape == (6, 32)
 
 
+def test_merged_batches_read_a_request_once_and_drop_slots_off_the_committed_path():
+    model = tiny_model("llama", seed=3)
+    top = lambda n: ([[t] for t in range(n)], [[1.0]] * n)  # noqa: E731 - one-token "distributions"
+    ids3, probs3 = top(3)
+    ids4, probs4 = top(4)
+    records = [
+        # Block 1 of "a": slot 0 accepted, slot 1 (token 9) rejected, the target committed 40 instead.
+        TraceRecord(request_id="a", context_ids=[5, 6, 7], draft_tokens=[8, 9], accepted=1,
+                    target_top_ids=ids3, target_top_probs=probs3),
+        TraceRecord(request_id="b", context_ids=[1, 2], draft_tokens=[3, 4], accepted=2,
+                    target_top_ids=ids3, target_top_probs=probs3),
+        # Block 2 of "a" continues from the committed text.
+        TraceRecord(request_id="a", context_ids=[5, 6, 7, 8, 40], draft_tokens=[41, 42, 43], accepted=3,
+                    target_top_ids=ids4, target_top_probs=probs4),
+        # A block whose context is not on "a"'s latest sequence keeps its own row.
+        TraceRecord(request_id="a", context_ids=[77, 78], draft_tokens=[79], accepted=0,
+                    target_top_ids=ids3[:2], target_top_probs=probs3[:2]),
+    ]
+    records[2], records[3] = records[3], records[2]  # the owner of "a"'s merged row is its latest trace
+    merged = build_batch(records, merge_requests=True)
+    separate = build_batch(records)
+    assert separate.input_ids.shape[0] == 4 and merged.input_ids.shape[0] == 3
+    merged_slots = list(zip(merged.record_index.tolist(), merged.slot_index.tolist()))
+    separate_slots = list(zip(separate.record_index.tolist(), separate.slot_index.tolist()))
+    # Block 1 of "a" loses slot 2 only: its prefix holds the rejected 9. Slot 1 (predicting 9) stays.
+    assert sorted(merged_slots) == sorted(s for s in separate_slots if s != (0, 2))
+    by_slot = {}
+    for name, batch in (("merged", merged), ("separate", separate)):
+        logits, _ = slot_forward(model, batch.input_ids, batch.attention_mask, batch.slot_row, batch.slot_pos)
+        for key, row in zip(zip(batch.record_index.tolist(), batch.slot_index.tolist()), logits):
+            by_slot.setdefault(key, {})[name] = row
+    for key in merged_slots:  # same prefix, same prediction, whichever row it was read from
+        torch.testing.assert_close(by_slot[key]["merged"], by_slot[key]["separate"], atol=1e-5, rtol=1e-4)
+
+
 def test_greedy_accepted_length_counts_only_slots_on_the_target_path():
     # Draft left the target's path at slot 1: slots after it cannot be judged.
     assert greedy_accepted_length([4, 7, 9], [4, 5, 9], draft_tokens=[4, 6, 9]) == (1, 2)

@@ -47,34 +47,50 @@ def usable(record: TraceRecord, vocab_size: int) -> bool:
     return all(0 <= t < vocab_size for t in tokens)
 
 
-def build_batch(records: list[TraceRecord], max_context: int = 256, pad_id: int = 0) -> TraceBatch | None:
-    """Packs records into one right-padded batch; None when no slot has a target."""
+def build_batch(records: list[TraceRecord], max_context: int = 256, pad_id: int = 0,
+                merge_requests: bool = False) -> TraceBatch | None:
+    """Packs records into one right-padded batch; None when no slot has a target.
+
+    With merge_requests, the blocks of one request share one sequence: the
+    request's latest trace (context + draft) carries every earlier block's slots
+    whose prefix lies on it (everything up to and including each block's first
+    rejection), so one forward supervises them all instead of re-reading the
+    context per block. Slots after an earlier block's rejection condition on
+    text that was never committed and are dropped; a block that cannot be
+    aligned keeps its own sequence."""
     sequences: list[list[int]] = []
     rows, positions, indices, draft_tokens, tops, labels, label_masks, teacher, record_ix = ([] for _ in range(9))
-    for record_number, record in enumerate(records):
-        context = record.context_ids[-max_context:] if max_context > 0 else list(record.context_ids)
-        draft = record.draft_tokens
-        trace_labels, trace_mask = accept_labels(len(draft), record.accepted)
-        is_teacher = record.drafter_version == TEACHER_DRAFTER_VERSION
+    for group in _sequence_groups(records, merge_requests):
+        owner = records[group[-1]]
+        full = [*owner.context_ids, *owner.draft_tokens]
+        cut = max(0, len(owner.context_ids) - max_context) if max_context > 0 else 0
         row = len(sequences)
         added = False
-        for i, (ids, probs) in enumerate(zip(record.target_top_ids, record.target_top_probs)):
-            position = len(context) - 1 + i
-            if not ids or position < 0:
-                continue  # unknown target distribution, or nothing before slot 0 to predict from
-            rows.append(row)
-            positions.append(position)
-            indices.append(i)
-            draft_tokens.append(draft[i] if i < len(draft) else -1)
-            tops.append((ids, probs))
-            in_draft = i < len(draft)
-            labels.append(trace_labels[i] if in_draft else 0.0)
-            label_masks.append(in_draft and trace_mask[i] and not is_teacher)
-            teacher.append(in_draft and is_teacher)
-            record_ix.append(record_number)
-            added = True
+        for record_number in group:
+            record = records[record_number]
+            end = len(owner.context_ids) if record is owner else _context_end(full, record.context_ids)
+            draft = record.draft_tokens
+            trace_labels, trace_mask = accept_labels(len(draft), record.accepted)
+            is_teacher = record.drafter_version == TEACHER_DRAFTER_VERSION
+            for i, (ids, probs) in enumerate(zip(record.target_top_ids, record.target_top_probs)):
+                position = end - 1 + i - cut
+                if not ids or position < 0:
+                    continue  # unknown target distribution, or nothing before the slot to predict from
+                if record is not owner and (end + i > len(full) or full[end:end + i] != draft[:i]):
+                    break  # this slot's prefix left the owner's sequence, and so do the later ones
+                rows.append(row)
+                positions.append(position)
+                indices.append(i)
+                draft_tokens.append(draft[i] if i < len(draft) else -1)
+                tops.append((ids, probs))
+                in_draft = i < len(draft)
+                labels.append(trace_labels[i] if in_draft else 0.0)
+                label_masks.append(in_draft and trace_mask[i] and not is_teacher)
+                teacher.append(in_draft and is_teacher)
+                record_ix.append(record_number)
+                added = True
         if added:
-            sequences.append([*context, *draft])
+            sequences.append(full[cut:])
     if not rows:
         return None
     width = max(len(s) for s in sequences)
@@ -103,6 +119,35 @@ def build_batch(records: list[TraceRecord], max_context: int = 256, pad_id: int 
         teacher_slot=torch.tensor(teacher, dtype=torch.bool),
         record_index=torch.tensor(record_ix, dtype=torch.long),
     )
+
+
+def _sequence_groups(records: list[TraceRecord], merge_requests: bool) -> list[list[int]]:
+    """Record numbers per input sequence; the last of each group owns the sequence.
+    Merged: a request's latest record owns it, and earlier ones join if their context aligns."""
+    if not merge_requests:
+        return [[n] for n in range(len(records))]
+    by_request: dict[str, list[int]] = {}
+    for number, record in enumerate(records):
+        by_request.setdefault(record.request_id, []).append(number)
+    groups = []
+    for numbers in by_request.values():
+        owner = records[numbers[-1]]
+        full = [*owner.context_ids, *owner.draft_tokens]
+        joined = [n for n in numbers[:-1] if _context_end(full, records[n].context_ids) is not None]
+        groups += [[n] for n in numbers[:-1] if n not in joined]
+        groups.append([*joined, numbers[-1]])
+    return groups
+
+
+def _context_end(sequence: list[int], context: list[int]) -> int | None:
+    """The end index of the latest occurrence of `context` in `sequence` (None: absent or empty)."""
+    n = len(context)
+    if n == 0:
+        return None
+    for end in range(len(sequence), n - 1, -1):
+        if sequence[end - 1] == context[-1] and sequence[end - n:end] == context:
+            return end
+    return None
 
 
 def slot_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, slot_row: torch.Tensor,

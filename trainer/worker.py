@@ -210,7 +210,7 @@ class TrainerWorker:
 
     def train_on(self, records: list[TraceRecord]) -> tuple[float | None, float | None]:
         """One optimisation step of the drafter (and the acceptance head) on `records`."""
-        batch = build_batch(records, max_context=self.options.max_context)
+        batch = build_batch(records, max_context=self.options.max_context, merge_requests=True)
         if batch is None:
             return None, None
         batch = batch.to(self.device)
