@@ -28,7 +28,13 @@ from specdec.checkpoints import CheckpointStore, read_redis_pointer
 from specdec.traces import TraceRecord, append_traces
 from trainer.batching import build_batch, slot_forward
 from trainer.bootstrap import distill_from_prompts, init_drafter_from_target, teacher_traces
-from trainer.evaluation import evaluate_acceptance, greedy_accepted_length, recency_weights, recent_holdout
+from trainer.evaluation import (
+    evaluate_acceptance,
+    greedy_accepted_length,
+    recency_weights,
+    recent_holdout,
+    windowed_accepted_length,
+)
 from trainer.losses import (
     LOSSES,
     forward_kl,
@@ -236,6 +242,16 @@ def test_merged_batches_read_a_request_once_and_drop_slots_off_the_committed_pat
             by_slot.setdefault(key, {})[name] = row
     for key in merged_slots:  # same prefix, same prediction, whichever row it was read from
         torch.testing.assert_close(by_slot[key]["merged"], by_slot[key]["separate"], atol=1e-5, rtol=1e-4)
+
+
+def test_windowed_accepted_length_scores_a_draft_from_every_position():
+    drafter, target = [1, 2, 0, 4, 5, 6], [1, 2, 3, 4, 5, 6]  # agreement 1 1 0 1 1 1
+    # Window 2: starts 0..4 have a whole window; their capped runs are 2 1 0 2 2.
+    assert windowed_accepted_length(drafter, target, window=2) == pytest.approx(7 / 5)
+    # A block no longer than the window is scored from slot 0 only, like a real draft.
+    assert windowed_accepted_length(drafter, target, window=8) == 2
+    assert windowed_accepted_length(target, target, window=3) == 3
+    assert windowed_accepted_length([], [], window=8) == 0.0
 
 
 def test_greedy_accepted_length_counts_only_slots_on_the_target_path():

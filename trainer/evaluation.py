@@ -6,7 +6,8 @@ number of leading draft slots where its argmax matches the target's. A slot
 can only be judged while the trace's own prefix follows the target's greedy
 path: after the first slot where the recorded draft token differs from the
 target's argmax, the drafter would be conditioned on text the target never
-produces. Distillation traces follow the target everywhere.
+produces. Distillation traces follow the target everywhere, and may be whole
+continuations, so on them a draft is scored from every start position.
 
 Held-out traces can carry weights: the gate weighs recent traffic more, so
 that after a domain shift a candidate is judged on the traffic it will serve.
@@ -19,14 +20,15 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from specdec.traces import TraceRecord
+from specdec.traces import TEACHER_DRAFTER_VERSION, TraceRecord
 from trainer.batching import build_batch, slot_forward
 from trainer.losses import target_argmax
 
 
 @dataclass
 class AcceptanceReport:
-    mean_accepted_length: float  # leading agreeing slots per block, weighted mean (the gate metric)
+    mean_accepted_length: float  # leading agreeing slots per block, weighted mean (the gate metric);
+    # for teacher traces, the mean agreeing run from every position (TEACHER_DRAFT_WINDOW at most)
     agreement_rate: float  # drafter argmax == target argmax over judged slots, weighted
     blocks: int  # traces with at least one judged slot
     judged_slots: int
@@ -62,6 +64,24 @@ def greedy_accepted_length(drafter_best: list[int], target_best: list[int | None
     while accepted < judged and drafter_best[accepted] == target_best[accepted]:
         accepted += 1
     return accepted, judged
+
+
+# Teacher traces are whole continuations: the gate scores a draft of up to this many tokens
+# started at every position of them, as the drafter would be used, not only the run from slot 0.
+TEACHER_DRAFT_WINDOW = 8
+
+
+def windowed_accepted_length(drafter_best: list[int], target_best: list[int], window: int) -> float:
+    """Mean over start positions p of the agreeing run from p, capped at `window`; only starts
+    with a whole window left count (a block of at most `window` slots: p = 0 only). All slots judged."""
+    n = min(len(drafter_best), len(target_best))
+    if n == 0:
+        return 0.0
+    runs = [0] * (n + 1)
+    for p in range(n - 1, -1, -1):  # runs[p] = 1 + runs[p + 1] where the argmaxes agree
+        runs[p] = runs[p + 1] + 1 if drafter_best[p] == target_best[p] else 0
+    starts = max(1, n - window + 1)
+    return sum(min(runs[p], window) for p in range(starts)) / starts
 
 
 # Traces older than this many half-lives weigh under 5% and are not evaluated.
@@ -118,6 +138,9 @@ def evaluate_acceptance(model, records: list[TraceRecord], weights: list[float] 
                 accepted, judged = greedy_accepted_length(drafter_row, target_row, draft)
                 if judged == 0:
                     continue
+                if chunk[record_number].drafter_version == TEACHER_DRAFTER_VERSION:
+                    accepted = windowed_accepted_length(drafter_row[:judged], target_row[:judged],
+                                                        TEACHER_DRAFT_WINDOW)
                 weight = 1.0 if weights is None else weights[start + record_number]
                 blocks += 1
                 judged_slots_count += judged
