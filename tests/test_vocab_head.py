@@ -145,3 +145,31 @@ def test_prune_checkpoint_ranks_the_target_tokens_and_a_pruned_drafter_trains(tm
         last, _ = worker.train_on(batch)
     assert torch.isfinite(torch.tensor(first)) and last < first
     assert torch.equal(head_token_ids(worker.drafter), head_token_ids(pruned))
+
+
+def test_specd_prune_head_cli_publishes_without_promoting(tmp_path, redis_client):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    target = tiny_model("qwen2", seed=1)
+    prompts = [[(5 * i + j) % VOCAB for j in range(4)] for i in range(8)]
+    append_traces(redis_client, teacher_traces(target, prompts, [f"q{i}" for i in range(8)], max_new_tokens=8,
+                                               block_size=8, top_k=4))
+    store = CheckpointStore(tmp_path / "store")
+    source = store.publish(perturbed(target, 0.3, seed=2), {"tokenizer_fingerprint": "t"})
+    store.promote(source, "start", {})
+    result = subprocess.run(
+        [sys.executable, "-m", "specdec.cli", "prune-head", "--checkpoint-dir", str(store.root), "--head-vocab", "48",
+         "--redis-url", redisutil.url_of(redis_client)],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["version"] == source + 1 and not report["promoted"] and store.current() == source
+    assert head_token_ids(store.load(report["version"]).model).numel() == 48
+    assert report["eval_traces"] == 8 and report["pruned"]["blocks"] == 8
+    bad = subprocess.run([sys.executable, "-m", "specdec.cli", "prune-head", "--checkpoint-dir", str(store.root),
+                          "--head-vocab", str(VOCAB + 1), "--redis-url", redisutil.url_of(redis_client)],
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "head vocabulary size" in bad.stderr
