@@ -194,7 +194,7 @@ def _from_directory(directory: Path, dtype: torch.dtype) -> torch.nn.Module:
 
     config = AutoConfig.from_pretrained(directory)
     if not getattr(config, CONFIG_KEY, 0):
-        return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(directory, config=config, dtype=dtype)
     from safetensors.torch import load_model as load_safetensors
 
     model = build_causal_lm(config)

@@ -18,7 +18,6 @@ weights (including the token ids) are loaded.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
 
 import torch
 
@@ -95,13 +94,6 @@ def rank_tokens(counts: Counter, vocab_size: int, size: int) -> torch.Tensor:
         if token not in taken:
             chosen.append(token)
     return torch.tensor(sorted(chosen), dtype=torch.long)
-
-
-def count_tokens(sequences: Iterable[Iterable[int]]) -> Counter:
-    counts: Counter = Counter()
-    for sequence in sequences:
-        counts.update(sequence)
-    return counts
 
 
 def drop_excluded(top_ids: torch.Tensor, token_ids: torch.Tensor | None, vocab_size: int) -> torch.Tensor:

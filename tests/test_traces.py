@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
+from conftest import shutdown_redis
 from specdec import redisutil
 from specdec.traces import (
     MAX_CONTEXT_TOKENS,
@@ -56,14 +57,7 @@ def assert_same(decoded: TraceRecord, original: TraceRecord) -> None:
 def server(tmp_path):
     client = redisutil.connect("embedded", state_directory=tmp_path)
     yield client
-    _shutdown(client)
-
-
-def _shutdown(client):
-    try:
-        client.shutdown(nosave=True)
-    except Exception:  # noqa: BLE001 - the connection drops as the server exits
-        pass
+    shutdown_redis(client)
 
 
 def test_round_trip_through_bytes_and_redis(server):
@@ -163,7 +157,7 @@ def test_publisher_never_blocks_and_counts_drops_when_redis_stops(server):
         time.sleep(0.01)
     assert publisher.published == 1
 
-    _shutdown(server)
+    shutdown_redis(server)
     record = make_record("after")
     accepted, slowest = 0, 0.0
     started = time.monotonic()
@@ -236,4 +230,4 @@ def test_embedded_redis_stops_with_its_last_process_and_survives_a_joiner(tmp_pa
         assert run_user(tmp_path / "shared") == shared.info("server")["process_id"]  # joined, not restarted
         assert shared.get("users") == b"1"  # still up after the joiner exited
     finally:
-        _shutdown(shared)
+        shutdown_redis(shared)

@@ -21,7 +21,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from conftest import perturbed, save, tiny_config, tiny_model
+from conftest import perturbed, save, shutdown_redis, tiny_config, tiny_model
 from specdec import redisutil
 from specdec.accept_head import AcceptHead, accept_head_loss, accept_labels, greedy_accept_labels
 from specdec.checkpoints import CheckpointStore, read_redis_pointer
@@ -86,20 +86,6 @@ def world() -> World:
     target = tiny_llama(seed=1)
     return World(target, traces_for(target, random_prompts(256, seed=0), "train"),
                  traces_for(target, random_prompts(16, seed=1), "held"))
-
-
-@pytest.fixture
-def redis_client(tmp_path):
-    client = redisutil.connect("embedded", state_directory=tmp_path / "state")
-    yield client
-    _shutdown(client)
-
-
-def _shutdown(client) -> None:
-    try:
-        client.shutdown(nosave=True)
-    except Exception:  # noqa: BLE001 - the connection drops as the server exits
-        pass
 
 
 def make_worker(drafter, store, client, **options) -> TrainerWorker:
@@ -517,7 +503,7 @@ def training_run(world, tmp_path_factory):
     decision = worker.publish_and_gate()
     after = evaluate_acceptance(drafter, world.held)
     yield TrainingRun(worker, store, losses, initial_head, before, after, decision)
-    _shutdown(client)
+    shutdown_redis(client)
 
 
 def test_training_raises_acceptance_on_held_out_prompts(training_run):
@@ -629,7 +615,7 @@ def test_ray_actor_consumes_traces_and_publishes_a_checkpoint(world, tmp_path, m
         groups = {g["name"]: g for g in client.xinfo_groups(STREAM)}
         assert groups[b"specd-trainers"]["last-delivered-id"].decode() == max(published, key=_stream_order)
     finally:
-        _shutdown(client)
+        shutdown_redis(client)
 
 
 def _stream_order(entry_id: str) -> tuple[int, int]:
@@ -731,4 +717,4 @@ def test_specd_distill_cli_end_to_end(tmp_path):
         assert loaded.meta["target_version"] == "tiny-target"
         assert loaded.model.config.num_hidden_layers == 1 and loaded.model.config.vocab_size == VOCAB
     finally:
-        _shutdown(client)
+        shutdown_redis(client)

@@ -101,16 +101,6 @@ def test_drop_excluded_turns_unproposable_ids_into_padding():
     assert drop_excluded(top_ids, None, VOCAB) is top_ids
 
 
-@pytest.fixture
-def redis_client(tmp_path):
-    client = redisutil.connect("embedded", state_directory=tmp_path / "state")
-    yield client
-    try:
-        client.shutdown(nosave=True)
-    except Exception:  # noqa: BLE001 - the connection drops as the server exits
-        pass
-
-
 def test_prune_checkpoint_ranks_the_target_tokens_and_a_pruned_drafter_trains(tmp_path, redis_client):
     target = tiny_model("llama", seed=1)
     prompts = [[(7 * i + j) % VOCAB for j in range(5)] for i in range(24)]
