@@ -60,14 +60,15 @@ class ModelDrafter(Drafter):
     """Any HF causal LM sharing the target's tokenizer. Hot-swappable between rounds."""
 
     def __init__(self, loaded: LoadedModel, max_sessions: int = 64, session_ttl_s: float = 300.0,
-                 accept_head: torch.nn.Module | None = None):
+                 accept_head: torch.nn.Module | None = None, small_gemm: bool = False):
         super().__init__(max_sessions, session_ttl_s, loaded.vocab_size)
         self._swap_lock = threading.Lock()
+        self.small_gemm = small_gemm
         self._install(loaded, accept_head, generation=0)
 
     def _install(self, loaded: LoadedModel, accept_head, generation: int) -> None:
         self.loaded = loaded
-        self.runner = ModelRunner(loaded.model, loaded.device)
+        self.runner = ModelRunner(loaded.model, loaded.device, self.small_gemm)
         self.accept_head = accept_head
         self.generation = generation
 

@@ -116,7 +116,7 @@ def build_drafter(settings: DrafterSettings) -> DrafterServicer:
         target_vocab = AutoConfig.from_pretrained(target_dir).vocab_size
         check_pair(tokenizer_fingerprint(load_tokenizer(settings.target), target_vocab),
                    loaded.fingerprint, settings.target, settings.model)
-    drafter = ModelDrafter(loaded, settings.max_sessions, settings.session_ttl_s)
+    drafter = ModelDrafter(loaded, settings.max_sessions, settings.session_ttl_s, small_gemm=settings.small_gemm)
     return DrafterServicer(drafter, settings.draft_support, loaded.name, loaded.fingerprint, loaded.max_context)
 
 

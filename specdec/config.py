@@ -76,6 +76,8 @@ class ModelServiceSettings(CommonSettings):
     max_sessions: int = Field(64, ge=1, description="Concurrent KV sessions; beyond it RESOURCE_EXHAUSTED.")
     session_ttl_s: float = Field(300.0, gt=0, description="Idle sessions are released after this long.")
     max_context: int = Field(0, ge=0, description="Cap on context length (0: the model's own).")
+    small_gemm: bool = Field(True, description="Run decode/verify-sized fp32 CPU linears through specd's AVX2 "
+                                               "kernel (single-threaded, batch-invariant); off: torch's BLAS.")
 
 
 class VerifierSettings(ModelServiceSettings):

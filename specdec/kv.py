@@ -140,11 +140,15 @@ class ModelRunner:
     without changing callers.
     """
 
-    def __init__(self, model: torch.nn.Module, device: torch.device):
+    def __init__(self, model: torch.nn.Module, device: torch.device, small_gemm: bool = False):
         import inspect
+
+        from specdec import small_gemm as kernel
 
         self.model = model
         self.device = device
+        # Decode and verify steps feed a few rows; the kernel keeps them memory-bound and batch-invariant.
+        self.small_gemm_layers = kernel.install(model) if small_gemm and device.type == "cpu" else 0
         # The LM head over a long prefill is costly; most HF models can skip rows nobody reads.
         self.can_skip_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 

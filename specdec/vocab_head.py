@@ -29,6 +29,8 @@ CONFIG_KEY = "draft_head_vocab"
 class SubsetLMHead(torch.nn.Module):
     """Linear LM head whose rows are `token_ids`; logits elsewhere are EXCLUDED_LOGIT."""
 
+    project = staticmethod(torch.nn.functional.linear)  # small_gemm.install swaps in its kernel
+
     def __init__(self, weight: torch.Tensor, token_ids: torch.Tensor, vocab_size: int):
         super().__init__()
         if weight.shape[0] != token_ids.numel():
@@ -39,7 +41,7 @@ class SubsetLMHead(torch.nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., H] -> logits [..., V]."""
-        subset = torch.nn.functional.linear(hidden, self.weight)  # [..., N]
+        subset = self.project(hidden, self.weight)  # [..., N]
         full = subset.new_full((*subset.shape[:-1], self.vocab_size), EXCLUDED_LOGIT)
         return full.index_copy(-1, self.token_ids, subset)
 

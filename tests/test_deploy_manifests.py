@@ -506,6 +506,20 @@ def test_compose_ray_image_matches_raycluster():
 # Dockerfiles
 # --------------------------------------------------------------------------
 
+def _check_kernel_stage(builder: list[tuple[str, str]], final: list[tuple[str, str]]) -> None:
+    """The CPU image builds specdec/small_gemm.c with the flags the runtime would use, and points at it."""
+    from specdec.small_gemm import COMPILE_FLAGS
+
+    assert builder[0][1].endswith("AS small-gemm"), builder[0]
+    compile_line = next(rest for c, rest in builder if c == "RUN" and "small_gemm.c" in rest)
+    output = re.search(r"gcc (.*) -o (\S+) \S*small_gemm\.c", compile_line)
+    assert output and output.group(1).split() == list(COMPILE_FLAGS), compile_line
+    copied = next(rest for c, rest in final if c == "COPY" and rest.startswith("--from=small-gemm"))
+    assert copied.split()[1] == output.group(2), copied
+    env = " ".join(rest for c, rest in final if c == "ENV")
+    assert re.search(rf"SPECD_SMALL_GEMM_LIB[= ]{re.escape(copied.split()[2])}\b", env), env
+
+
 @pytest.mark.parametrize("flavour", ["cpu", "cuda"])
 def test_dockerfile_installs_what_make_run_installs(flavour):
     path = DEPLOY / "docker" / f"Dockerfile.{flavour}"
@@ -519,9 +533,15 @@ def test_dockerfile_installs_what_make_run_installs(flavour):
                 cmd, _, rest = logical.strip().partition(" ")
                 instructions.append((cmd.upper(), rest))
     else:
-        instructions = [(c.cmd.upper(), " ".join(c.value)) for c in dockerfile.parse_string(text)]
+        instructions = [(c.cmd.upper(), " ".join(c.flags + c.value)) for c in dockerfile.parse_string(text)]
     cmds = [c for c, _ in instructions]
-    assert cmds[0] == "FROM" and cmds.count("FROM") == 1, cmds
+    assert cmds[0] == "FROM", cmds
+    final_from = len(cmds) - 1 - cmds[::-1].index("FROM")
+    if flavour == "cpu":
+        _check_kernel_stage(instructions[:final_from], instructions[final_from:])
+    else:
+        assert cmds.count("FROM") == 1, cmds
+    instructions = instructions[final_from:]
     base = instructions[0][1]
     if flavour == "cpu":
         assert base.startswith("python:3.11-slim"), base

@@ -107,13 +107,14 @@ async def expire_sessions_forever(store, service: str, period_s: float = 5.0) ->
 async def start(settings: VerifierSettings, loaded: LoadedModel | None = None) -> RunningServer:
     configure_threads(settings.threads)
     loaded = loaded or load_model(settings.model, settings.device, settings.dtype, max_context=settings.max_context)
-    servicer = VerifierServicer(VerifierCore(loaded, settings.max_sessions, settings.session_ttl_s))
+    servicer = VerifierServicer(VerifierCore(loaded, settings.max_sessions, settings.session_ttl_s, settings.small_gemm))
     running = await start_server(settings, lambda s: verifier_pb2_grpc.add_VerifierServicer_to_server(servicer, s),
                                  [SERVICE_NAME])
     metrics_port = metrics.serve_metrics(settings.metrics_port, settings.metrics_host)
     running.background.append(asyncio.ensure_future(expire_sessions_forever(servicer.core.sessions, "verifier")))
     log.info("verifier ready", extra={"fields": {"port": running.port, "metrics_port": metrics_port,
-                                                 "model": loaded.name, "vocab": loaded.vocab_size}})
+                                                 "model": loaded.name, "vocab": loaded.vocab_size,
+                                                 "small_gemm_layers": servicer.core.runner.small_gemm_layers}})
     return running
 
 
