@@ -66,8 +66,12 @@ def read_prompts(path: Path, per_category: int | None) -> list[Prompt]:
     return prompts
 
 
+LOOKUP_SUFFIX = "+lookup"  # a model drafter that drafts prompt-lookup matches first (--prompt-lookup)
+
+
 def drafter_label(spec: str) -> str:
-    return "ngram" if spec == "ngram" else Path(spec).name or spec
+    model = spec.removesuffix(LOOKUP_SUFFIX)
+    return "ngram" if spec == "ngram" else (Path(model).name or model) + spec[len(model):]
 
 
 def build_modes(drafters: list[str], policies: list[str], sequential_policy: str) -> list[Mode]:
@@ -75,7 +79,8 @@ def build_modes(drafters: list[str], policies: list[str], sequential_policy: str
     modes = [Mode(BASELINE, "hf"), Mode("(e) specd target-only", "specd", drafters[0], "target_only", "static")]
     for spec in drafters:
         label = drafter_label(spec)
-        modes.append(Mode(f"(b) hf assisted [{label}]", "hf-assisted", spec))
+        if not spec.endswith(LOOKUP_SUFFIX):  # HF has no such hybrid; its plain run is the model's (b)
+            modes.append(Mode(f"(b) hf assisted [{label}]", "hf-assisted", spec))
         modes.append(Mode(f"(c) specd sequential [{label}, {sequential_policy}]", "specd", spec, "sequential",
                           sequential_policy))
         for policy in policies:
@@ -99,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one prompt per category, 32 tokens (CI smoke)")
     parser.add_argument("--target", default="smollm2-135m")
-    parser.add_argument("--drafter", action="append", help="ngram or a drafter model (repeatable; default ngram)")
+    parser.add_argument("--drafter", action="append", help="ngram, a drafter model, or MODEL+lookup (prompt lookup first; repeatable; default ngram)")
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--sequential-policy", default="static")
     parser.add_argument("--prompts", default=str(HERE / "prompts" / "suite.jsonl"))
@@ -124,13 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     target = load_model(args.target)
     tokenizer = target.tokenizer
-    assistants = {spec: load_model(spec, tokenizer_from=args.target).model for spec in drafters if spec != "ngram"}
+    assistants = {spec: load_model(spec, tokenizer_from=args.target).model for spec in drafters
+                  if spec != "ngram" and not spec.endswith(LOOKUP_SUFFIX)}
     stacks, clients = {}, {}
     log_dir = tempfile.mkdtemp(prefix="specd-bench-")
     try:
         for spec in drafters:
-            stacks[spec] = LocalStack(args.target, spec, threads_verifier=args.threads, threads_drafter=args.threads,
-                                      log_dir=log_dir)
+            lookup = spec.endswith(LOOKUP_SUFFIX)
+            stacks[spec] = LocalStack(args.target, spec.removesuffix(LOOKUP_SUFFIX), threads_verifier=args.threads,
+                                      threads_drafter=args.threads, log_dir=log_dir,
+                                      drafter_args=["--prompt-lookup"] if lookup else None)
             clients[spec] = SpecdClient(stacks[spec].start(timeout_s=600))
         encoded = {p.id: tokenizer.apply_chat_template([{"role": "user", "content": p.text}],
                                                        add_generation_prompt=True, tokenize=True,

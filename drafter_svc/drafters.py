@@ -1,4 +1,5 @@
-"""Drafters behind one interface: a draft model and a model-free prompt-lookup drafter.
+"""Drafters behind one interface: a draft model (optionally prompt-lookup first) and a
+model-free prompt-lookup drafter.
 
 Each drafts one token per `step` so the servicer can stream tokens, check
 cancellation and stop rules between them.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import threading
+from dataclasses import dataclass
 
 import torch
 
@@ -56,14 +58,38 @@ class Drafter(abc.ABC):
         return self.sessions.release(session_id)
 
 
+@dataclass(frozen=True)
+class PromptLookup:
+    """Where the context's last n-gram (ngram_min <= n <= ngram_max) occurred before, propose what followed."""
+
+    ngram_max: int = 3
+    ngram_min: int = 2
+
+    def propose(self, session: KVSession, sampling: SamplingParams) -> tuple[DraftStep, DraftDist | None] | None:
+        token = lookup_continuation(session.ids, self.ngram_max, self.ngram_min)
+        if token is None:
+            return None
+        session.ids.append(token)
+        # Drawn with certainty, so q is one-hot: rejection sampling against it stays exact.
+        dist = None if sampling.greedy else DraftDist(torch.ones(1), torch.tensor([token]))
+        return DraftStep(token, 1.0, 0.0, 1.0), dist
+
+
 class ModelDrafter(Drafter):
-    """Any HF causal LM sharing the target's tokenizer. Hot-swappable between rounds."""
+    """Any HF causal LM sharing the target's tokenizer. Hot-swappable between rounds.
+
+    With `lookup`, a step that finds the context repeating itself drafts the continuation
+    for free; the model reads such tokens with its next step's forward, which costs about
+    one token's with the small-batch kernel.
+    """
 
     def __init__(self, loaded: LoadedModel, max_sessions: int = 64, session_ttl_s: float = 300.0,
-                 accept_head: torch.nn.Module | None = None, small_gemm: bool = False):
+                 accept_head: torch.nn.Module | None = None, small_gemm: bool = False,
+                 lookup: PromptLookup | None = None):
         super().__init__(max_sessions, session_ttl_s, loaded.vocab_size)
         self._swap_lock = threading.Lock()
         self.small_gemm = small_gemm
+        self.lookup = lookup
         self._install(loaded, accept_head, generation=0)
 
     def _install(self, loaded: LoadedModel, accept_head, generation: int) -> None:
@@ -85,6 +111,10 @@ class ModelDrafter(Drafter):
 
     @torch.inference_mode()
     def step(self, session, sampling, support):
+        if self.lookup is not None:
+            proposed = self.lookup.propose(session, sampling)
+            if proposed is not None:
+                return proposed
         with self._swap_lock:
             runner, accept_head, generation = self.runner, self.accept_head, self.generation
         if session.extra.get("generation") != generation:
@@ -108,24 +138,19 @@ class ModelDrafter(Drafter):
 
 
 class NgramDrafter(Drafter):
-    """Prompt lookup: proposes what followed the latest earlier occurrence of the context's last n-gram."""
+    """Prompt lookup alone: no model, nothing to propose where the context does not repeat."""
 
     def __init__(self, vocab_size: int, ngram_max: int = 3, ngram_min: int = 2, max_sessions: int = 256,
                  session_ttl_s: float = 300.0):
         super().__init__(max_sessions, session_ttl_s, vocab_size)
-        self.ngram_max, self.ngram_min = ngram_max, ngram_min
+        self.lookup = PromptLookup(ngram_max, ngram_min)
 
     @property
     def version(self) -> str:
-        return f"ngram-{self.ngram_min}-{self.ngram_max}"
+        return f"ngram-{self.lookup.ngram_min}-{self.lookup.ngram_max}"
 
     def step(self, session, sampling, support):
-        token = lookup_continuation(session.ids, self.ngram_max, self.ngram_min)
-        if token is None:
-            return None
-        session.ids.append(token)
-        dist = None if sampling.greedy else DraftDist(torch.ones(1), torch.tensor([token]))
-        return DraftStep(token, 1.0, 0.0, 1.0), dist
+        return self.lookup.propose(session, sampling)
 
 
 def lookup_continuation(ids: list[int], ngram_max: int, ngram_min: int) -> int | None:

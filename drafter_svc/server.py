@@ -16,7 +16,7 @@ from specdec.models import (check_pair, configure_threads, load_model, load_toke
 from specdec.server import RunningServer, abort_for, serve_until_signalled, start_server
 from specdec.stopping import StopRule, should_stop
 from specdec.v1 import drafter_pb2, drafter_pb2_grpc, verifier_pb2
-from drafter_svc.drafters import Drafter, ModelDrafter, NgramDrafter
+from drafter_svc.drafters import Drafter, ModelDrafter, NgramDrafter, PromptLookup
 from drafter_svc.hot_swap import CheckpointWatcher
 from specdec.checkpoints import CheckpointStore
 from verifier_svc.server import expire_sessions_forever
@@ -116,7 +116,9 @@ def build_drafter(settings: DrafterSettings) -> DrafterServicer:
         target_vocab = AutoConfig.from_pretrained(target_dir).vocab_size
         check_pair(tokenizer_fingerprint(load_tokenizer(settings.target), target_vocab),
                    loaded.fingerprint, settings.target, settings.model)
-    drafter = ModelDrafter(loaded, settings.max_sessions, settings.session_ttl_s, small_gemm=settings.small_gemm)
+    lookup = PromptLookup(settings.ngram_max, settings.ngram_min) if settings.prompt_lookup else None
+    drafter = ModelDrafter(loaded, settings.max_sessions, settings.session_ttl_s, small_gemm=settings.small_gemm,
+                           lookup=lookup)
     return DrafterServicer(drafter, settings.draft_support, loaded.name, loaded.fingerprint, loaded.max_context)
 
 

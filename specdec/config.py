@@ -87,6 +87,8 @@ class VerifierSettings(ModelServiceSettings):
 class DrafterSettings(ModelServiceSettings):
     model: str = "ngram"
     target: str = Field("", description="Target model spec; its tokenizer must match the drafter's.")
+    prompt_lookup: bool = Field(False, description="Model drafters draft a free prompt-lookup match first, where the "
+                                                    "context repeats itself, and run the model elsewhere.")
     ngram_max: int = Field(3, ge=1, le=8, description="Longest n-gram the prompt-lookup drafter matches.")
     ngram_min: int = Field(2, ge=1, le=8, description="Shortest match drafted from; 1-token matches are mostly noise.")
     draft_support: int = Field(256, ge=0, description="Sampled drafts come from the top-N of q (0: dense). Lossless.")

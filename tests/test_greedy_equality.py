@@ -31,11 +31,12 @@ def arch_case(request, tiny_dirs):
     return request.param, dirs, prompts, references
 
 
-@pytest.mark.parametrize("drafter_kind", ["close", "pruned", "unrelated", "target", "ngram"])
+@pytest.mark.parametrize("drafter_kind", ["close", "close+lookup", "pruned", "unrelated", "target", "ngram"])
 def test_greedy_equals_target_for_every_draft_length(arch_case, drafter_kind):
     arch, dirs, prompts, references = arch_case
-    drafter = "ngram" if drafter_kind == "ngram" else dirs[drafter_kind]
-    stack = InProcessStack(dirs["target"], drafter)
+    drafter = "ngram" if drafter_kind == "ngram" else dirs[drafter_kind.removesuffix("+lookup")]
+    overrides = {"prompt_lookup": True} if drafter_kind.endswith("+lookup") else None
+    stack = InProcessStack(dirs["target"], drafter, drafter_overrides=overrides)
     try:
         client = SpecdClient(stack.address)
         totals = {"drafted": 0, "accepted": 0}

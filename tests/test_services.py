@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import InProcessStack
-from drafter_svc.drafters import ModelDrafter
+from drafter_svc.drafters import ModelDrafter, PromptLookup
 from specdec.models import load_model
 from specdec.sampling import SamplingParams
 from verifier_svc.verifier import VerifierCore
@@ -112,6 +112,24 @@ def test_rollbacks_keep_all_valid_kv_and_recompute_nothing(tiny_dirs):
     session = drafter.sync("kv", len(prompt), drafts[:1])
     drafter.step(session, SamplingParams(), 0)
     assert fed == [len(prompt), 1, 1, 1, 1]
+
+
+def test_prompt_lookup_drafts_repeats_for_free_and_the_model_reads_them_in_its_next_step(tiny_dirs):
+    dirs = tiny_dirs["llama"]
+    drafter = ModelDrafter(load_model(dirs["unrelated"]), lookup=PromptLookup(ngram_max=3, ngram_min=2))
+    fed = _count_fed_tokens(drafter.loaded.model)
+    prompt = [7, 8, 9, 40, 41, 7, 8]  # "7 8" was followed by 9, and "8 9" by 40
+    session = drafter.sync("lookup", 0, prompt)
+    first, dist = drafter.step(session, SamplingParams(), 0)
+    second, _ = drafter.step(session, SamplingParams(), 0)
+    assert (first.token, second.token, first.confidence, first.entropy) == (9, 40, 1.0, 0.0) and dist is None
+    assert fed == []  # nothing ran the model yet
+    _, sampled = drafter.step(session, SamplingParams(temperature=1.0, seed=3), 0)
+    assert sampled.indices.tolist() == [41] and sampled.probs.tolist() == [1.0]  # one-hot q: exact rejection sampling
+    # A context with no repeat goes to the model, which reads the looked-up tokens in the same forward.
+    session = drafter.sync("lookup", len(prompt), [9, 40, 41, 200])
+    model_step, _ = drafter.step(session, SamplingParams(), 0)
+    assert fed == [len(prompt) + 4] and model_step.entropy > 0
 
 
 def _code(call) -> tuple[grpc.StatusCode, str]:
