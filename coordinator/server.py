@@ -168,7 +168,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         except UpstreamError as err:
             status = err.code.name.lower()
             await context.abort(err.code, str(err))
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
+            # A cancel that lands while this generator waits at a `yield` closes it (GeneratorExit), not CancelledError.
             status = "cancelled"
             raise
         finally:
