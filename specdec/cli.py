@@ -185,7 +185,8 @@ def _up(args) -> int:
     os.makedirs(log_dir, exist_ok=True)
     stack = LocalStack(args.target, args.drafter, args.threads_verifier or verifier_threads,
                        args.threads_drafter or drafter_threads, log_dir=log_dir,
-                       coordinator_args=["--mode", args.mode, "--policy", args.policy])
+                       coordinator_args=["--mode", args.mode, "--policy", args.policy],
+                       drafter_args=["--prompt-lookup"] if args.prompt_lookup else None)
     print(f"specd: starting verifier ({args.target}) and drafter ({args.drafter}); logs in {log_dir}", file=sys.stderr,
           flush=True)
     try:
@@ -257,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--drafter", default="ngram", help="model dir, .gguf, preset, 'ngram' or 'none'")
     up.add_argument("--mode", default="overlapped", choices=["sequential", "overlapped", "target_only"])
     up.add_argument("--policy", default="pearl")
+    up.add_argument("--prompt-lookup", action="store_true",
+                    help="a model drafter drafts prompt-lookup matches first, where the context repeats itself")
     up.add_argument("--threads-verifier", type=int, default=0)
     up.add_argument("--threads-drafter", type=int, default=0)
     up.add_argument("--log-dir", default="")

@@ -74,6 +74,7 @@ def distill_command(args: argparse.Namespace) -> int:
         print(f"specd distill: {err}", file=sys.stderr)
         return 2
     _setup(settings)
+    from specdec import small_gemm
     from trainer.assemble import build_worker, load_target
     from trainer.bootstrap import distill_prompt_file
 
@@ -82,6 +83,8 @@ def distill_command(args: argparse.Namespace) -> int:
         print(f"specd distill: target {settings.target!r} has no tokenizer to encode prompts with", file=sys.stderr)
         return 2
     worker = build_worker(settings, drafter_layers=args.layers, target=target)
+    if target.device.type == "cpu":  # after the drafter is cut from it; batched greedy decoding is the kernel's case
+        small_gemm.install(target.model)
     worker.options.max_trace_age_s = 0  # a batch job: every teacher trace is wanted, however long training takes
     summary = distill_prompt_file(
         target.model, target.tokenizer, worker, args.prompts, max_prompts=args.max_prompts,
