@@ -21,7 +21,7 @@ from coordinator.tracing import TraceSink
 from specdec import metrics
 from specdec.config import CoordinatorSettings
 from specdec.errors import InvalidRequest
-from specdec.logs import request_id_var
+from specdec.logs import client_id_var, request_id_var
 from specdec.models import load_tokenizer
 from specdec.sampling import SamplingParams, validate_sampling
 from specdec.traces import TracePublisher
@@ -126,6 +126,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     # -- admission ----------------------------------------------------------------------------------
 
     def _client_key(self, context) -> str:
+        """Whom the per-client limit counts: the authenticated client id where the token names one;
+        otherwise the caller's own x-client-id (advisory: any holder of the shared token can set it) or address."""
+        authenticated = client_id_var.get()
+        if authenticated:
+            return authenticated
         metadata = dict(context.invocation_metadata() or ())
         return metadata.get("x-client-id") or context.peer().rsplit(":", 1)[0]
 
@@ -238,6 +243,7 @@ async def build_servicer(settings: CoordinatorSettings, trace_sink=None) -> Gene
     verifiers = BackendPool.connect(settings.verifier_addrs, verifier_pb2_grpc.VerifierStub, credentials, options)
     drafters = BackendPool.connect(settings.drafter_addrs, drafter_pb2_grpc.DrafterStub, credentials, options)
     token = settings.resolved_auth_token()
+    settings.resolved_auth_clients()  # a bad clients file fails now, not after waiting for the backends
     metadata = [("authorization", f"Bearer {token}")] if token else []
     wait_s = float(os.environ.get("SPECD_BACKEND_WAIT_S", "120"))
     target_info = await _backend_info(verifiers, metadata, wait_s, required=True)

@@ -34,6 +34,9 @@ class CommonSettings(BaseModel):
     threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch default).")
     auth_token: str = Field("", description="Bearer token required from callers ('' disables).")
     auth_token_file: str = Field("", description="File holding the bearer token (a mounted secret).")
+    auth_clients_file: str = Field("", description="File of 'client_id token' lines (a mounted secret): each caller "
+                                                   "gets its own bearer token, and per-client limits and logs use the "
+                                                   "client id it authenticates as.")
     tls_cert: str = Field("", description="Server certificate (PEM); enables TLS.")
     tls_key: str = Field("", description="Server private key (PEM).")
     tls_client_ca: str = Field("", description="CA bundle; when set, clients must present a certificate (mTLS).")
@@ -61,6 +64,30 @@ class CommonSettings(BaseModel):
         if bool(self.client_tls_cert) != bool(self.client_tls_key):
             raise ValueError("client_tls_cert and client_tls_key must be set together")
         return self
+
+    def resolved_auth_clients(self) -> dict[str, str]:
+        """token -> client id, from auth_clients_file ('#' starts a comment line)."""
+        if not self.auth_clients_file:
+            return {}
+        try:
+            lines = Path(self.auth_clients_file).read_text().splitlines()
+        except OSError as err:
+            raise ConfigError(f"auth_clients_file: cannot read {self.auth_clients_file}: {err}") from err
+        clients: dict[str, str] = {}
+        for number, line in enumerate(lines, 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            fields = line.split()
+            where = f"auth_clients_file line {number}"
+            if len(fields) != 2 or not all(" " < ch < "\x7f" for ch in fields[0]):
+                raise ConfigError(f"{where}: expected 'client_id token'")
+            client_id, token = fields
+            if token in clients or token == self.resolved_auth_token():
+                raise ConfigError(f"{where}: token already used")
+            if client_id in clients.values():
+                raise ConfigError(f"{where}: client id {client_id!r} already used")
+            clients[token] = client_id
+        return clients
 
     def resolved_auth_token(self) -> str:
         if self.auth_token_file:

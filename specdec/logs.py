@@ -9,6 +9,8 @@ import sys
 import time
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+# The caller's client id when its bearer token names one (auth_clients_file); '' otherwise.
+client_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("client_id", default="")
 
 
 class JsonFormatter(logging.Formatter):
@@ -27,6 +29,9 @@ class JsonFormatter(logging.Formatter):
         request_id = getattr(record, "request_id", "") or request_id_var.get()
         if request_id:
             entry["request_id"] = request_id
+        client_id = client_id_var.get()
+        if client_id:
+            entry["client_id"] = client_id
         for key, value in getattr(record, "fields", {}).items():
             entry[key] = value
         if record.exc_info:

@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from specdec.config import CommonSettings
 from specdec.errors import status_for
-from specdec.logs import request_id_var
+from specdec.logs import client_id_var, request_id_var
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +30,22 @@ UNAUTHENTICATED_METHODS = ("/grpc.health.v1.Health/",)  # probes carry no token
 
 
 class _RequestContextInterceptor(grpc.aio.ServerInterceptor):
-    """Checks the bearer token (constant-time), binds the request id for logs, echoes it to the
-    caller in the trailing metadata and writes a debug access-log line per RPC."""
+    """Checks the bearer token (constant-time), binds the request id and the authenticated client id
+    for logs, echoes the request id to the caller in the trailing metadata and writes a debug
+    access-log line per RPC."""
 
-    def __init__(self, token: str):
-        self._expected = f"Bearer {token}".encode() if token else b""
+    def __init__(self, token: str, clients: dict[str, str] | None = None):
+        # "Bearer <token>" -> the client id it authenticates ('' for the shared service token)
+        self._accepted = {f"Bearer {secret}".encode(): client for secret, client in (clients or {}).items()}
+        if token:
+            self._accepted[f"Bearer {token}".encode()] = ""
+
+    def _authenticate(self, supplied: bytes) -> str | None:
+        matched = None
+        for header, client_id in self._accepted.items():  # compares every entry: no early exit to time
+            if hmac.compare_digest(supplied, header) and matched is None:
+                matched = client_id
+        return matched
 
     async def intercept_service(self, continuation, handler_call_details):
         metadata = dict(handler_call_details.invocation_metadata or ())
@@ -42,14 +53,16 @@ class _RequestContextInterceptor(grpc.aio.ServerInterceptor):
         request_id_var.set(request_id)
         method = handler_call_details.method
         handler = await continuation(handler_call_details)
-        if self._expected and not method.startswith(UNAUTHENTICATED_METHODS):
-            supplied = metadata.get("authorization", "").encode()
-            if not hmac.compare_digest(supplied, self._expected):
+        client_id = ""
+        if self._accepted and not method.startswith(UNAUTHENTICATED_METHODS):
+            matched = self._authenticate(metadata.get("authorization", "").encode())
+            if matched is None:
                 log.debug("unauthenticated call refused", extra={"fields": {"method": method}})
                 return _deny_handler(handler, request_id)
+            client_id = matched
         if handler is None:
             return None
-        return _observed_handler(handler, method, request_id)
+        return _observed_handler(handler, method, request_id, client_id)
 
 
 def clean_request_id(value: str) -> str:
@@ -78,8 +91,10 @@ def _status_name(context) -> str:
     return "UNKNOWN"
 
 
-def _observed_handler(handler: grpc.RpcMethodHandler, method: str, request_id: str) -> grpc.RpcMethodHandler:
-    """Wraps an async handler: the request id is bound for its logs and echoed in the trailing metadata
+def _observed_handler(handler: grpc.RpcMethodHandler, method: str, request_id: str,
+                      client_id: str = "") -> grpc.RpcMethodHandler:
+    """Wraps an async handler: the request id and client id are bound for it (the handler runs in another
+    context than the interceptor), the request id is echoed in the trailing metadata
     (the id the handler settled on, if it chose another one), and a debug line records how it ended."""
     attribute, factory = _HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)]
     behavior = getattr(handler, attribute)
@@ -88,6 +103,7 @@ def _observed_handler(handler: grpc.RpcMethodHandler, method: str, request_id: s
 
     def begin(context) -> float:
         request_id_var.set(request_id)
+        client_id_var.set(client_id)
         context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
         return time.perf_counter()
 
@@ -213,7 +229,7 @@ class RunningServer:
 async def start_server(settings: CommonSettings, register: Callable[[grpc.aio.Server], None],
                        service_names: list[str]) -> RunningServer:
     """Builds, binds and starts a server with our interceptors, health and reflection."""
-    server = grpc.aio.server(interceptors=[_RequestContextInterceptor(settings.resolved_auth_token())],
+    server = grpc.aio.server(interceptors=[_RequestContextInterceptor(settings.resolved_auth_token(), settings.resolved_auth_clients())],
                              options=message_options(settings))
     register(server)
     health_servicer = health.aio.HealthServicer()

@@ -535,6 +535,42 @@ def test_per_client_concurrency_limit(stack):
     assert _wait_until(admitted_again, timeout=2)
 
 
+def test_client_tokens_name_the_client_that_limits_count(tiny_dirs, tmp_path):
+    """With auth_clients_file each caller's token is its identity: a spoofed x-client-id does not
+    escape its per-client limit, and the coordinator's logs name the client."""
+    clients = tmp_path / "clients"
+    clients.write_text("# client_id token\nalice alice-" + uuid.uuid4().hex + "\n\nbob bob-" + uuid.uuid4().hex + "\n")
+    tokens = dict(line.split() for line in clients.read_text().splitlines() if line and not line.startswith("#"))
+    dirs = tiny_dirs["llama"]
+    running = InProcessStack(dirs["target"], dirs["target"], coordinator_overrides={
+        "auth_clients_file": str(clients), "max_concurrency_per_client": 1})
+    stub = generation_pb2_grpc.GenerationStub(_channel(running, "coordinator"))
+
+    def open_stream(client: str | None, tokens_wanted: int, extra=()):
+        metadata = ([("authorization", f"Bearer {tokens[client]}")] if client else []) + list(extra)
+        return stub.GenerateStream(build_request(token_ids=PROMPT, max_new_tokens=tokens_wanted, mode="sequential"),
+                                   metadata=metadata, timeout=60)
+
+    try:
+        assert _rpc_error(lambda: open_stream(None, 4)).code() == grpc.StatusCode.UNAUTHENTICATED
+        wrong = [("authorization", "Bearer not-a-client-token")]
+        assert _rpc_error(lambda: stub.GenerateStream(build_request(token_ids=PROMPT, max_new_tokens=4),
+                                                      metadata=wrong, timeout=10)).code() \
+            == grpc.StatusCode.UNAUTHENTICATED
+        with _LogCapture() as logs:
+            held = open_stream("alice", 400)
+            assert next(held).token_ids  # alice's one slot is taken
+            spoofed = _rpc_error(lambda: open_stream("alice", 4, [("x-client-id", "bob")]))
+            assert spoofed.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            bobs = list(open_stream("bob", 4))
+            assert bobs[-1].done and sum(len(c.token_ids) for c in bobs) == 4
+            held.cancel()
+        finished = [e for e in logs.entries if e["msg"] == "request finished"]
+        assert {e.get("client_id") for e in finished} >= {"bob"}
+    finally:
+        running.close()
+
+
 # -- 8. config validation at start-up ------------------------------------------------------------------
 
 def test_invalid_config_fails_fast_at_startup(tmp_path):
@@ -542,6 +578,8 @@ def test_invalid_config_fails_fast_at_startup(tmp_path):
     typo.write_text("coordinator:\n  verifier_addrs: ['127.0.0.1:1']\n  draft_lenght: 3\n")
     unknown_common = tmp_path / "common.yaml"
     unknown_common.write_text("bogus_setting: 1\ncoordinator:\n  verifier_addrs: ['127.0.0.1:1']\n")
+    bad_clients = tmp_path / "clients"
+    bad_clients.write_text("alice token-a\nbob\n")
     addr = ["--verifier-addrs", "127.0.0.1:1"]
     cases = {  # name: (argv, extra env, exit code, words the message must contain)
         "env bad int": (addr, {"SPECD_DRAFT_LENGTH": "banana"}, 2, ["invalid coordinator settings", "draft_length"]),
@@ -552,6 +590,8 @@ def test_invalid_config_fails_fast_at_startup(tmp_path):
         "bad address": (["--verifier-addrs", "nocolon"], {}, 2, ["not host:port"]),
         "no verifier": ([], {}, 2, ["verifier_addrs needs at least one"]),
         "unreadable token file": (addr, {"SPECD_AUTH_TOKEN_FILE": str(tmp_path / "missing")}, 1, ["auth_token_file"]),
+        "malformed clients file": (addr, {"SPECD_AUTH_CLIENTS_FILE": str(bad_clients)}, 1,
+                                   ["auth_clients_file line 2", "client_id token"]),
     }
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPECD_")}
     started = time.monotonic()
