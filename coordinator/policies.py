@@ -143,20 +143,28 @@ class GoodputPolicy(HeuristicPolicy):
     max_exploit_rounds: int = 64
     probe_rounds: int = 4
     decay: float = 0.8  # per round of the same choice: older rounds fade
-    # [tokens, seconds] with and without speculation, exponentially decayed
-    observed: dict = field(default_factory=lambda: {True: [0.0, 0.0], False: [0.0, 0.0]})
+    # [tokens, seconds, rounds] with and without speculation, exponentially decayed
+    observed: dict = field(default_factory=lambda: {True: [0.0, 0.0, 0.0], False: [0.0, 0.0, 0.0]})
 
     def block_size(self) -> int:
         return self.length if self.speculating else 0
 
     def goodput(self, speculating: bool) -> float:
-        tokens, seconds = self.observed[speculating]
+        tokens, seconds, _ = self.observed[speculating]
         return tokens / seconds if seconds > 0 else 0.0
+
+    def speculation_pays(self) -> bool:
+        """A round whose drafts were all rejected commits only the target's own token, at the cost of
+        a target-only round plus drafting, so speculation must commit more than one token per round
+        to win; only then does the (noisy) timing comparison decide."""
+        tokens, _, rounds = self.observed[True]
+        return tokens > rounds and self.goodput(True) >= self.goodput(False)
 
     def record_round(self, committed: int, seconds: float) -> None:
         totals = self.observed[self.speculating]
         totals[0] = self.decay * totals[0] + committed
         totals[1] = self.decay * totals[1] + seconds
+        totals[2] = self.decay * totals[2] + 1
         self.phase_rounds += 1
         if self.phase_rounds < (self.probe_rounds if self.probing else self.exploit_rounds):
             return
@@ -164,7 +172,7 @@ class GoodputPolicy(HeuristicPolicy):
         if not self.probing:
             self.probing, self.speculating = True, not self.speculating
             return
-        winner = self.goodput(True) >= self.goodput(False)
+        winner = self.speculation_pays()
         same = winner == (not self.speculating)  # the choice exploited before this probe won again
         self.exploit_rounds = (min(2 * self.exploit_rounds, self.max_exploit_rounds) if same
                                else self.min_exploit_rounds)

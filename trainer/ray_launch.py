@@ -10,6 +10,7 @@ shared volume; "embedded" Redis only works when every actor is on this host.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import asdict
 from pathlib import Path
@@ -55,13 +56,24 @@ def portable_settings(settings):
     return settings.model_copy(update=updates)
 
 
+# Ray waits 30 s by default for its GCS server to publish its port; a loaded 2-core machine can
+# take longer, and an operator's own setting wins.
+GCS_PORT_WAIT_S = "120"
+
+
 def init_ray(address: str) -> None:
     if ray.is_initialized():
         return
-    if address == "local":
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
-    else:
+    if address != "local":
         ray.init(address=address)
+        return
+    os.environ.setdefault("RAY_gcs_server_port_wait_time_s", GCS_PORT_WAIT_S)
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    except RuntimeError as error:  # a head that did not come up: start a fresh one once
+        log.warning("local Ray did not start (%s); retrying once", error)
+        ray.shutdown()
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
 
 
 def start_actors(settings, drafter_layers: int = 4) -> list:
