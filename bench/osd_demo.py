@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the trainer skips traces older than this when it falls behind (0: never)")
     parser.add_argument("--holdout-half-life", type=int, default=128,
                         help="the gate's recency half-life, in held-out traces (0: all weigh the same)")
+    parser.add_argument("--request-gap-s", type=float, default=0.0,
+                        help="idle seconds after each request: lighter traffic leaves the trainer spare cycles")
     parser.add_argument("--out", default=str(HERE / "results-osd"))
     parser.add_argument("--results-md", default=str(HERE / "RESULTS.md"), help="'' to skip")
     args = parser.parse_args(argv)
@@ -185,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"drafter={points[-1].drafter_version}", flush=True)
                 if trainer.poll() is not None:
                     raise RuntimeError(f"the trainer exited with code {trainer.returncode}; see {workdir}/trainer.log")
+                time.sleep(args.request_gap_s)
         client.close()
     finally:
         trainer.terminate()
@@ -215,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.max_new_tokens} new tokens, policy {args.policy} k={args.draft_length}; "
             f"trainer: {args.loss}, batch {args.batch_size}, lr {args.lr}, gate every {args.publish_every} steps "
             f"on {args.holdout_fraction:.0%} held-out requests, recency half-life {args.holdout_half_life} traces, "
-            f"traces older than {args.max_trace_age_s:.0f} s skipped; "
+            f"traces older than {args.max_trace_age_s:.0f} s skipped; {args.request_gap_s:g} s idle after each request; "
             f"{promoted} checkpoints promoted, {rejected} rejected.",
             "\n".join(table), f"![osd]({image})"]), name="osd")
     return 0

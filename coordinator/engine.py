@@ -331,6 +331,8 @@ class Generation:
         except grpc.aio.AioRpcError as err:
             if epoch != self.chain_epoch or err.code() == grpc.StatusCode.CANCELLED:
                 return
+            if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and self._deadline_passed():
+                return  # the request's own deadline, not the drafter's fault: the next step raises it
             if err.code() == grpc.StatusCode.NOT_FOUND:
                 # The drafter lost the session (restart, TTL, hot swap): resend the whole context next time.
                 self.drafter_base = 0
