@@ -420,6 +420,38 @@ def test_gate_rejects_a_worse_checkpoint_and_promotes_a_better_one(world, tmp_pa
     assert not decision.promote and "held-out blocks" in decision.reason and store.current() == 3
 
 
+def test_gate_scores_its_reference_once_per_held_out_trace(world, tmp_path, redis_client, monkeypatch):
+    """The reference only changes on a promotion: each gate scores it on the traces new since the last
+    gate, with the same verdicts as scoring everything; a promoted candidate's scores are reused."""
+    import trainer.evaluation as evaluation
+
+    scored = []
+    real_score = evaluation.score_traces
+    monkeypatch.setattr(evaluation, "score_traces",  # what the reference's cache scores
+                        lambda model, records, *a, **k: scored.append(len(records)) or real_score(model, records, *a, **k))
+    store = CheckpointStore(tmp_path / "ck", redis_client=redis_client)
+    current = perturbed(world.target, 0.5, seed=2)
+    store.promote(store.publish(current), "bootstrap")
+    worker = make_worker(perturbed(world.target, 4.0, seed=3), store, redis_client, group="gate-cache",
+                         holdout_fraction=1.0, holdout_half_life=0, resync_on_reject=False)
+    half = len(world.held) // 2
+    for part in (world.held[:half], world.held[half:]):
+        append_traces(redis_client, part, stream=STREAM)
+        worker.drain()
+        decision = worker.publish_and_gate()
+        assert not decision.promote
+        uncached = evaluation.summarize(real_score(current, list(worker.holdout)))
+        assert decision.metrics["current"] == uncached.as_dict()
+    assert scored == [half, len(world.held) - half]
+
+    worker.drafter.load_state_dict(world.target.state_dict())  # now a better candidate
+    assert worker.publish_and_gate().promote
+    scored.clear()
+    decision = worker.publish_and_gate()  # same weights against themselves: scored once, reused
+    assert scored == [] and not decision.promote
+    assert decision.metrics["current"] == decision.metrics["candidate"]
+
+
 def test_recency_weights_halve_per_half_life_and_old_traces_drop_out():
     assert recency_weights(3, 0) == [1.0, 1.0, 1.0]
     assert recency_weights(5, 2) == pytest.approx([0.25, 0.5 ** 1.5, 0.5, 0.5 ** 0.5, 1.0])

@@ -102,19 +102,28 @@ def recent_holdout(records: list[TraceRecord], half_life: int) -> tuple[list[Tra
     return records, recency_weights(len(records), half_life)
 
 
-@torch.no_grad()
-def evaluate_acceptance(model, records: list[TraceRecord], weights: list[float] | None = None,
-                        batch_size: int = 16, max_context: int = 256) -> AcceptanceReport:
-    """Teacher-forces `model` on each held-out trace and scores its greedy drafts.
+@dataclass(frozen=True)
+class TraceScore:
+    """One held-out trace scored for one model."""
+    accepted: float  # the gate metric: leading agreeing slots (teacher traces: windowed mean)
+    judged: int
+    agreed: int
 
-    weights: one per record (default 1); the report's means are weighted by them."""
-    if weights is not None and len(weights) != len(records):
-        raise ValueError(f"{len(weights)} weights for {len(records)} records")
+
+def trace_key(record: TraceRecord) -> tuple:
+    """Identifies a trace's content: a request's committed prefix of a given length never changes, and the
+    target's top-k follows from it and the draft, so equal keys score alike under any one model."""
+    return record.request_id, len(record.context_ids), tuple(record.draft_tokens)
+
+
+@torch.no_grad()
+def score_traces(model, records: list[TraceRecord], batch_size: int = 16,
+                 max_context: int = 256) -> list[TraceScore | None]:
+    """Teacher-forces `model` on each trace and scores its greedy draft; None where no slot can be judged."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total_accepted = total_agree = total_weight = total_judged_weight = 0.0
-    blocks = judged_slots_count = 0
+    scores: list[TraceScore | None] = [None] * len(records)
     try:
         for start in range(0, len(records), batch_size):
             chunk = records[start:start + batch_size]
@@ -141,21 +150,65 @@ def evaluate_acceptance(model, records: list[TraceRecord], weights: list[float] 
                 if chunk[record_number].drafter_version == TEACHER_DRAFTER_VERSION:
                     accepted = windowed_accepted_length(drafter_row[:judged], target_row[:judged],
                                                         TEACHER_DRAFT_WINDOW)
-                weight = 1.0 if weights is None else weights[start + record_number]
-                blocks += 1
-                judged_slots_count += judged
-                total_weight += weight
-                total_accepted += weight * accepted
-                total_judged_weight += weight * judged
-                total_agree += weight * sum(drafter_row[i] == target_row[i] for i in range(judged))
+                agreed = sum(drafter_row[i] == target_row[i] for i in range(judged))
+                scores[start + record_number] = TraceScore(accepted, judged, agreed)
     finally:
         model.train(was_training)
+    return scores
+
+
+def summarize(scores: list[TraceScore | None], weights: list[float] | None = None) -> AcceptanceReport:
+    """Weighted means over the scored traces (weights: one per score, default 1)."""
+    if weights is not None and len(weights) != len(scores):
+        raise ValueError(f"{len(weights)} weights for {len(scores)} records")
+    total_accepted = total_agree = total_weight = total_judged_weight = 0.0
+    blocks = judged = 0
+    for i, score in enumerate(scores):
+        if score is None:
+            continue
+        weight = 1.0 if weights is None else weights[i]
+        blocks += 1
+        judged += score.judged
+        total_weight += weight
+        total_accepted += weight * score.accepted
+        total_judged_weight += weight * score.judged
+        total_agree += weight * score.agreed
     return AcceptanceReport(
         mean_accepted_length=total_accepted / total_weight if total_weight else 0.0,
         agreement_rate=total_agree / total_judged_weight if total_judged_weight else 0.0,
         blocks=blocks,
-        judged_slots=judged_slots_count,
+        judged_slots=judged,
     )
+
+
+def evaluate_acceptance(model, records: list[TraceRecord], weights: list[float] | None = None,
+                        batch_size: int = 16, max_context: int = 256) -> AcceptanceReport:
+    """`model`'s greedy acceptance on held-out traces; the report's means are weighted by `weights`."""
+    if weights is not None and len(weights) != len(records):
+        raise ValueError(f"{len(weights)} weights for {len(records)} records")
+    return summarize(score_traces(model, records, batch_size, max_context), weights)
+
+
+class ScoreCache:
+    """Per-trace scores of one fixed model. The gate's reference changes only on a promotion, so each
+    gate scores it on the held-out traces that arrived since the last one, not on all of them again."""
+
+    def __init__(self, model, max_context: int = 256):
+        self.model = model
+        self.max_context = max_context
+        self.scores: dict[tuple, TraceScore | None] = {}
+
+    def seed(self, records: list[TraceRecord], scores: list[TraceScore | None]) -> None:
+        """Scores computed elsewhere for this very model (a candidate that was just promoted)."""
+        self.scores.update(zip(map(trace_key, records), scores))
+
+    def report(self, records: list[TraceRecord], weights: list[float] | None = None) -> AcceptanceReport:
+        keys = [trace_key(r) for r in records]
+        missing = list({k: r for k, r in zip(keys, records) if k not in self.scores}.values())
+        if missing:
+            self.seed(missing, score_traces(self.model, missing, max_context=self.max_context))
+        self.scores = {k: self.scores[k] for k in keys}  # forget traces that left the held-out set
+        return summarize([self.scores[k] for k in keys], weights)
 
 
 def gate(candidate: AcceptanceReport, current: AcceptanceReport, min_blocks: int = 1) -> GateDecision:

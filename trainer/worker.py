@@ -45,7 +45,7 @@ from specdec.traces import DEFAULT_STREAM, TraceRecord, sample_fraction
 from specdec.vocab_head import drop_excluded, head_token_ids
 from trainer.batching import build_batch, slot_forward, usable
 from trainer.consumer import TraceConsumer
-from trainer.evaluation import GateDecision, evaluate_acceptance, gate, recent_holdout
+from trainer.evaluation import GateDecision, ScoreCache, gate, recent_holdout, score_traces, summarize
 from trainer.losses import LOSSES, mismatch_weights, weighted_mean
 from trainer.metrics import trainer_metrics
 
@@ -143,6 +143,8 @@ class TrainerWorker:
         self.decisions: list[dict] = []
         self._stale_unlogged, self._stale_logged_at = 0, -STALE_LOG_INTERVAL_S
         self._rejects_in_row = 0
+        # (current version or None for the starting weights, its model, accept head, name, per-trace scores)
+        self._reference_cached: tuple | None = None
         self.metrics = trainer_metrics(registry)
         self._make_optimizers()
 
@@ -261,15 +263,17 @@ class TrainerWorker:
                 "tokenizer_fingerprint": self.options.tokenizer_fingerprint}
         candidate_version = self.store.publish(self.drafter, meta, accept_head=self.accept_head)
         current_version = self.store.current()
-        reference, reference_head, reference_name = self._reference(current_version)
-        candidate_report = evaluate_acceptance(self.drafter, holdout, weights, max_context=self.options.max_context)
-        reference_report = evaluate_acceptance(reference, holdout, weights, max_context=self.options.max_context)
+        reference, reference_head, reference_name, reference_scores = self._reference(current_version)
+        candidate_scores = score_traces(self.drafter, holdout, max_context=self.options.max_context)
+        candidate_report = summarize(candidate_scores, weights)
+        reference_report = reference_scores.report(holdout, weights)
         decision = gate(candidate_report, reference_report, min_blocks=self.options.min_holdout_blocks)
         decision.metrics.update({"candidate_version": candidate_version, "reference": reference_name,
                                  "steps": self.steps, "holdout_traces": len(holdout)})
         if decision.promote:
             self.store.promote(candidate_version, decision.reason, decision.metrics)
             self.base_version = candidate_version
+            self._seed_reference(candidate_version, holdout, candidate_scores)
             self._rejects_in_row = 0
         else:
             self.store.reject(candidate_version, decision.reason, decision.metrics)
@@ -285,16 +289,28 @@ class TrainerWorker:
         self._prune()
         return decision
 
-    def _reference(self, current_version: int | None):
-        """The model the candidate must beat: the current checkpoint, else our starting weights."""
+    def _reference(self, current_version: int | None) -> tuple:
+        """The model the candidate must beat: the current checkpoint, else our starting weights
+        -> (model, accept head, name, its ScoreCache); loaded and scored again only when it changes."""
+        if self._reference_cached is not None and self._reference_cached[0] == current_version:
+            return self._reference_cached[1:]
+        found = None
         if current_version is not None:
             try:
                 loaded = self.store.load(current_version, device=str(self.device))
-                return loaded.model, loaded.accept_head, version_name(current_version)
+                found = (loaded.model, loaded.accept_head, version_name(current_version))
             except CheckpointError as err:
                 log.error("current checkpoint %s is unusable, gating against the starting weights: %s",
                           version_name(current_version), err)
-        return self._baseline, None, "starting weights"
+        if found is None:
+            current_version, found = None, (self._baseline, None, "starting weights")
+        self._reference_cached = (current_version, *found, ScoreCache(found[0], self.options.max_context))
+        return self._reference_cached[1:]
+
+    def _seed_reference(self, version: int, holdout: list[TraceRecord], scores: list) -> None:
+        """The promoted candidate is the next reference, and its held-out scores are already known."""
+        model, head, name, cache = self._reference(version)
+        cache.seed(holdout, scores)
 
     def _should_resync(self, current_version: int) -> bool:
         """Follow a better current checkpoint another worker (or a person) promoted at once. Our own
