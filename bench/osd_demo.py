@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the trainer skips traces older than this when it falls behind (0: never)")
     parser.add_argument("--holdout-half-life", type=int, default=128,
                         help="the gate's recency half-life, in held-out traces (0: all weigh the same)")
+    parser.add_argument("--ema-decay", type=float, default=0.0,
+                        help="the trainer's candidates average its weights with this decay per step (0: off)")
     parser.add_argument("--request-gap-s", type=float, default=0.0,
                         help="idle seconds after each request: lighter traffic leaves the trainer spare cycles")
     parser.add_argument("--out", default=str(HERE / "results-osd"))
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
          "--checkpoint-dir", str(store.root), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
          "--publish-every", str(args.publish_every), "--loss", args.loss, "--threads", "1", "--metrics-port", "0",
          "--holdout-fraction", str(args.holdout_fraction), "--holdout-half-life", str(args.holdout_half_life),
-         "--max-trace-age-s", str(args.max_trace_age_s)],
+         "--max-trace-age-s", str(args.max_trace_age_s), "--ema-decay", str(args.ema_decay)],
         stdout=trainer_log, stderr=trainer_log, start_new_session=True)
     points: list[Point] = []
     print(f"osd-demo: logs and state in {workdir}", file=sys.stderr, flush=True)
@@ -218,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.max_new_tokens} new tokens, policy {args.policy} k={args.draft_length}; "
             f"trainer: {args.loss}, batch {args.batch_size}, lr {args.lr}, gate every {args.publish_every} steps "
             f"on {args.holdout_fraction:.0%} held-out requests, recency half-life {args.holdout_half_life} traces, "
-            f"traces older than {args.max_trace_age_s:.0f} s skipped; {args.request_gap_s:g} s idle after each request; "
+            f"traces older than {args.max_trace_age_s:.0f} s skipped; weight average decay {args.ema_decay:g}; "
+            f"{args.request_gap_s:g} s idle after each request; "
             f"{promoted} checkpoints promoted, {rejected} rejected.",
             "\n".join(table), f"![osd]({image})"]), name="osd")
     return 0

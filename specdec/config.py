@@ -179,6 +179,7 @@ class TrainerSettings(CommonSettings):
     holdout_fraction: float = Field(0.1, ge=0, le=1, description="Share of requests kept out of training for the promotion gate.")
     max_trace_age_s: float = Field(300.0, ge=0, description="A trainer that falls behind skips undelivered traces older than this, so it follows current traffic (0: never skip).")
     holdout_half_life: int = Field(128, ge=0, description="The gate weights held-out traces by recency: this many newer ones halve a trace's weight (0: all equal).")
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="Candidates are an exponential moving average of the trained weights with this decay per step, steadier than the last step's weights (0: the weights themselves).")
     ray_address: str = Field("", description="Ray cluster address ('' : run in-process; 'local' : ray.init locally).")
     num_workers: int = Field(1, ge=1, description="Ray trainer actors when ray_address is set.")
 

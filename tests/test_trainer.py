@@ -452,6 +452,32 @@ def test_gate_scores_its_reference_once_per_held_out_trace(world, tmp_path, redi
     assert decision.metrics["current"] == decision.metrics["candidate"]
 
 
+def test_candidates_average_the_trained_weights_when_asked(world, tmp_path, redis_client):
+    """With ema_decay the gate publishes and judges the moving average of the weights after each step;
+    training goes on from the weights themselves, and adopting a checkpoint resets both."""
+    store = CheckpointStore(tmp_path / "ck", redis_client=redis_client)
+    append_traces(redis_client, world.train[:40], stream=STREAM)
+    decay = 0.6
+    worker = make_worker(perturbed(world.target, 1.0, seed=5), store, redis_client, group="ema", batch_size=8,
+                         lr=1e-2, ema_decay=decay, holdout_fraction=0.0, min_holdout_blocks=0)
+    expected = {k: v.clone() for k, v in worker.drafter.state_dict().items()}
+    for _ in range(4):
+        assert worker.step(block_ms=100).loss is not None
+        for key, value in worker.drafter.state_dict().items():
+            expected[key] = decay * expected[key] + (1 - decay) * value
+    version = worker.publish_and_gate().metrics["candidate_version"]
+    published = store.load(version).model.state_dict()
+    trained = worker.drafter.state_dict()
+    changed = [k for k in published if not torch.equal(trained[k], expected[k])]
+    assert changed, "training did not move the weights"
+    for key in published:
+        torch.testing.assert_close(published[key], expected[key], rtol=1e-5, atol=1e-6)
+
+    other = copy.deepcopy(world.target)
+    worker._adopt(other, None, version)
+    assert same_weights(worker.drafter, other) and same_weights(worker.candidate, other)
+
+
 def test_recency_weights_halve_per_half_life_and_old_traces_drop_out():
     assert recency_weights(3, 0) == [1.0, 1.0, 1.0]
     assert recency_weights(5, 2) == pytest.approx([0.25, 0.5 ** 1.5, 0.5, 0.5 ** 0.5, 1.0])

@@ -79,6 +79,7 @@ class WorkerOptions:
     train_accept_head: bool = True
     block_ms: int = 500  # keep below the Redis socket timeout
     grad_clip: float = 1.0
+    ema_decay: float = 0.0  # candidates are this exponential moving average of the trained weights (0: the weights)
     resync_on_reject: bool = True
     resync_after_rejects: int = 5  # own candidates rejected this often in a row: restart from the current one
     keep_rejected: int = 5  # rejected checkpoints kept on disk
@@ -92,7 +93,8 @@ class WorkerOptions:
                    consumer=settings.consumer_name or default_consumer_name(), batch_size=settings.batch_size,
                    lr=settings.lr, loss=settings.loss, publish_every=settings.publish_every,
                    claim_idle_ms=settings.claim_idle_ms, holdout_fraction=settings.holdout_fraction,
-                   holdout_half_life=settings.holdout_half_life, max_trace_age_s=settings.max_trace_age_s, **extra)
+                   holdout_half_life=settings.holdout_half_life, max_trace_age_s=settings.max_trace_age_s,
+                   ema_decay=settings.ema_decay, **extra)
 
 
 @dataclass
@@ -137,6 +139,8 @@ class TrainerWorker:
         self.base_version = base_version
         # The weights we started from: the gate's reference until a checkpoint is current.
         self._baseline = copy.deepcopy(drafter).eval()
+        # Online batches are small and noisy: the averaged weights make steadier candidates.
+        self._averaged = copy.deepcopy(drafter).eval() if self.options.ema_decay > 0 else None
         self.holdout: deque[TraceRecord] = deque(maxlen=self.options.holdout_size)
         self.steps = 0
         self.traces_seen = 0
@@ -229,8 +233,21 @@ class TrainerWorker:
         if self.options.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.drafter.parameters(), self.options.grad_clip)
         self.optimizer.step()
+        self._update_average()
         head_loss = self._train_accept_head(batch, logits.detach(), hidden.detach())
         return float(loss.detach()), head_loss
+
+    @torch.no_grad()
+    def _update_average(self) -> None:
+        if self._averaged is None:
+            return
+        averaged, trained = list(self._averaged.parameters()), list(self.drafter.parameters())
+        torch._foreach_lerp_(averaged, trained, 1.0 - self.options.ema_decay)
+
+    @property
+    def candidate(self) -> torch.nn.Module:
+        """The weights the next gate publishes and judges."""
+        return self._averaged if self._averaged is not None else self.drafter
 
     def _train_accept_head(self, batch, logits: torch.Tensor, hidden: torch.Tensor) -> float | None:
         """logits: [S, V], hidden: [S, H], both from the forward that produced the drafts' predictions."""
@@ -261,10 +278,10 @@ class TrainerWorker:
                 "loss": self.options.loss, "lr": self.options.lr, "consumer": self.options.consumer,
                 "target_version": self.options.target_version,
                 "tokenizer_fingerprint": self.options.tokenizer_fingerprint}
-        candidate_version = self.store.publish(self.drafter, meta, accept_head=self.accept_head)
+        candidate_version = self.store.publish(self.candidate, meta, accept_head=self.accept_head)
         current_version = self.store.current()
         reference, reference_head, reference_name, reference_scores = self._reference(current_version)
-        candidate_scores = score_traces(self.drafter, holdout, max_context=self.options.max_context)
+        candidate_scores = score_traces(self.candidate, holdout, max_context=self.options.max_context)
         candidate_report = summarize(candidate_scores, weights)
         reference_report = reference_scores.report(holdout, weights)
         decision = gate(candidate_report, reference_report, min_blocks=self.options.min_holdout_blocks)
@@ -330,6 +347,8 @@ class TrainerWorker:
             return
         log.info("adopting %s, which beat our candidate", version_name(version))
         self.drafter.load_state_dict(theirs)
+        if self._averaged is not None:
+            self._averaged.load_state_dict(theirs)
         if head is not None and self.accept_head is not None and head.spec() == self.accept_head.spec():
             self.accept_head.load_state_dict(head.state_dict())
         self.base_version = version
