@@ -89,12 +89,16 @@ def build_modes(drafters: list[str], policies: list[str], sequential_policy: str
 
 
 def machine() -> str:
+    """The CPU as /proc/cpuinfo names it, with family/model: VMs often say only "AMD EPYC", and
+    CPU generations differ a lot in how fast torch's BLAS and specd's kernel run."""
     cpu = platform.processor() or platform.machine()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+                      if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        flags = set(fields.get("flags", "").split())
+        cpu = (f"{fields.get('model name', cpu)} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
+               f"{', AVX-512' if 'avx512f' in flags else ''})")
     except OSError:
         pass
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, torch {torch.__version__}"
