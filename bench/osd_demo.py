@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -144,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(HERE / "results-osd"))
     parser.add_argument("--results-md", default=str(HERE / "RESULTS.md"), help="'' to skip")
     args = parser.parse_args(argv)
+    # SIGTERM would end the process without `finally`, leaving the services and the trainer running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
     workdir = Path(tempfile.mkdtemp(prefix="specd-osd-"))
     out = Path(args.out)
