@@ -93,9 +93,8 @@ def machine() -> str:
     CPU generations differ a lot in how fast torch's BLAS and specd's kernel run."""
     cpu = platform.processor() or platform.machine()
     try:
-        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
-                      if ":" in line)
-        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        first_cpu = Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+        fields = {key.strip(): value.strip() for key, value in (line.split(":", 1) for line in first_cpu if ":" in line)}
         flags = set(fields.get("flags", "").split())
         cpu = (f"{fields.get('model name', cpu)} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
                f"{', AVX-512' if 'avx512f' in flags else ''})")

@@ -113,6 +113,16 @@ class StepResult:
 
 
 @dataclass
+class GateReference:
+    """What a candidate must beat, with that model's per-trace held-out scores."""
+    version: int | None  # None: the worker's starting weights
+    model: torch.nn.Module
+    accept_head: AcceptHead | None
+    name: str
+    scores: ScoreCache | None = None
+
+
+@dataclass
 class RunSummary:
     steps: int
     traces: int
@@ -147,8 +157,7 @@ class TrainerWorker:
         self.decisions: list[dict] = []
         self._stale_unlogged, self._stale_logged_at = 0, -STALE_LOG_INTERVAL_S
         self._rejects_in_row = 0
-        # (current version or None for the starting weights, its model, accept head, name, per-trace scores)
-        self._reference_cached: tuple | None = None
+        self._reference_cached: GateReference | None = None
         self.metrics = trainer_metrics(registry)
         self._make_optimizers()
 
@@ -241,8 +250,8 @@ class TrainerWorker:
     def _update_average(self) -> None:
         if self._averaged is None:
             return
-        averaged, trained = list(self._averaged.parameters()), list(self.drafter.parameters())
-        torch._foreach_lerp_(averaged, trained, 1.0 - self.options.ema_decay)
+        for averaged, trained in zip(self._averaged.parameters(), self.drafter.parameters()):
+            averaged.lerp_(trained, 1.0 - self.options.ema_decay)
 
     @property
     def candidate(self) -> torch.nn.Module:
@@ -280,17 +289,18 @@ class TrainerWorker:
                 "tokenizer_fingerprint": self.options.tokenizer_fingerprint}
         candidate_version = self.store.publish(self.candidate, meta, accept_head=self.accept_head)
         current_version = self.store.current()
-        reference, reference_head, reference_name, reference_scores = self._reference(current_version)
+        reference = self._reference(current_version)
         candidate_scores = score_traces(self.candidate, holdout, max_context=self.options.max_context)
         candidate_report = summarize(candidate_scores, weights)
-        reference_report = reference_scores.report(holdout, weights)
+        reference_report = reference.scores.report(holdout, weights)
         decision = gate(candidate_report, reference_report, min_blocks=self.options.min_holdout_blocks)
-        decision.metrics.update({"candidate_version": candidate_version, "reference": reference_name,
+        decision.metrics.update({"candidate_version": candidate_version, "reference": reference.name,
                                  "steps": self.steps, "holdout_traces": len(holdout)})
         if decision.promote:
             self.store.promote(candidate_version, decision.reason, decision.metrics)
             self.base_version = candidate_version
-            self._seed_reference(candidate_version, holdout, candidate_scores)
+            # The promoted candidate is the next reference, and its held-out scores are already known.
+            self._reference(candidate_version).scores.seed(holdout, candidate_scores)
             self._rejects_in_row = 0
         else:
             self.store.reject(candidate_version, decision.reason, decision.metrics)
@@ -298,7 +308,7 @@ class TrainerWorker:
             if (self.options.resync_on_reject and current_version is not None
                     and reference_report.mean_accepted_length > candidate_report.mean_accepted_length
                     and self._should_resync(current_version)):
-                self._adopt(reference, reference_head, current_version)
+                self._adopt(reference.model, reference.accept_head, current_version)
         self.metrics.decisions.labels(action="promote" if decision.promote else "reject").inc()
         self.metrics.holdout_accepted_length.labels(model="candidate").set(candidate_report.mean_accepted_length)
         self.metrics.holdout_accepted_length.labels(model="current").set(reference_report.mean_accepted_length)
@@ -306,28 +316,25 @@ class TrainerWorker:
         self._prune()
         return decision
 
-    def _reference(self, current_version: int | None) -> tuple:
-        """The model the candidate must beat: the current checkpoint, else our starting weights
-        -> (model, accept head, name, its ScoreCache); loaded and scored again only when it changes."""
-        if self._reference_cached is not None and self._reference_cached[0] == current_version:
-            return self._reference_cached[1:]
-        found = None
+    def _reference(self, current_version: int | None) -> GateReference:
+        """The model the candidate must beat: the current checkpoint, else our starting weights;
+        loaded and scored again only when it changes."""
+        if self._reference_cached is not None and self._reference_cached.version == current_version:
+            return self._reference_cached
+        reference = None
         if current_version is not None:
             try:
                 loaded = self.store.load(current_version, device=str(self.device))
-                found = (loaded.model, loaded.accept_head, version_name(current_version))
+                reference = GateReference(current_version, loaded.model, loaded.accept_head,
+                                          version_name(current_version))
             except CheckpointError as err:
                 log.error("current checkpoint %s is unusable, gating against the starting weights: %s",
                           version_name(current_version), err)
-        if found is None:
-            current_version, found = None, (self._baseline, None, "starting weights")
-        self._reference_cached = (current_version, *found, ScoreCache(found[0], self.options.max_context))
-        return self._reference_cached[1:]
-
-    def _seed_reference(self, version: int, holdout: list[TraceRecord], scores: list) -> None:
-        """The promoted candidate is the next reference, and its held-out scores are already known."""
-        model, head, name, cache = self._reference(version)
-        cache.seed(holdout, scores)
+        if reference is None:
+            reference = GateReference(None, self._baseline, None, "starting weights")
+        reference.scores = ScoreCache(reference.model, self.options.max_context)
+        self._reference_cached = reference
+        return reference
 
     def _should_resync(self, current_version: int) -> bool:
         """Follow a better current checkpoint another worker (or a person) promoted at once. Our own
