@@ -4,6 +4,10 @@ Speculative decoding pays when verifying k+1 tokens costs about one decode
 step. On a GPU it does; on a small CPU it may not, and this measures it:
 one cached forward of n new tokens after a prompt, per torch thread count, with
 torch's BLAS linears and with specd's small-batch kernel (specdec/small_gemm.c).
+It also prints the compute floor of each block: the model's linear multiply-adds
+for that many tokens at the multiply-add rate one thread sustains on cache-resident
+matrices. Once a block's floor passes the 1-token time (which is bound by streaming
+the weights), verifying more tokens cannot be free on this CPU, whatever the kernel.
 
     python -m bench.verify_cost --target smollm2-135m --tokens 1,2,4,6,8 --threads 1,2
 """
@@ -20,18 +24,40 @@ from specdec import small_gemm
 from specdec.models import load_model
 
 
-def forward_ms(model, context: int, tokens: int, repeats: int) -> float:
-    """Median ms of one forward of `tokens` new ids on a `context`-token KV cache."""
+def forward_ms(model, context: int, blocks: list[int], repeats: int) -> dict[int, float]:
+    """Median ms of one forward of n new ids on a `context`-token KV cache, for each n in `blocks`.
+
+    Block sizes take turns within each repeat, so a burst of machine noise hits all of them alike.
+    """
     prompt = torch.arange(100, 100 + context).unsqueeze(0)  # [1, context]
-    block = torch.full((1, tokens), 5, dtype=torch.long)  # [1, tokens]
-    times = []
+    times: dict[int, list[float]] = {n: [] for n in blocks}
     with torch.inference_mode():
         for _ in range(repeats):
-            cache = model(input_ids=prompt, use_cache=True).past_key_values
-            start = time.perf_counter()
-            model(input_ids=block, past_key_values=cache, use_cache=True)
-            times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+            for n in blocks:
+                cache = model(input_ids=prompt, use_cache=True).past_key_values
+                block = torch.full((1, n), 5, dtype=torch.long)  # [1, n]
+                start = time.perf_counter()
+                model(input_ids=block, past_key_values=cache, use_cache=True)
+                times[n].append(time.perf_counter() - start)
+    return {n: 1000 * statistics.median(t) for n, t in times.items()}
+
+
+def fma_rate(size: int = 256, calls: int = 20, repeats: int = 15) -> float:
+    """Multiply-adds per second of torch.mm on size x size fp32 matrices that fit in cache."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return calls * size ** 3 / best
+
+
+def linear_macs_per_token(model) -> int:
+    """Multiply-adds of one token through every nn.Linear (LM head included)."""
+    return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
 def time_blocks(model, threads: list[int], tokens: list[int], context: int, repeats: int) -> dict[tuple[int, int], float]:
@@ -39,8 +65,8 @@ def time_blocks(model, threads: list[int], tokens: list[int], context: int, repe
     times = {}
     for count in threads:
         torch.set_num_threads(count)
-        for block in tokens:
-            times[(count, block)] = forward_ms(model, context, block, repeats)
+        for block, ms in forward_ms(model, context, tokens, repeats).items():
+            times[(count, block)] = ms
     return times
 
 
@@ -55,13 +81,20 @@ def main(argv: list[str] | None = None) -> int:
     threads = [int(t) for t in args.threads.split(",")]
     tokens = [int(n) for n in args.tokens.split(",")]
     model = load_model(args.target).model
+    macs = linear_macs_per_token(model)
+    rates = {}
+    for count in threads:
+        torch.set_num_threads(count)
+        rates[count] = fma_rate()
+        print(f"threads {count}: {rates[count] / 1e9:.1f} G multiply-adds/s on cache-resident matrices; "
+              f"the linears take {macs / 1e6:.0f} M per token")
     blas = time_blocks(model, threads, tokens, args.context, args.repeats)
     kernel = time_blocks(model, threads, tokens, args.context, args.repeats) if small_gemm.install(model) else None
-    print("| threads | tokens | BLAS ms | vs BLAS 1 token | kernel ms | vs kernel 1 token | vs BLAS 1 token |")
-    print("|---|---|---|---|---|---|---|")
+    print("| threads | tokens | compute floor ms | BLAS ms | vs BLAS 1 token | kernel ms | vs kernel 1 token | vs BLAS 1 token |")
+    print("|---|---|---|---|---|---|---|---|")
     for (count, block), ms in blas.items():
         one = blas[(count, tokens[0])]
-        line = f"| {count} | {block} | {ms:.1f} | {ms / one:.2f}x |"
+        line = f"| {count} | {block} | {1000 * block * macs / rates[count]:.1f} | {ms:.1f} | {ms / one:.2f}x |"
         if kernel is None:
             line += " (no kernel here) | | |"
         else:

@@ -4,11 +4,17 @@
  * the number of rows, so verifying k tokens gives bit-identical results to decoding them one
  * by one. W streams from memory once for up to 8 rows: a step with a few rows costs about
  * what one row costs, where a BLAS GEMM packs W and goes compute-bound.
+ *
+ * With two rows or more the FMAs keep the core busy long enough that the hardware prefetcher
+ * falls behind and weight lines arrive late, so those passes also prefetch W into L2
+ * PREFETCH_AHEAD floats ahead (bench/RESULTS.md: a 6-token SmolLM2 forward went from 2.0x to
+ * 1.4x a 1-token one on Zen 4). One row is a pure stream the hardware prefetcher keeps up with.
  */
 #include <immintrin.h>
 #include <stdint.h>
 
 #define ROWS_PER_PASS 8
+#define PREFETCH_AHEAD 4096  /* floats: 16 KiB, well inside L2 */
 
 static inline float sum_lanes(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -26,6 +32,7 @@ static inline __attribute__((always_inline)) void pass(const float *x, const flo
         __m256 acc[ROWS_PER_PASS];
         for (int m = 0; m < rows; m++) acc[m] = _mm256_setzero_ps();
         for (int64_t k = 0; k < k_vec; k += 8) {
+            if (rows > 1 && (k & 15) == 0) _mm_prefetch((const char *)(w_row + k + PREFETCH_AHEAD), _MM_HINT_T1);
             __m256 w_vec = _mm256_loadu_ps(w_row + k);
             for (int m = 0; m < rows; m++) acc[m] = _mm256_fmadd_ps(w_vec, _mm256_loadu_ps(x + m * k_in + k), acc[m]);
         }
