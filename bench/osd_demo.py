@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 from bench.report import update_results_md
 from specdec import redisutil
 from specdec.checkpoints import CheckpointStore
-from specdec.cli import LocalStack
+from specdec.cli import LocalStack, exit_on_sigterm
 from specdec.client import SpecdClient
 
 HERE = Path(__file__).resolve().parent
@@ -145,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(HERE / "results-osd"))
     parser.add_argument("--results-md", default=str(HERE / "RESULTS.md"), help="'' to skip")
     args = parser.parse_args(argv)
-    # SIGTERM would end the process without `finally`, leaving the services and the trainer running.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    exit_on_sigterm()
 
     workdir = Path(tempfile.mkdtemp(prefix="specd-osd-"))
     out = Path(args.out)

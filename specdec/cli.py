@@ -169,6 +169,11 @@ class LocalStack:
         self.stop()
 
 
+def exit_on_sigterm() -> None:
+    """Python ends on SIGTERM without running `finally`, which would leave a stack's services running."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+
 def default_threads() -> tuple[int, int]:
     """Gives the drafter its own core(s) so it drafts while the verifier verifies."""
     cores = os.cpu_count() or 2
@@ -180,6 +185,7 @@ DEMO_PROMPT = "Explain in three sentences why speculative decoding makes languag
 
 
 def _up(args) -> int:
+    exit_on_sigterm()
     verifier_threads, drafter_threads = default_threads()
     log_dir = args.log_dir or os.path.join(os.getcwd(), ".specd", "logs")
     os.makedirs(log_dir, exist_ok=True)
@@ -194,7 +200,9 @@ def _up(args) -> int:
         print(address, flush=True)
         if args.demo:
             return _stream_to_terminal(address, DEMO_PROMPT, args.demo_tokens, 0.0, raw=False, as_json=False)
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        while True:
+            signal.pause()  # until Ctrl-C (KeyboardInterrupt) or SIGTERM (SystemExit)
+    except KeyboardInterrupt:
         return 0
     except RuntimeError as err:
         print(f"specd up: {err}", file=sys.stderr)

@@ -110,3 +110,24 @@ def test_sigterm_lets_an_in_flight_stream_finish(tiny_dirs, tmp_path):
         assert stack.processes["coordinator"].wait(30) == 0
     finally:
         stack.stop()
+
+
+def test_sigterm_to_specd_up_stops_its_services(tiny_dirs, tmp_path):
+    dirs = tiny_dirs["llama"]
+    up = subprocess.Popen([sys.executable, "-m", "specdec.cli", "up", "--target", dirs["target"], "--drafter", dirs["close"],
+                           "--threads-verifier", "1", "--threads-drafter", "1", "--log-dir", str(tmp_path)],
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        address = up.stdout.readline().strip()  # printed once the stack is healthy
+        assert address.startswith("127.0.0.1:"), address
+        with open(f"/proc/{up.pid}/task/{up.pid}/children") as children:
+            services = [int(pid) for pid in children.read().split()]
+        assert len(services) == 3
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(60) == 128 + signal.SIGTERM
+        for pid in services:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    finally:
+        if up.poll() is None:
+            up.kill()
