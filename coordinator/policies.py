@@ -157,11 +157,6 @@ class PositionAcceptance:
             self.judged[position] = self.decay * self.judged[position] + 1.0
             self.accepted[position] = self.decay * self.accepted[position] + (position < accepted)
 
-    def fade(self, factor: float) -> None:
-        """Weights what was measured so far by `factor` against what comes next."""
-        self.judged = [factor * judged for judged in self.judged]
-        self.accepted = [factor * accepted for accepted in self.accepted]
-
     def pooled(self) -> float | None:
         """Accepted over judged across positions: the censored-geometric estimate of one rate."""
         judged = sum(self.judged)
@@ -196,12 +191,6 @@ class RoundCostModel:
         totals = self.means.get(block)
         return totals[1] / totals[0] if totals else None
 
-    def cheapest_speculative(self) -> float | None:
-        """An upper bound on a target-only round's time before one is timed: a speculative round does
-        the target's forward and more. Using it favours speculation until target-only is measured."""
-        speculative = [self.mean(k) for k in self.means if k > 0]
-        return min(speculative) if speculative else None
-
     def line(self) -> tuple[float, float] | None:
         """(base, per_token) seconds, or None until two points exist; per_token is never negative."""
         points = [(k, self.mean(k)) for k in self.means if k > 0]
@@ -220,35 +209,36 @@ class RoundCostModel:
 
 @dataclass
 class GoodputPolicy(HeuristicPolicy):
-    """SmartSpec-style goodput control, per request: each round drafts the block size k in
-    0..max_length that maximises expected committed tokens per second,
-    expected_committed(acceptance, k) / cost(k), from this request's measured acceptance per
-    draft position and a round-cost line fitted on its own rounds.
+    """SmartSpec-style goodput control, per request.
 
-    - Where verifying more tokens costs more (a compute-bound CPU) it drafts short blocks; where
-      it is nearly free (a GPU) long ones. Until both estimates exist it follows the heuristic
-      schedule, which explores block sizes.
-    - k = 0, target-only, wins when no block pays for itself: a weak drafter, a slow one in
-      sequential mode, or drafter and target contending for the same cores under load. A
-      speculative round is never taken to be cheaper than a target-only one, so drafts that
-      are all rejected cannot win on a noisy clock. While off, acceptance is not observed, so
-      speculation is re-probed for `probe_rounds` after `off_rounds` target-only rounds, and
-      `off_rounds` doubles (up to `max_off_rounds`) while the probes keep losing.
+    - Draft length: the block size k that maximises expected committed tokens per second,
+      expected_committed(acceptance, k) / cost(k), from this request's measured acceptance per
+      draft position and a round-cost line fitted on its own rounds. Where verifying more tokens
+      costs more (a compute-bound CPU) it drafts short blocks; where it is nearly free (a GPU)
+      long ones. Until both estimates exist it follows the heuristic schedule, which explores
+      block sizes.
+    - Whether to speculate at all: committed tokens per second of wall time, measured with
+      speculation and without. A weak drafter, or drafter and target contending for the same
+      cores under load, turns speculation off for the request; the losing choice is re-probed
+      for `probe_rounds` after every exploit phase, whose length doubles (up to
+      `max_exploit_rounds`) while the same choice keeps winning.
     """
 
     name: str = "goodput"
     speculating: bool = True
     probing: bool = False
-    phase_rounds: int = 0          # target-only rounds so far, or probe rounds while probing
-    off_rounds: int = 8
-    min_off_rounds: int = 8
-    max_off_rounds: int = 64
+    phase_rounds: int = 0
+    exploit_rounds: int = 8
+    min_exploit_rounds: int = 8
+    max_exploit_rounds: int = 64
     probe_rounds: int = 4
-    explore_every: int = 4         # every n-th speculative round drafts one token past the best length
-    speculative_rounds: int = 0
-    timed_rounds: int = 0
+    decay: float = 0.8  # per round of the same choice: older rounds fade
+    # [tokens, seconds, rounds] with and without speculation, exponentially decayed
+    observed: dict = field(default_factory=lambda: {True: [0.0, 0.0, 0.0], False: [0.0, 0.0, 0.0]})
     costs: RoundCostModel = field(default_factory=RoundCostModel)
     positions: PositionAcceptance = field(default_factory=PositionAcceptance)
+    explore_every: int = 4  # every n-th speculative round drafts one token past the best length
+    speculative_rounds: int = 0
 
     def block_size(self) -> int:
         return self.draft_length() if self.speculating else 0
@@ -268,56 +258,52 @@ class GoodputPolicy(HeuristicPolicy):
         exploring = self.speculative_rounds % self.explore_every == self.explore_every - 1
         return min(best + exploring, self.max_length)
 
-    def goodput(self, block: int, target_only_s: float | None = None) -> float | None:
-        """Expected committed tokens per second for a block of this size; None until measurable.
-        A speculative round is taken to cost at least `target_only_s`."""
+    def best_length(self) -> int | None:
+        """argmax over 1..max_length of expected committed tokens per second; None until measurable."""
         acceptance, line = self.positions.rates(), self.costs.line()
         if acceptance is None or line is None:
             return None
         base, per_token = line
-        seconds = max(base + per_token * block, target_only_s or 0.0)
-        return expected_committed(acceptance, block) / max(seconds, 1e-9)
 
-    def best_length(self) -> int | None:
-        """The speculative block size (1..max_length) with the highest goodput; None until measurable."""
-        if self.goodput(1) is None:
-            return None
-        target_only = self.costs.mean(0)
-        return max(range(1, self.max_length + 1), key=lambda k: self.goodput(k, target_only))
+        def goodput(k: int) -> float:
+            return expected_committed(acceptance, k) / max(base + per_token * k, 1e-9)
 
-    def speculation_pays(self) -> bool:
-        """Whether the best block beats target-only. Until a target-only round is timed, the cheapest
-        speculative round stands in for it (an upper bound: it does the target's forward and more),
-        which favours speculation except where drafts commit nothing, whatever a noisy clock says."""
-        best = self.best_length()
-        if best is None:
-            return True
-        target_only = self.costs.mean(0) or self.costs.cheapest_speculative()
-        return self.goodput(best, target_only) > 1.0 / target_only
+        return max(range(1, self.max_length + 1), key=goodput)
 
     def update(self, sent: int, accepted: int) -> None:
         super().update(sent, accepted)
         self.positions.record(sent, accepted)
         self.speculative_rounds += sent > 0
 
+    def goodput(self, speculating: bool) -> float:
+        tokens, seconds, _ = self.observed[speculating]
+        return tokens / seconds if seconds > 0 else 0.0
+
+    def speculation_pays(self) -> bool:
+        """A round whose drafts were all rejected commits only the target's own token, at the cost of
+        a target-only round plus drafting, so speculation must commit more than one token per round
+        to win; only then does the (noisy) timing comparison decide."""
+        tokens, _, rounds = self.observed[True]
+        return tokens > rounds and self.goodput(True) >= self.goodput(False)
+
     def record_round(self, block: int, committed: int, seconds: float) -> None:
-        if self.timed_rounds or not block:  # the first speculative round also prefills the drafter
-            self.costs.record(block, seconds)
-        self.timed_rounds += 1
-        if self.speculating and not self.probing:
-            if not self.speculation_pays():
-                self.speculating, self.phase_rounds = False, 0
-            return
+        self.costs.record(block, seconds)
+        totals = self.observed[self.speculating]
+        totals[0] = self.decay * totals[0] + committed
+        totals[1] = self.decay * totals[1] + seconds
+        totals[2] = self.decay * totals[2] + 1
         self.phase_rounds += 1
-        if self.probing:
-            if self.phase_rounds < self.probe_rounds:
-                return
-            self.probing, self.phase_rounds = False, 0
-            self.speculating = self.speculation_pays()
-            self.off_rounds = self.min_off_rounds if self.speculating else min(2 * self.off_rounds, self.max_off_rounds)
-        elif self.phase_rounds >= self.off_rounds:
-            self.probing, self.speculating, self.phase_rounds = True, True, 0
-            self.positions.fade(0.5)  # the drafter may have changed while off (a new checkpoint)
+        if self.phase_rounds < (self.probe_rounds if self.probing else self.exploit_rounds):
+            return
+        self.phase_rounds = 0
+        if not self.probing:
+            self.probing, self.speculating = True, not self.speculating
+            return
+        winner = self.speculation_pays()
+        same = winner == (not self.speculating)  # the choice exploited before this probe won again
+        self.exploit_rounds = (min(2 * self.exploit_rounds, self.max_exploit_rounds) if same
+                               else self.min_exploit_rounds)
+        self.probing, self.speculating = False, winner
 
 
 POLICIES: dict[str, type[DraftLengthPolicy]] = {
