@@ -125,49 +125,12 @@ class BildPolicy(AdaEdlPolicy):
         return StopRule.MIN_CONFIDENCE, self.threshold
 
 
-def expected_committed(acceptance: list[float], block: int) -> float:
-    """Tokens a round of `block` drafted tokens commits: the target's own token plus every drafted
-    token reached and accepted. acceptance [positions]: P(token i+1 accepted | tokens 1..i were);
-    positions past the end reuse the last rate. One rate a gives 1 + a + ... + a^block."""
-    total, reached = 1.0, 1.0
-    for position in range(block):
-        reached *= acceptance[min(position, len(acceptance) - 1)]
-        total += reached
-    return total
-
-
-@dataclass
-class PositionAcceptance:
-    """Acceptance per draft position, conditional on reaching it: a round of s drafted tokens with
-    a accepted judged positions 1..min(a + 1, s). Conditional rates capture drafts whose tokens
-    stand or fall together (prompt lookup: the first token of a match is the uncertain one), which
-    one pooled rate would undervalue. Each position's counts decay only when it is judged, and are
-    shrunk towards the pooled rate, so a deep position seen twice does not read as certain."""
-
-    decay: float = 0.95
-    prior_weight: float = 2.0
-    judged: list[float] = field(default_factory=list)
-    accepted: list[float] = field(default_factory=list)
-
-    def record(self, sent: int, accepted: int) -> None:
-        for position in range(min(accepted + 1, sent)):
-            if position == len(self.judged):
-                self.judged.append(0.0)
-                self.accepted.append(0.0)
-            self.judged[position] = self.decay * self.judged[position] + 1.0
-            self.accepted[position] = self.decay * self.accepted[position] + (position < accepted)
-
-    def pooled(self) -> float | None:
-        """Accepted over judged across positions: the censored-geometric estimate of one rate."""
-        judged = sum(self.judged)
-        return sum(self.accepted) / judged if judged > 0 else None
-
-    def rates(self) -> list[float] | None:
-        pooled = self.pooled()
-        if pooled is None:
-            return None
-        return [(accepted + self.prior_weight * pooled) / (judged + self.prior_weight)
-                for judged, accepted in zip(self.judged, self.accepted)]
+def expected_committed(acceptance: float, block: int) -> float:
+    """Tokens a round commits when each drafted token is accepted with probability `acceptance`
+    until the first rejection, plus the target's own token: 1 + a + a^2 + ... + a^block."""
+    if acceptance >= 1.0:
+        return block + 1.0
+    return (1.0 - acceptance ** (block + 1)) / (1.0 - acceptance)
 
 
 @dataclass
@@ -212,8 +175,8 @@ class GoodputPolicy(HeuristicPolicy):
     """SmartSpec-style goodput control, per request.
 
     - Draft length: the block size k that maximises expected committed tokens per second,
-      expected_committed(acceptance, k) / cost(k), from this request's measured acceptance per
-      draft position and a round-cost line fitted on its own rounds. Where verifying more tokens
+      expected_committed(acceptance, k) / cost(k), from this request's measured per-token
+      acceptance and a round-cost line fitted on its own rounds. Where verifying more tokens
       costs more (a compute-bound CPU) it drafts short blocks; where it is nearly free (a GPU)
       long ones. Until both estimates exist it follows the heuristic schedule, which explores
       block sizes.
@@ -236,9 +199,9 @@ class GoodputPolicy(HeuristicPolicy):
     # [tokens, seconds, rounds] with and without speculation, exponentially decayed
     observed: dict = field(default_factory=lambda: {True: [0.0, 0.0, 0.0], False: [0.0, 0.0, 0.0]})
     costs: RoundCostModel = field(default_factory=RoundCostModel)
-    positions: PositionAcceptance = field(default_factory=PositionAcceptance)
-    explore_every: int = 4  # every n-th speculative round drafts one token past the best length
-    speculative_rounds: int = 0
+    acceptance_decay: float = 0.95  # per speculative round: acceptance is noisier than round time
+    accepted: float = 0.0   # decayed drafted tokens accepted
+    rejected: float = 0.0   # decayed rounds that ended on a rejection
 
     def block_size(self) -> int:
         return self.draft_length() if self.speculating else 0
@@ -250,17 +213,16 @@ class GoodputPolicy(HeuristicPolicy):
         return 2 * self.draft_length()
 
     def draft_length(self) -> int:
-        best = self.best_length()
-        if best is None:
-            return self.length
-        # Positions past the chosen length are never judged, so their rates would stay whatever
-        # they were when the policy stopped drafting that far: keep probing one position deeper.
-        exploring = self.speculative_rounds % self.explore_every == self.explore_every - 1
-        return min(best + exploring, self.max_length)
+        return self.best_length() or self.length
+
+    def acceptance(self) -> float | None:
+        """Per-token acceptance, the censored-geometric estimate: accepted / (accepted + rejections)."""
+        seen = self.accepted + self.rejected
+        return self.accepted / seen if seen > 0 else None
 
     def best_length(self) -> int | None:
         """argmax over 1..max_length of expected committed tokens per second; None until measurable."""
-        acceptance, line = self.positions.rates(), self.costs.line()
+        acceptance, line = self.acceptance(), self.costs.line()
         if acceptance is None or line is None:
             return None
         base, per_token = line
@@ -272,8 +234,9 @@ class GoodputPolicy(HeuristicPolicy):
 
     def update(self, sent: int, accepted: int) -> None:
         super().update(sent, accepted)
-        self.positions.record(sent, accepted)
-        self.speculative_rounds += sent > 0
+        if sent:
+            self.accepted = self.acceptance_decay * self.accepted + accepted
+            self.rejected = self.acceptance_decay * self.rejected + (accepted < sent)
 
     def goodput(self, speculating: bool) -> float:
         tokens, seconds, _ = self.observed[speculating]

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from coordinator.policies import POLICIES, PositionAcceptance, RoundCostModel, expected_committed, make_policy
+from coordinator.policies import POLICIES, RoundCostModel, expected_committed, make_policy
 from specdec.stopping import (DraftStep, StopRule, adaedl_acceptance_lower_bound, probability_some_rejected,
                               should_stop)
 
@@ -105,26 +105,10 @@ def test_goodput_keeps_speculating_when_it_pays_and_switches_back_when_the_draft
 
 
 def test_expected_committed_tokens_of_a_round():
-    assert expected_committed([0.0], 5) == 1.0
-    assert expected_committed([1.0], 5) == 6.0
-    assert expected_committed([0.5], 2) == pytest.approx(1.75)
-    assert expected_committed([0.6], 3) == pytest.approx(1 + 0.6 + 0.36 + 0.216)
-    assert expected_committed([0.4, 0.9], 3) == pytest.approx(1 + 0.4 + 0.36 + 0.324)  # last rate carries on
-
-
-def test_position_acceptance_judges_positions_up_to_the_first_rejection():
-    positions = PositionAcceptance(decay=1.0, prior_weight=0.0)
-    assert positions.rates() is None
-    positions.record(4, 2)   # positions 1, 2 accepted, 3 rejected, 4 never judged
-    positions.record(4, 4)   # all four accepted
-    positions.record(2, 0)   # position 1 rejected
-    assert positions.judged == [3, 2, 2, 1] and positions.accepted == [2, 2, 1, 1]
-    assert positions.rates() == pytest.approx([2 / 3, 1.0, 0.5, 1.0])
-    assert positions.pooled() == pytest.approx(6 / 8)
-    shrunk = PositionAcceptance(decay=1.0, prior_weight=2.0)
-    shrunk.record(1, 1)
-    shrunk.record(3, 0)
-    assert shrunk.rates() == pytest.approx([(1 + 2 * 0.5) / 4])  # towards the pooled 1/2
+    assert expected_committed(0.0, 5) == 1.0
+    assert expected_committed(1.0, 5) == 6.0
+    assert expected_committed(0.5, 2) == pytest.approx(1.75)
+    assert expected_committed(0.6, 3) == pytest.approx(1 + 0.6 + 0.36 + 0.216)
 
 
 def test_round_cost_line_is_fitted_on_per_size_means_and_anchored_at_target_only_until_two_sizes():
@@ -145,16 +129,15 @@ def test_round_cost_line_is_fitted_on_per_size_means_and_anchored_at_target_only
     assert falling.line()[1] == 0.0                # timing noise never makes longer blocks look cheaper
 
 
-def _simulate(policy, rounds: int, acceptance: list[float], base_s: float, per_token_s: float) -> list[int]:
-    """Rounds against a drafter whose i-th token is accepted with probability acceptance[i] (the last
-    rate for deeper ones) once the tokens before it were, and a verifier whose round costs
-    base_s + per_token_s * block; returns the block size of each round."""
+def _simulate(policy, rounds: int, acceptance: float, base_s: float, per_token_s: float) -> list[int]:
+    """Rounds against a drafter whose tokens are each accepted with probability `acceptance` and a
+    verifier whose round costs base_s + per_token_s * block; returns the block size of each round."""
     draws = random.Random(0)
     sizes = []
     for _ in range(rounds):
         block = policy.block_size()
         accepted = 0
-        while accepted < block and draws.random() < acceptance[min(accepted, len(acceptance) - 1)]:
+        while accepted < block and draws.random() < acceptance:
             accepted += 1
         policy.record_round(block, accepted + 1, base_s + per_token_s * block)
         if block:
@@ -169,24 +152,10 @@ def test_goodput_drafts_the_block_size_the_cost_of_verifying_pays_for(per_token_
     # expected_committed(0.6, k) / (0.1 + per_token_s * k): 1 on a steep cost line (a compute-bound CPU),
     # 3 in between, the maximum of 8 when verifying more tokens is free (a GPU, roughly).
     policy = make_policy("goodput", 4, 8)
-    sizes = _simulate(policy, 200, acceptance=[0.6], base_s=0.1, per_token_s=per_token_s)
-    assert policy.positions.pooled() == pytest.approx(0.6, abs=0.2)
-    assert _most_common_block(sizes[-60:]) == expected
-
-
-def test_goodput_drafts_long_blocks_when_accepted_tokens_come_in_runs():
-    # Prompt lookup: a match's first token is accepted 40% of the time, the rest 95%. The policy
-    # learns both rates, and on this cost line a block that starts well is worth drafting to the end.
-    policy = make_policy("goodput", 4, 8)
-    sizes = _simulate(policy, 300, acceptance=[0.4, 0.95], base_s=0.1, per_token_s=0.01)
-    rates = policy.positions.rates()
-    assert rates[0] == pytest.approx(0.4, abs=0.1) and min(rates[1:]) > 0.8
-    assert _most_common_block(sizes[-100:]) == 8
-
-
-def _most_common_block(sizes: list[int]) -> int:
-    speculative = [k for k in sizes if k]
-    return max(set(speculative), key=speculative.count)
+    sizes = _simulate(policy, 200, acceptance=0.6, base_s=0.1, per_token_s=per_token_s)
+    assert policy.acceptance() == pytest.approx(0.6, abs=0.2)
+    speculative = [k for k in sizes[-60:] if k]
+    assert max(set(speculative), key=speculative.count) == expected
 
 
 def _step(confidence=0.9, entropy=0.1, accept_prob=None):
