@@ -166,7 +166,7 @@ class Generation:
                 round_started = time.perf_counter()
                 block = await self._gather_block()
                 response = await self._verify(block)
-                self.req.policy.record_round(len(block), response.accepted + 1, time.perf_counter() - round_started)
+                self.req.policy.record_round(response.accepted + 1, time.perf_counter() - round_started)
                 new_tokens = self._apply(block, response)
                 if new_tokens:
                     if not self.stats.ttft_ms:

@@ -6,8 +6,8 @@ A policy answers three questions every round:
   overlapped pipeline verifies as soon as this many exist);
 - `stop_rule`: which rule the drafter applies to end a draft stream early.
 After each verification `update` sees how many were sent and accepted, and
-`record_round` the block size sent and how many tokens the round committed in how
-much wall time. A block size of 0 means a target-only round.
+`record_round` how many tokens the round committed in how much wall time.
+A block size of 0 means a target-only round.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ class DraftLengthPolicy:
     def update(self, sent: int, accepted: int) -> None:
         """Static: nothing to learn."""
 
-    def record_round(self, block: int, committed: int, seconds: float) -> None:
-        """Wall-clock outcome of one round of `block` drafted tokens (0: target-only); most policies ignore it."""
+    def record_round(self, committed: int, seconds: float) -> None:
+        """Wall-clock outcome of one round (target-only rounds too); most policies ignore it."""
 
 
 @dataclass
@@ -125,67 +125,14 @@ class BildPolicy(AdaEdlPolicy):
         return StopRule.MIN_CONFIDENCE, self.threshold
 
 
-def expected_committed(acceptance: float, block: int) -> float:
-    """Tokens a round commits when each drafted token is accepted with probability `acceptance`
-    until the first rejection, plus the target's own token: 1 + a + a^2 + ... + a^block."""
-    if acceptance >= 1.0:
-        return block + 1.0
-    return (1.0 - acceptance ** (block + 1)) / (1.0 - acceptance)
-
-
-@dataclass
-class RoundCostModel:
-    """Wall time of a speculative round as a line in its block size, cost(k) = base + per_token * k.
-
-    Each block size keeps an exponentially decayed mean of its own rounds, so a size the policy
-    rarely visits keeps what was learnt about it; the line is a least-squares fit through those
-    means, anchored at the measured target-only round time while only one size has been seen.
-    """
-
-    decay: float = 0.8
-    means: dict[int, list[float]] = field(default_factory=dict)  # block size -> [decayed rounds, decayed seconds]
-
-    def record(self, block: int, seconds: float) -> None:
-        totals = self.means.setdefault(block, [0.0, 0.0])
-        totals[0] = self.decay * totals[0] + 1.0
-        totals[1] = self.decay * totals[1] + seconds
-
-    def mean(self, block: int) -> float | None:
-        totals = self.means.get(block)
-        return totals[1] / totals[0] if totals else None
-
-    def line(self) -> tuple[float, float] | None:
-        """(base, per_token) seconds, or None until two points exist; per_token is never negative."""
-        points = [(k, self.mean(k)) for k in self.means if k > 0]
-        if len(points) < 2:
-            target_only = self.mean(0)
-            if not points or target_only is None:
-                return None
-            points.append((0, target_only))
-        n = len(points)
-        mean_k = sum(k for k, _ in points) / n
-        mean_t = sum(t for _, t in points) / n
-        spread = sum((k - mean_k) ** 2 for k, _ in points)
-        per_token = max(0.0, sum((k - mean_k) * (t - mean_t) for k, t in points) / spread)
-        return mean_t - per_token * mean_k, per_token
-
-
 @dataclass
 class GoodputPolicy(HeuristicPolicy):
-    """SmartSpec-style goodput control, per request.
-
-    - Draft length: the block size k that maximises expected committed tokens per second,
-      expected_committed(acceptance, k) / cost(k), from this request's measured per-token
-      acceptance and a round-cost line fitted on its own rounds. Where verifying more tokens
-      costs more (a compute-bound CPU) it drafts short blocks; where it is nearly free (a GPU)
-      long ones. Until both estimates exist it follows the heuristic schedule, which explores
-      block sizes.
-    - Whether to speculate at all: committed tokens per second of wall time, measured with
-      speculation and without. A weak drafter, or drafter and target contending for the same
-      cores under load, turns speculation off for the request; the losing choice is re-probed
-      for `probe_rounds` after every exploit phase, whose length doubles (up to
-      `max_exploit_rounds`) while the same choice keeps winning.
-    """
+    """SmartSpec-style goodput control: committed tokens per second of wall time, measured
+    per request with speculation (on the heuristic schedule) and without, decides whether
+    speculating pays at all. A weak drafter, or drafter and target contending for the same
+    cores under load, turns speculation off for the request; the losing choice is re-probed
+    for `probe_rounds` after every exploit phase, whose length doubles (up to
+    `max_exploit_rounds`) while the same choice keeps winning."""
 
     name: str = "goodput"
     speculating: bool = True
@@ -198,45 +145,9 @@ class GoodputPolicy(HeuristicPolicy):
     decay: float = 0.8  # per round of the same choice: older rounds fade
     # [tokens, seconds, rounds] with and without speculation, exponentially decayed
     observed: dict = field(default_factory=lambda: {True: [0.0, 0.0, 0.0], False: [0.0, 0.0, 0.0]})
-    costs: RoundCostModel = field(default_factory=RoundCostModel)
-    acceptance_decay: float = 0.95  # per speculative round: acceptance is noisier than round time
-    accepted: float = 0.0   # decayed drafted tokens accepted
-    rejected: float = 0.0   # decayed rounds that ended on a rejection
 
     def block_size(self) -> int:
-        return self.draft_length() if self.speculating else 0
-
-    def min_ready(self, overlapped: bool) -> int:
-        return self.draft_length()
-
-    def lookahead(self) -> int:
-        return 2 * self.draft_length()
-
-    def draft_length(self) -> int:
-        return self.best_length() or self.length
-
-    def acceptance(self) -> float | None:
-        """Per-token acceptance, the censored-geometric estimate: accepted / (accepted + rejections)."""
-        seen = self.accepted + self.rejected
-        return self.accepted / seen if seen > 0 else None
-
-    def best_length(self) -> int | None:
-        """argmax over 1..max_length of expected committed tokens per second; None until measurable."""
-        acceptance, line = self.acceptance(), self.costs.line()
-        if acceptance is None or line is None:
-            return None
-        base, per_token = line
-
-        def goodput(k: int) -> float:
-            return expected_committed(acceptance, k) / max(base + per_token * k, 1e-9)
-
-        return max(range(1, self.max_length + 1), key=goodput)
-
-    def update(self, sent: int, accepted: int) -> None:
-        super().update(sent, accepted)
-        if sent:
-            self.accepted = self.acceptance_decay * self.accepted + accepted
-            self.rejected = self.acceptance_decay * self.rejected + (accepted < sent)
+        return self.length if self.speculating else 0
 
     def goodput(self, speculating: bool) -> float:
         tokens, seconds, _ = self.observed[speculating]
@@ -249,8 +160,7 @@ class GoodputPolicy(HeuristicPolicy):
         tokens, _, rounds = self.observed[True]
         return tokens > rounds and self.goodput(True) >= self.goodput(False)
 
-    def record_round(self, block: int, committed: int, seconds: float) -> None:
-        self.costs.record(block, seconds)
+    def record_round(self, committed: int, seconds: float) -> None:
         totals = self.observed[self.speculating]
         totals[0] = self.decay * totals[0] + committed
         totals[1] = self.decay * totals[1] + seconds

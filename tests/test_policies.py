@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 
-from coordinator.policies import POLICIES, RoundCostModel, expected_committed, make_policy
+from coordinator.policies import POLICIES, make_policy
 from specdec.stopping import (DraftStep, StopRule, adaedl_acceptance_lower_bound, probability_some_rejected,
                               should_stop)
 
@@ -61,12 +60,12 @@ def _run_goodput(policy, rounds: int, speculative: tuple[int, float], target_onl
     returns the choice made each round."""
     choices = []
     for _ in range(rounds):
-        block = policy.block_size()
-        choices.append(block > 0)
-        tokens, seconds = speculative if block else target_only
-        policy.record_round(block, tokens, seconds)
-        if block:
-            policy.update(block, min(tokens - 1, block))
+        speculating = policy.block_size() > 0
+        choices.append(speculating)
+        tokens, seconds = speculative if speculating else target_only
+        if speculating:
+            policy.update(policy.block_size(), min(tokens - 1, policy.block_size()))
+        policy.record_round(tokens, seconds)
     return choices
 
 
@@ -102,60 +101,6 @@ def test_goodput_keeps_speculating_when_it_pays_and_switches_back_when_the_draft
     # The drafter got better (a new checkpoint): the next probe finds out and speculation resumes.
     choices = _run_goodput(weak, 8 + 4 + 2, speculative=(5, 0.2), target_only=(1, 0.1))
     assert choices == [False] * 8 + [True] * 4 + [True] * 2
-
-
-def test_expected_committed_tokens_of_a_round():
-    assert expected_committed(0.0, 5) == 1.0
-    assert expected_committed(1.0, 5) == 6.0
-    assert expected_committed(0.5, 2) == pytest.approx(1.75)
-    assert expected_committed(0.6, 3) == pytest.approx(1 + 0.6 + 0.36 + 0.216)
-
-
-def test_round_cost_line_is_fitted_on_per_size_means_and_anchored_at_target_only_until_two_sizes():
-    costs = RoundCostModel()
-    assert costs.line() is None
-    costs.record(2, 0.12)
-    assert costs.line() is None                    # one speculative size and no target-only round
-    costs.record(0, 0.08)
-    assert costs.line() == pytest.approx((0.08, 0.02))
-    for _ in range(5):
-        costs.record(4, 0.16)
-    costs.record(2, 0.12)
-    base, per_token = costs.line()                 # through (2, 0.12) and (4, 0.16); k=0 no longer needed
-    assert (base, per_token) == pytest.approx((0.08, 0.02))
-    falling = RoundCostModel()
-    falling.record(1, 0.2)
-    falling.record(3, 0.1)
-    assert falling.line()[1] == 0.0                # timing noise never makes longer blocks look cheaper
-
-
-def _simulate(policy, rounds: int, acceptance: float, base_s: float, per_token_s: float) -> list[int]:
-    """Rounds against a drafter whose tokens are each accepted with probability `acceptance` and a
-    verifier whose round costs base_s + per_token_s * block; returns the block size of each round."""
-    draws = random.Random(0)
-    sizes = []
-    for _ in range(rounds):
-        block = policy.block_size()
-        accepted = 0
-        while accepted < block and draws.random() < acceptance:
-            accepted += 1
-        policy.record_round(block, accepted + 1, base_s + per_token_s * block)
-        if block:
-            policy.update(block, accepted)
-        sizes.append(block)
-    return sizes
-
-
-@pytest.mark.parametrize("per_token_s, expected", [(0.05, 1), (0.01, 3), (0.0, 8)])
-def test_goodput_drafts_the_block_size_the_cost_of_verifying_pays_for(per_token_s, expected):
-    # Per-token acceptance 0.6 against a base round of 0.1 s. The best k maximises
-    # expected_committed(0.6, k) / (0.1 + per_token_s * k): 1 on a steep cost line (a compute-bound CPU),
-    # 3 in between, the maximum of 8 when verifying more tokens is free (a GPU, roughly).
-    policy = make_policy("goodput", 4, 8)
-    sizes = _simulate(policy, 200, acceptance=0.6, base_s=0.1, per_token_s=per_token_s)
-    assert policy.acceptance() == pytest.approx(0.6, abs=0.2)
-    speculative = [k for k in sizes[-60:] if k]
-    assert max(set(speculative), key=speculative.count) == expected
 
 
 def _step(confidence=0.9, entropy=0.1, accept_prob=None):
