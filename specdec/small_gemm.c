@@ -7,8 +7,8 @@
  *
  * With two rows or more the FMAs keep the core busy long enough that the hardware prefetcher
  * falls behind and weight lines arrive late, so those passes also prefetch W into L2
- * PREFETCH_AHEAD floats ahead (bench/RESULTS.md: a 6-token SmolLM2 forward went from 2.0x to
- * 1.4x a 1-token one on Zen 4). One row is a pure stream the hardware prefetcher keeps up with.
+ * PREFETCH_AHEAD floats ahead (bench/RESULTS.md: an 8-token SmolLM2 forward went from 2.5x to
+ * 1.8x a 1-token one on Zen 4). One row is a pure stream the hardware prefetcher keeps up with.
  */
 #include <immintrin.h>
 #include <stdint.h>
