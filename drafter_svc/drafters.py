@@ -94,7 +94,7 @@ class ModelDrafter(Drafter):
 
     def _install(self, loaded: LoadedModel, accept_head, generation: int) -> None:
         self.loaded = loaded
-        self.runner = ModelRunner(loaded.model, loaded.device, self.small_gemm)
+        self.runner = ModelRunner(loaded.model, loaded.device, self.small_gemm, loaded.gguf_path)
         self.accept_head = accept_head
         self.generation = generation
 

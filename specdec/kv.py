@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -140,15 +141,19 @@ class ModelRunner:
     without changing callers.
     """
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, small_gemm: bool = False):
+    def __init__(self, model: torch.nn.Module, device: torch.device, small_gemm: bool = False,
+                 gguf_path: Path | None = None):
         import inspect
 
+        from specdec import gguf_blocks
         from specdec import small_gemm as kernel
 
         self.model = model
         self.device = device
         # Decode and verify steps feed a few rows; the kernel keeps them memory-bound and batch-invariant.
         self.small_gemm_layers = kernel.install(model) if small_gemm and device.type == "cpu" else 0
+        # Weights de-quantised from a GGUF are read in its blocks: a fifth of the bytes, the same values.
+        self.gguf_block_layers = gguf_blocks.attach(model, gguf_path) if self.small_gemm_layers and gguf_path else 0
         # The LM head over a long prefill is costly; most HF models can skip rows nobody reads.
         self.can_skip_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 

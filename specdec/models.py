@@ -42,6 +42,7 @@ class LoadedModel:
     max_context: int
     device: torch.device
     fingerprint: str                # equal fingerprints <=> interchangeable token ids
+    gguf_path: Path | None = None   # the GGUF the weights were de-quantised from, if any
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -91,10 +92,14 @@ def resolve_source(spec: str) -> ModelSource:
     raise ModelLoadError(f"unknown model {spec!r}: not a preset ({', '.join(PRESETS)}), directory or .gguf file")
 
 
+def file_cache_key(path: Path, format_version: int) -> str:
+    """A cache key that changes when the file, or the format of what is derived from it, does."""
+    stat = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{format_version}".encode()).hexdigest()[:16]
+
+
 def _converted_dir(source: ModelSource) -> Path:
-    gguf = source.directory / source.gguf_file
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{CONVERTED_FORMAT}".encode()).hexdigest()[:16]
+    key = file_cache_key(source.directory / source.gguf_file, CONVERTED_FORMAT)
     return CACHE_DIR / "converted" / f"{source.name}-{key}"
 
 
@@ -183,6 +188,7 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32", tokenizer
         max_context=limit,
         device=torch_device,
         fingerprint=tokenizer_fingerprint(tokenizer, vocab_size),
+        gguf_path=source.directory / source.gguf_file if source.gguf_file else None,
     )
 
 

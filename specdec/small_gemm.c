@@ -9,6 +9,13 @@
  * falls behind and weight lines arrive late, so those passes also prefetch W into L2
  * PREFETCH_AHEAD floats ahead (bench/RESULTS.md: an 8-token SmolLM2 forward went from 2.5x to
  * 1.8x a 1-token one on Zen 4). One row is a pure stream the hardware prefetcher keeps up with.
+ *
+ * q4_1_gemm and q8_0_gemm read W in GGUF's blocks of 32 (4-bit codes with a scale and a minimum,
+ * or 8-bit codes with a scale) and rebuild each weight in registers exactly as gguf-py
+ * de-quantises it: d * q + m, one rounding per operation (built with -ffp-contract=off, so no
+ * FMA fuses them). The weights are then the same fp32 values the model holds and the FMAs run
+ * in small_gemm's order, so all three kernels give the same bits, while a decode step reads
+ * 0.75 or 1.125 bytes per weight instead of 4.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -52,3 +59,91 @@ void small_gemm(const float *x, const float *w, const float *bias, float *y, int
         switch (rows - m0 < ROWS_PER_PASS ? rows - m0 : ROWS_PER_PASS) { PASS(1) PASS(2) PASS(3) PASS(4) PASS(5) PASS(6) PASS(7) PASS(8) }
     }
 }
+
+#define BLOCK 32
+#define MAX_OUTS 4
+
+/* Weights k0..k0+31 of one Q4_1 block: codes 0-15 in the low nibbles of its 16 bytes, 16-31 in the high ones. */
+static inline __attribute__((always_inline)) void q4_1_weights(const uint8_t *codes, float scale, float minimum, __m256 w[4]) {
+    const __m128i bytes = _mm_loadu_si128((const __m128i *)codes);
+    const __m128i low_nibbles = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(bytes, low_nibbles), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low_nibbles);
+    const __m256 d = _mm256_set1_ps(scale), m = _mm256_set1_ps(minimum);
+    const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    _Pragma("GCC unroll 8") for (int j = 0; j < 4; j++)
+        w[j] = _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[j]))), m);
+}
+
+static inline __attribute__((always_inline)) void q8_0_weights(const uint8_t *codes, float scale, __m256 w[4]) {
+    const __m256 d = _mm256_set1_ps(scale);
+    _Pragma("GCC unroll 8") for (int j = 0; j < 4; j++)
+        w[j] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(codes + 8 * j)))), d);
+}
+
+/* Outputs n..n+outs-1 for rows of x. Each output keeps small_gemm's one accumulator and order;
+ * with few rows, several outputs at once give the FMA chains the independence that rows give. */
+static inline __attribute__((always_inline)) void block_outputs(const float *x, const uint8_t *codes, const float *scale,
+                                                                const float *minimum, const float *bias, float *y,
+                                                                int64_t n_out, int64_t k_in, int64_t n, const int rows,
+                                                                const int outs, const int code_bytes) {
+    const int64_t blocks = k_in / BLOCK;
+    __m256 acc[MAX_OUTS][ROWS_PER_PASS];
+    _Pragma("GCC unroll 8") for (int u = 0; u < outs; u++)
+        _Pragma("GCC unroll 8") for (int m = 0; m < rows; m++) acc[u][m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; b++) {
+        _Pragma("GCC unroll 8") for (int u = 0; u < outs; u++) {
+            const int64_t block = (n + u) * blocks + b;
+            const uint8_t *block_codes = codes + block * code_bytes;
+            if ((block * code_bytes) % 64 < code_bytes) _mm_prefetch((const char *)(block_codes + PREFETCH_AHEAD), _MM_HINT_T1);
+            __m256 w[4];
+            if (code_bytes == BLOCK / 2) q4_1_weights(block_codes, scale[block], minimum[block], w);
+            else q8_0_weights(block_codes, scale[block], w);
+            _Pragma("GCC unroll 8") for (int j = 0; j < 4; j++)
+                _Pragma("GCC unroll 8") for (int m = 0; m < rows; m++)
+                    acc[u][m] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(x + m * k_in + b * BLOCK + 8 * j), acc[u][m]);
+        }
+    }
+    _Pragma("GCC unroll 8") for (int u = 0; u < outs; u++)
+        _Pragma("GCC unroll 8") for (int m = 0; m < rows; m++) {
+            float s = sum_lanes(acc[u][m]);
+            y[m * n_out + n + u] = bias ? s + bias[n + u] : s;
+        }
+}
+
+/* codes [n_out, k_in / 32, code_bytes], scale and minimum [n_out, k_in / 32]; k_in % 32 == 0. */
+static inline __attribute__((always_inline)) void block_pass(const float *x, const uint8_t *codes, const float *scale,
+                                                             const float *minimum, const float *bias, float *y,
+                                                             int64_t n_out, int64_t k_in, const int rows, const int code_bytes) {
+    const int outs = rows == 1 ? 4 : rows <= 4 ? 2 : 1;
+    int64_t n = 0;
+    for (; n + outs <= n_out; n += outs) block_outputs(x, codes, scale, minimum, bias, y, n_out, k_in, n, rows, outs, code_bytes);
+    for (; n < n_out; n++) block_outputs(x, codes, scale, minimum, bias, y, n_out, k_in, n, rows, 1, code_bytes);
+}
+
+/* One function per (format, rows): each gets its registers to itself. */
+#define BLOCK_PASS_FN(name, r, code_bytes)                                                                              \
+    static __attribute__((noinline)) void name##_##r(const float *x, const uint8_t *codes, const float *scale,           \
+                                                     const float *minimum, const float *bias, float *y, int64_t n_out,  \
+                                                     int64_t k_in) {                                                    \
+        block_pass(x, codes, scale, minimum, bias, y, n_out, k_in, r, code_bytes);                                     \
+    }
+#define BLOCK_PASS_FNS(name, code_bytes)                                                                               \
+    BLOCK_PASS_FN(name, 1, code_bytes) BLOCK_PASS_FN(name, 2, code_bytes) BLOCK_PASS_FN(name, 3, code_bytes)             \
+    BLOCK_PASS_FN(name, 4, code_bytes) BLOCK_PASS_FN(name, 5, code_bytes) BLOCK_PASS_FN(name, 6, code_bytes)             \
+    BLOCK_PASS_FN(name, 7, code_bytes) BLOCK_PASS_FN(name, 8, code_bytes)
+#define BLOCK_PASS(name, r) case r: name##_##r(x + m0 * k_in, codes, scale, minimum, bias, y + m0 * n_out, n_out, k_in); break;
+#define BLOCK_GEMM(name, code_bytes)                                                                                   \
+    BLOCK_PASS_FNS(name, code_bytes)                                                                                   \
+    void name(const float *x, const uint8_t *codes, const float *scale, const float *minimum, const float *bias,       \
+              float *y, int64_t rows, int64_t n_out, int64_t k_in) {                                                   \
+        for (int64_t m0 = 0; m0 < rows; m0 += ROWS_PER_PASS) {                                                         \
+            switch (rows - m0 < ROWS_PER_PASS ? rows - m0 : ROWS_PER_PASS) {                                           \
+                BLOCK_PASS(name, 1) BLOCK_PASS(name, 2) BLOCK_PASS(name, 3) BLOCK_PASS(name, 4)                         \
+                BLOCK_PASS(name, 5) BLOCK_PASS(name, 6) BLOCK_PASS(name, 7) BLOCK_PASS(name, 8)                         \
+            }                                                                                                          \
+        }                                                                                                              \
+    }
+
+/* x [rows, k_in], y [rows, n_out]; minimum is ignored (NULL) for Q8_0. */
+BLOCK_GEMM(q4_1_gemm, BLOCK / 2)
+BLOCK_GEMM(q8_0_gemm, BLOCK)

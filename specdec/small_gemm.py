@@ -7,6 +7,10 @@ small_gemm.c streams each weight matrix once for up to 8 rows, so a verify step 
 about a decode step, and it reduces every output in the same order whatever the number
 of rows: a block verified at once gives the same bits as its tokens decoded one by one.
 
+Layers of a model loaded from GGUF can also carry their weight in its Q4_1 or Q8_0 blocks
+(specdec/gguf_blocks.py); the kernel then rebuilds the exact fp32 weights in registers and a
+decode step reads a fifth of the bytes, with the same output bits.
+
 The kernel is compiled on first use with the system C compiler into the cache directory;
 images build it ahead and name it in SPECD_SMALL_GEMM_LIB. Without a compiler, AVX2 or
 FMA, layers use torch's linear; services turn it off with the small_gemm setting.
@@ -22,6 +26,7 @@ import os
 import platform
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,7 +36,7 @@ from specdec.models import CACHE_DIR
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("small_gemm.c")
-COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC")
+COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-shared", "-fPIC")  # no fused d*q+m: gguf-py rounds twice
 MAX_ROWS = 16  # prefill-sized inputs go to BLAS, which is faster there
 
 
@@ -57,6 +62,9 @@ def load_kernel() -> ctypes.CDLL | None:
     kernel = ctypes.CDLL(str(library))
     kernel.small_gemm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
     kernel.small_gemm.restype = None
+    for name in ("q4_1_gemm", "q8_0_gemm"):
+        getattr(kernel, name).argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3
+        getattr(kernel, name).restype = None
     return kernel
 
 
@@ -80,10 +88,12 @@ def _build() -> Path | None:
     return library
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           blocks: BlockWeight | None = None) -> torch.Tensor:
     """F.linear, through the kernel for up to MAX_ROWS rows of fp32 CPU inference.
 
-    x [..., K], weight [N, K] (contiguous), bias [N] or None -> [..., N].
+    x [..., K], weight [N, K] (contiguous), bias [N] or None -> [..., N]. `blocks`, when given,
+    holds the same weight in GGUF blocks (blocks.dequantize() equals weight bit for bit).
     """
     in_features = weight.shape[-1]
     rows = x.numel() // in_features if in_features else 0
@@ -95,20 +105,55 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return torch.nn.functional.linear(x, weight, bias)
     flat = x.reshape(rows, in_features).contiguous()  # [rows, K]
     out = torch.empty(rows, weight.shape[0], dtype=torch.float32)  # [rows, N]
-    kernel.small_gemm(flat.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
-                      rows, weight.shape[0], in_features)
+    bias_ptr = None if bias is None else bias.data_ptr()
+    if blocks is None:
+        kernel.small_gemm(flat.data_ptr(), weight.data_ptr(), bias_ptr, out.data_ptr(), rows, weight.shape[0], in_features)
+    else:
+        gemm = kernel.q4_1_gemm if blocks.kind == "q4_1" else kernel.q8_0_gemm
+        minimum = None if blocks.minimum is None else blocks.minimum.data_ptr()
+        gemm(flat.data_ptr(), blocks.codes.data_ptr(), blocks.scale.data_ptr(), minimum, bias_ptr, out.data_ptr(),
+             rows, weight.shape[0], in_features)
     return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+BLOCK_SIZE = 32
+CODE_BYTES = {"q4_1": BLOCK_SIZE // 2, "q8_0": BLOCK_SIZE}
+
+
+@dataclass(frozen=True)
+class BlockWeight:
+    """A [N, K] weight in GGUF blocks of 32 along K: w = scale * code (+ minimum for Q4_1).
+
+    Q4_1 codes hold weights 0-15 of a block in the low nibbles of its 16 bytes and 16-31 in the
+    high ones; Q8_0 codes are int8. Scales and minimums are stored as fp32 (exact from fp16).
+    """
+
+    kind: str                      # "q4_1" or "q8_0"
+    codes: torch.Tensor            # uint8 [N, K / 32, CODE_BYTES[kind]]
+    scale: torch.Tensor            # fp32 [N, K / 32]
+    minimum: torch.Tensor | None   # fp32 [N, K / 32] for Q4_1, else None
+
+    def dequantize(self) -> torch.Tensor:
+        """The fp32 weight [N, K], rounded as gguf-py rounds it."""
+        if self.kind == "q4_1":
+            codes = torch.cat([self.codes & 0x0F, self.codes >> 4], dim=-1).float()  # [N, K / 32, 32]
+            weight = self.scale.unsqueeze(-1) * codes + self.minimum.unsqueeze(-1)
+        else:
+            weight = self.codes.view(torch.int8).float() * self.scale.unsqueeze(-1)
+        return weight.reshape(self.codes.shape[0], -1)
 
 
 class SmallBatchLinear(torch.nn.Linear):
     """nn.Linear whose small inference inputs go through the kernel; same parameters and state dict."""
 
+    blocks: BlockWeight | None = None  # set by gguf_blocks.attach where the weight came from GGUF blocks
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.blocks)
 
 
 def install(model: torch.nn.Module) -> int:
-    """Routes `model`'s linear layers and subset LM head through the kernel; returns how many.
+    """Routes `model`'s linear layers and subset LM head through the kernel; returns how many are.
 
     0 where the kernel cannot run here. Other projections (GPT-2's Conv1D, say) keep torch's path.
     """
@@ -118,7 +163,7 @@ def install(model: torch.nn.Module) -> int:
         return 0
     swapped = 0
     for module in model.modules():
-        if type(module) is torch.nn.Linear:
+        if type(module) in (torch.nn.Linear, SmallBatchLinear):  # a second install counts the same layers
             module.__class__ = SmallBatchLinear  # in place: parameters, hooks and ties stay as they are
             swapped += 1
         elif isinstance(module, SubsetLMHead):

@@ -74,7 +74,7 @@ def distill_command(args: argparse.Namespace) -> int:
         print(f"specd distill: {err}", file=sys.stderr)
         return 2
     _setup(settings)
-    from specdec import small_gemm
+    from specdec import gguf_blocks, small_gemm
     from trainer.assemble import build_worker, load_target
     from trainer.bootstrap import distill_prompt_file
 
@@ -84,7 +84,8 @@ def distill_command(args: argparse.Namespace) -> int:
         return 2
     worker = build_worker(settings, drafter_layers=args.layers, target=target)
     if target.device.type == "cpu":  # after the drafter is cut from it; batched greedy decoding is the kernel's case
-        small_gemm.install(target.model)
+        if small_gemm.install(target.model) and target.gguf_path:
+            gguf_blocks.attach(target.model, target.gguf_path)
     worker.options.max_trace_age_s = 0  # a batch job: every teacher trace is wanted, however long training takes
     summary = distill_prompt_file(
         target.model, target.tokenizer, worker, args.prompts, max_prompts=args.max_prompts,

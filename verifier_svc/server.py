@@ -114,7 +114,8 @@ async def start(settings: VerifierSettings, loaded: LoadedModel | None = None) -
     running.background.append(asyncio.ensure_future(expire_sessions_forever(servicer.core.sessions, "verifier")))
     log.info("verifier ready", extra={"fields": {"port": running.port, "metrics_port": metrics_port,
                                                  "model": loaded.name, "vocab": loaded.vocab_size,
-                                                 "small_gemm_layers": servicer.core.runner.small_gemm_layers}})
+                                                 "small_gemm_layers": servicer.core.runner.small_gemm_layers,
+                                                 "gguf_block_layers": servicer.core.runner.gguf_block_layers}})
     return running
 
 

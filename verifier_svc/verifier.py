@@ -33,7 +33,7 @@ class VerifierCore:
     def __init__(self, loaded: LoadedModel, max_sessions: int = 64, session_ttl_s: float = 300.0,
                  small_gemm: bool = False):
         self.loaded = loaded
-        self.runner = ModelRunner(loaded.model, loaded.device, small_gemm)
+        self.runner = ModelRunner(loaded.model, loaded.device, small_gemm, loaded.gguf_path)
         self.sessions = SessionStore(max_sessions, session_ttl_s)
         self._compute = threading.Lock()  # one forward at a time; sessions stay independent
 

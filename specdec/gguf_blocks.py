@@ -1,0 +1,128 @@
+"""Gives a GGUF-loaded model's linears their weights in the file's own Q4_1 / Q8_0 blocks.
+
+transformers de-quantises a GGUF into fp32 and may reorder rows on the way (Llama's q/k
+projections are permuted back from llama.cpp's rotary layout). Rather than re-deriving each
+architecture's name map and permutation, rows are matched by content: every de-quantised
+row of a block tensor in the file is hashed, and a linear whose weight rows are all found
+gets those rows' blocks. The matched blocks are saved once per file under the cache
+directory (safetensors). Every load checks them bit for bit against the weights, so a layer
+either reads its exact weights from the blocks or keeps its fp32 path.
+
+The fp32 weights stay in the model: prefill, training and the torch fallback use them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from specdec.models import CACHE_DIR, file_cache_key
+from specdec.small_gemm import BLOCK_SIZE, BlockWeight, SmallBatchLinear
+
+log = logging.getLogger(__name__)
+
+BLOCK_KINDS = ("q4_1", "q8_0")
+BLOCKS_FORMAT = 1  # bump when the saved layout changes
+
+
+def _row_digest(row: np.ndarray) -> bytes:
+    return hashlib.blake2b(row.tobytes(), digest_size=16).digest()
+
+
+def _split_blocks(kind: str, raw: np.ndarray) -> BlockWeight:
+    """raw uint8 [N, K / 32 * bytes per block], the file's layout (an fp16 scale, for Q4_1 an fp16 minimum, codes)."""
+    blocks = raw.reshape(raw.shape[0], -1, 4 + BLOCK_SIZE // 2 if kind == "q4_1" else 2 + BLOCK_SIZE)
+    scale = torch.from_numpy(np.ascontiguousarray(blocks[..., 0:2]).view(np.float16)[..., 0].astype(np.float32))
+    if kind == "q4_1":
+        minimum = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:4]).view(np.float16)[..., 0].astype(np.float32))
+        codes = blocks[..., 4:]
+    else:
+        minimum, codes = None, blocks[..., 2:]
+    return BlockWeight(kind, torch.from_numpy(np.ascontiguousarray(codes)), scale, minimum)
+
+
+class _BlockRows:
+    """Every row of the file's Q4_1 and Q8_0 tensors, found by the digest of its de-quantised values."""
+
+    def __init__(self, gguf_path: Path):
+        from gguf import GGUFReader
+        from gguf.quants import dequantize
+
+        self.tensors: list[tuple[str, np.ndarray]] = []  # (kind, raw uint8 [rows, row bytes])
+        self.index: dict[bytes, tuple[int, int]] = {}     # digest -> (tensor, row)
+        for tensor in GGUFReader(str(gguf_path)).tensors:
+            kind = tensor.tensor_type.name.lower()
+            if kind not in BLOCK_KINDS:
+                continue
+            raw = np.asarray(tensor.data)  # [rows, row bytes], memory-mapped
+            values = dequantize(raw, tensor.tensor_type)  # [rows, K] fp32
+            position = len(self.tensors)
+            self.tensors.append((kind, raw))
+            for row, row_values in enumerate(values):
+                self.index.setdefault(_row_digest(row_values), (position, row))
+
+    def blocks_for(self, weight: torch.Tensor) -> BlockWeight | None:
+        """The blocks of `weight`'s rows [N, K]; None unless every row is found, all in one tensor."""
+        found = [self.index.get(_row_digest(row)) for row in weight.detach().numpy()]
+        if not found or None in found or len({position for position, _ in found}) != 1:
+            return None
+        kind, raw = self.tensors[found[0][0]]
+        return _split_blocks(kind, raw[[row for _, row in found]])
+
+
+def _cache_file(gguf_path: Path) -> Path:
+    return CACHE_DIR / "gguf-blocks" / f"{gguf_path.stem}-{file_cache_key(gguf_path, BLOCKS_FORMAT)}.safetensors"
+
+
+def _save(path: Path, found: dict[str, BlockWeight]) -> None:
+    from safetensors.torch import save_file
+
+    tensors, kinds = {}, {}
+    for name, blocks in found.items():
+        kinds[name] = blocks.kind
+        tensors[f"{name}.codes"], tensors[f"{name}.scale"] = blocks.codes, blocks.scale
+        if blocks.minimum is not None:
+            tensors[f"{name}.minimum"] = blocks.minimum
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(path.name + f".tmp{os.getpid()}")
+    save_file(tensors, str(staging), metadata=kinds)
+    staging.rename(path)  # atomic: concurrent services never read a half-written file
+
+
+def _load(path: Path) -> dict[str, BlockWeight]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as saved:
+        kinds = saved.metadata() or {}
+        names = set(saved.keys())
+        return {name: BlockWeight(kind, saved.get_tensor(f"{name}.codes"), saved.get_tensor(f"{name}.scale"),
+                                  saved.get_tensor(f"{name}.minimum") if f"{name}.minimum" in names else None)
+                for name, kind in kinds.items()}
+
+
+def attach(model: torch.nn.Module, gguf_path: Path) -> int:
+    """Gives each kernel-routed linear of `model` whose weight came from `gguf_path`'s blocks those blocks; returns how many."""
+    candidates = {name: m for name, m in model.named_modules() if isinstance(m, SmallBatchLinear)
+                  and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu" and m.in_features % BLOCK_SIZE == 0}
+    if not candidates:
+        return 0
+    cache = _cache_file(gguf_path)
+    saved = _load(cache) if cache.exists() else None
+    if saved is None:
+        rows = _BlockRows(gguf_path)
+        saved = {name: blocks for name, m in candidates.items() if (blocks := rows.blocks_for(m.weight)) is not None}
+        _save(cache, saved)
+    attached = 0
+    for name, module in candidates.items():
+        blocks = saved.get(name)
+        # A saved match is only trusted once it rebuilds this model's weight exactly.
+        module.blocks = blocks if blocks is not None and torch.equal(blocks.dequantize(), module.weight) else None
+        attached += module.blocks is not None
+    kinds = sorted({m.blocks.kind for m in candidates.values() if m.blocks is not None})
+    log.info("linears reading GGUF blocks", extra={"fields": {"layers": attached, "of": len(candidates), "kinds": kinds}})
+    return attached

