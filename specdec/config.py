@@ -104,7 +104,8 @@ class ModelServiceSettings(CommonSettings):
     session_ttl_s: float = Field(300.0, gt=0, description="Idle sessions are released after this long.")
     max_context: int = Field(0, ge=0, description="Cap on context length (0: the model's own).")
     small_gemm: bool = Field(True, description="Run decode/verify-sized fp32 CPU linears through specd's AVX2 "
-                                               "kernel (single-threaded, batch-invariant); off: torch's BLAS.")
+                                               "kernel (single-threaded, batch-invariant; a GGUF model's linears "
+                                               "read the file's Q4_1/Q8_0 blocks, same bits); off: torch's BLAS.")
 
 
 class VerifierSettings(ModelServiceSettings):
