@@ -85,16 +85,21 @@ class ModelDrafter(Drafter):
 
     def __init__(self, loaded: LoadedModel, max_sessions: int = 64, session_ttl_s: float = 300.0,
                  accept_head: torch.nn.Module | None = None, small_gemm: bool = False,
-                 lookup: PromptLookup | None = None):
+                 lookup: PromptLookup | None = None, quantise_to: str = ""):
         super().__init__(max_sessions, session_ttl_s, loaded.vocab_size)
         self._swap_lock = threading.Lock()
         self.small_gemm = small_gemm
+        self.quantise_to = quantise_to  # applied to every version installed, hot-swapped ones included
         self.lookup = lookup
-        self._install(loaded, accept_head, generation=0)
+        self._install(loaded, self._runner_for(loaded), accept_head, generation=0)
 
-    def _install(self, loaded: LoadedModel, accept_head, generation: int) -> None:
+    def _runner_for(self, loaded: LoadedModel) -> ModelRunner:
+        """Routes `loaded` through the kernel (and rounds it to blocks), before any request sees it."""
+        return ModelRunner(loaded.model, loaded.device, self.small_gemm, loaded.gguf_path, self.quantise_to)
+
+    def _install(self, loaded: LoadedModel, runner: ModelRunner, accept_head, generation: int) -> None:
         self.loaded = loaded
-        self.runner = ModelRunner(loaded.model, loaded.device, self.small_gemm, loaded.gguf_path)
+        self.runner = runner
         self.accept_head = accept_head
         self.generation = generation
 
@@ -106,8 +111,9 @@ class ModelDrafter(Drafter):
         """Installs a new drafter version; in-flight sessions re-prefill on their next step."""
         if loaded.vocab_size != self.vocab_size or loaded.fingerprint != self.loaded.fingerprint:
             raise InvalidRequest("the new drafter version does not share the tokenizer of the current one")
+        runner = self._runner_for(loaded)  # outside the lock: drafting goes on meanwhile
         with self._swap_lock:
-            self._install(loaded, accept_head, self.generation + 1)
+            self._install(loaded, runner, accept_head, self.generation + 1)
 
     @torch.inference_mode()
     def step(self, session, sampling, support):

@@ -118,7 +118,7 @@ def build_drafter(settings: DrafterSettings) -> DrafterServicer:
                    loaded.fingerprint, settings.target, settings.model)
     lookup = PromptLookup(settings.ngram_max, settings.ngram_min) if settings.prompt_lookup else None
     drafter = ModelDrafter(loaded, settings.max_sessions, settings.session_ttl_s, small_gemm=settings.small_gemm,
-                           lookup=lookup)
+                           lookup=lookup, quantise_to="" if settings.draft_weights == "fp32" else settings.draft_weights)
     return DrafterServicer(drafter, settings.draft_support, loaded.name, loaded.fingerprint, loaded.max_context)
 
 

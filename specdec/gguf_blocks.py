@@ -9,6 +9,10 @@ directory (safetensors). Every load checks them bit for bit against the weights,
 either reads its exact weights from the blocks or keeps its fp32 path.
 
 The fp32 weights stay in the model: prefill, training and the torch fallback use them.
+
+`quantise_in_place` does the converse for a model with no GGUF (a distilled drafter): it
+rounds the weights to Q8_0 and keeps the blocks. That changes the model, so it is for
+drafters only, where it costs at most some acceptance and never changes an output.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 
 from specdec.models import CACHE_DIR, file_cache_key
 from specdec.small_gemm import BLOCK_SIZE, BlockWeight, SmallBatchLinear
+from specdec.vocab_head import SubsetLMHead
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +110,29 @@ def _load(path: Path) -> dict[str, BlockWeight]:
                 for name, kind in kinds.items()}
 
 
+def _kernel_linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The modules whose small inputs the kernel runs and whose weights blocks of 32 can hold."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, (SmallBatchLinear, SubsetLMHead))
+            and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu" and m.weight.shape[1] % BLOCK_SIZE == 0}
+
+
+def quantise_in_place(model: torch.nn.Module, kind: str = "q8_0") -> int:
+    """Rounds each kernel-routed weight of `model` to `kind` blocks, in place, and gives the layer those blocks."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    modules = _kernel_linears(model)
+    with torch.no_grad():
+        for module in modules.values():
+            blocks = _split_blocks(kind, quantize(module.weight.detach().numpy(), GGMLQuantizationType[kind.upper()]))
+            module.weight.copy_(blocks.dequantize())  # prefill and the torch fallback see the same weights
+            module.blocks = blocks
+    return len(modules)
+
+
 def attach(model: torch.nn.Module, gguf_path: Path) -> int:
     """Gives each kernel-routed linear of `model` whose weight came from `gguf_path`'s blocks those blocks; returns how many."""
-    candidates = {name: m for name, m in model.named_modules() if isinstance(m, SmallBatchLinear)
-                  and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu" and m.in_features % BLOCK_SIZE == 0}
+    candidates = _kernel_linears(model)
     if not candidates:
         return 0
     cache = _cache_file(gguf_path)

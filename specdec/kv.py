@@ -142,7 +142,7 @@ class ModelRunner:
     """
 
     def __init__(self, model: torch.nn.Module, device: torch.device, small_gemm: bool = False,
-                 gguf_path: Path | None = None):
+                 gguf_path: Path | None = None, quantise_to: str = ""):
         import inspect
 
         from specdec import gguf_blocks
@@ -154,6 +154,9 @@ class ModelRunner:
         self.small_gemm_layers = kernel.install(model) if small_gemm and device.type == "cpu" else 0
         # Weights de-quantised from a GGUF are read in its blocks: a fifth of the bytes, the same values.
         self.gguf_block_layers = gguf_blocks.attach(model, gguf_path) if self.small_gemm_layers and gguf_path else 0
+        # Drafters may go further: rounding their own weights to blocks costs acceptance at most.
+        if self.small_gemm_layers and quantise_to and not self.gguf_block_layers:
+            self.gguf_block_layers = gguf_blocks.quantise_in_place(model, quantise_to)
         # The LM head over a long prefill is costly; most HF models can skip rows nobody reads.
         self.can_skip_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 

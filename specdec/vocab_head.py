@@ -30,6 +30,7 @@ class SubsetLMHead(torch.nn.Module):
     """Linear LM head whose rows are `token_ids`; logits elsewhere are EXCLUDED_LOGIT."""
 
     project = staticmethod(torch.nn.functional.linear)  # small_gemm.install swaps in its kernel
+    blocks = None  # the weight in blocks of 32 (small_gemm.BlockWeight), set only with the kernel installed
 
     def __init__(self, weight: torch.Tensor, token_ids: torch.Tensor, vocab_size: int):
         super().__init__()
@@ -41,7 +42,8 @@ class SubsetLMHead(torch.nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., H] -> logits [..., V]."""
-        subset = self.project(hidden, self.weight)  # [..., N]
+        kernel_only = () if self.blocks is None else (None, self.blocks)  # bias, blocks: small_gemm.linear's
+        subset = self.project(hidden, self.weight, *kernel_only)  # [..., N]
         full = subset.new_full((*subset.shape[:-1], self.vocab_size), EXCLUDED_LOGIT)
         return full.index_copy(-1, self.token_ids, subset)
 

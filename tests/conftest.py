@@ -90,7 +90,11 @@ class InProcessStack:
             self.servers[f"verifier{index}"] = self.run(start_verifier(settings))
         addrs = {"verifier_addrs": ",".join(f"127.0.0.1:{self.servers[f'verifier{i}'].port}" for i in range(verifiers))}
         if drafter is not None:
-            settings = load_settings("drafter", {"model": drafter, **common, **(drafter_overrides or {})}, environ={})
+            # The target drafting for itself must be exactly the target (tests count on every draft being
+            # accepted), not its Q8_0 rounding.
+            exact = {"draft_weights": "fp32"} if drafter == target else {}
+            settings = load_settings("drafter", {"model": drafter, **common, **exact, **(drafter_overrides or {})},
+                                     environ={})
             self.servers["drafter"] = self.run(start_drafter(settings))
             addrs["drafter_addrs"] = f"127.0.0.1:{self.servers['drafter'].port}"
         settings = load_settings("coordinator", {"target": target, **addrs, **common, "drafter_timeout_s": 5.0,

@@ -10,6 +10,7 @@ from conftest import tiny_model
 from specdec import gguf_blocks, small_gemm
 from specdec.kv import ModelRunner
 from specdec.models import load_model
+from specdec.vocab_head import install_subset_head
 
 pytestmark = pytest.mark.skipif(small_gemm.load_kernel() is None, reason="the kernel needs an x86 CPU with AVX2")
 
@@ -113,3 +114,19 @@ def test_the_bundled_target_reads_every_linear_from_its_blocks():
         pytest.skip(f"bundled target not available: {err}")
     runner = ModelRunner(loaded.model, loaded.device, small_gemm=True, gguf_path=loaded.gguf_path)
     assert runner.gguf_block_layers == runner.small_gemm_layers == 30 * 7 + 1  # 7 per layer, and the tied LM head
+
+
+def test_drafters_without_a_gguf_are_rounded_to_q8_0_blocks_they_then_read():
+    model = tiny_model("llama", seed=10, vocab_size=320)
+    install_subset_head(model, torch.arange(0, 320, 5))  # 64 rows, K = 32: blocks fit
+    original = {name: p.detach().clone() for name, p in model.named_parameters()}
+    runner = ModelRunner(model, torch.device("cpu"), small_gemm=True, quantise_to="q8_0")
+    head = model.get_output_embeddings()
+    assert runner.gguf_block_layers == runner.small_gemm_layers == 15 and head.blocks.kind == "q8_0"
+    for name, param in model.named_parameters():
+        if name.endswith("proj.weight") or name == "lm_head.weight":
+            assert not torch.equal(param, original[name])  # rounded ...
+            torch.testing.assert_close(param, original[name], rtol=0, atol=float(original[name].abs().max()) / 100)
+    assert torch.equal(head.blocks.dequantize(), head.weight)  # ... to exactly what the blocks hold
+    x = torch.randn(3, 32)
+    assert torch.equal(head(x)[:, head.token_ids], small_gemm.linear(x, head.weight))  # the fp32 kernel's bits

@@ -21,7 +21,8 @@ GREEDY = common_pb2.SamplingParams(temperature=0.0)
 @pytest.fixture(scope="module")
 def stack(tiny_dirs):
     dirs = tiny_dirs["llama"]
-    running = InProcessStack(dirs["target"], dirs["unrelated"], verifiers=1)
+    # fp32 drafts: the tests below compare the drafter's numbers with its model's own forward
+    running = InProcessStack(dirs["target"], dirs["unrelated"], verifiers=1, drafter_overrides={"draft_weights": "fp32"})
     yield running, dirs
     running.close()
 
