@@ -125,6 +125,48 @@ class BildPolicy(AdaEdlPolicy):
         return StopRule.MIN_CONFIDENCE, self.threshold
 
 
+def _decayed_add(totals: list[float], decay: float, committed: int, seconds: float) -> None:
+    """totals [tokens, seconds, rounds] fade by `decay` per round recorded, then take this round."""
+    totals[0] = decay * totals[0] + committed
+    totals[1] = decay * totals[1] + seconds
+    totals[2] = decay * totals[2] + 1
+
+
+def _goodput(totals: list[float]) -> float:
+    return totals[0] / totals[1] if totals[1] > 0 else 0.0
+
+
+def _speculation_pays(observed: dict) -> bool:
+    """A round whose drafts were all rejected commits only the target's own token, at the cost of
+    a target-only round plus drafting, so speculation must commit more than one token per round
+    to win; only then does the (noisy) timing comparison decide."""
+    tokens, _, rounds = observed[True]
+    return tokens > rounds and _goodput(observed[True]) >= _goodput(observed[False])
+
+
+@dataclass
+class GoodputMemory:
+    """What goodput policies have measured across requests, one per coordinator and pipeline mode.
+
+    Whether speculation pays depends mostly on the drafter, the target and the load, not on one
+    request, and a short request spends much of its life probing. A new request starts with the
+    choice this memory favours, and with its current exploit length, instead of re-learning it."""
+
+    decay: float = 0.98  # per round, across requests: the last few hundred rounds count
+    min_rounds: float = 3.0  # (decayed) rounds measured on each side before it decides anything
+    exploit_rounds: int = 8
+    observed: dict = field(default_factory=lambda: {True: [0.0, 0.0, 0.0], False: [0.0, 0.0, 0.0]})
+
+    def record(self, speculating: bool, committed: int, seconds: float) -> None:
+        _decayed_add(self.observed[speculating], self.decay, committed, seconds)
+
+    def favoured(self) -> bool | None:
+        """Whether to start speculating; None until both choices have been measured."""
+        if min(self.observed[True][2], self.observed[False][2]) < self.min_rounds:
+            return None
+        return _speculation_pays(self.observed)
+
+
 @dataclass
 class GoodputPolicy(HeuristicPolicy):
     """SmartSpec-style goodput control: committed tokens per second of wall time, measured
@@ -132,7 +174,8 @@ class GoodputPolicy(HeuristicPolicy):
     speculating pays at all. A weak drafter, or drafter and target contending for the same
     cores under load, turns speculation off for the request; the losing choice is re-probed
     for `probe_rounds` after every exploit phase, whose length doubles (up to
-    `max_exploit_rounds`) while the same choice keeps winning."""
+    `max_exploit_rounds`) while the same choice keeps winning. With a `memory` shared across
+    requests, a request starts where earlier ones left off and feeds its rounds back."""
 
     name: str = "goodput"
     speculating: bool = True
@@ -145,26 +188,26 @@ class GoodputPolicy(HeuristicPolicy):
     decay: float = 0.8  # per round of the same choice: older rounds fade
     # [tokens, seconds, rounds] with and without speculation, exponentially decayed
     observed: dict = field(default_factory=lambda: {True: [0.0, 0.0, 0.0], False: [0.0, 0.0, 0.0]})
+    memory: GoodputMemory | None = None
+
+    def __post_init__(self) -> None:
+        favoured = self.memory.favoured() if self.memory is not None else None
+        if favoured is not None:
+            self.speculating, self.exploit_rounds = favoured, self.memory.exploit_rounds
 
     def block_size(self) -> int:
         return self.length if self.speculating else 0
 
     def goodput(self, speculating: bool) -> float:
-        tokens, seconds, _ = self.observed[speculating]
-        return tokens / seconds if seconds > 0 else 0.0
+        return _goodput(self.observed[speculating])
 
     def speculation_pays(self) -> bool:
-        """A round whose drafts were all rejected commits only the target's own token, at the cost of
-        a target-only round plus drafting, so speculation must commit more than one token per round
-        to win; only then does the (noisy) timing comparison decide."""
-        tokens, _, rounds = self.observed[True]
-        return tokens > rounds and self.goodput(True) >= self.goodput(False)
+        return _speculation_pays(self.observed)
 
     def record_round(self, committed: int, seconds: float) -> None:
-        totals = self.observed[self.speculating]
-        totals[0] = self.decay * totals[0] + committed
-        totals[1] = self.decay * totals[1] + seconds
-        totals[2] = self.decay * totals[2] + 1
+        _decayed_add(self.observed[self.speculating], self.decay, committed, seconds)
+        if self.memory is not None:
+            self.memory.record(self.speculating, committed, seconds)
         self.phase_rounds += 1
         if self.phase_rounds < (self.probe_rounds if self.probing else self.exploit_rounds):
             return
@@ -177,6 +220,8 @@ class GoodputPolicy(HeuristicPolicy):
         self.exploit_rounds = (min(2 * self.exploit_rounds, self.max_exploit_rounds) if same
                                else self.min_exploit_rounds)
         self.probing, self.speculating = False, winner
+        if self.memory is not None:
+            self.memory.exploit_rounds = self.exploit_rounds
 
 
 POLICIES: dict[str, type[DraftLengthPolicy]] = {
@@ -190,8 +235,10 @@ POLICIES: dict[str, type[DraftLengthPolicy]] = {
 }
 
 
-def make_policy(name: str, length: int, max_length: int, threshold: float = 0.0) -> DraftLengthPolicy:
-    policy = POLICIES[name](length=length, max_length=max_length)
+def make_policy(name: str, length: int, max_length: int, threshold: float = 0.0,
+                goodput_memory: GoodputMemory | None = None) -> DraftLengthPolicy:
+    extra = {"memory": goodput_memory} if POLICIES[name] is GoodputPolicy else {}
+    policy = POLICIES[name](length=length, max_length=max_length, **extra)
     if threshold > 0:
         policy.threshold = threshold
     return policy

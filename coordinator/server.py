@@ -15,7 +15,7 @@ import grpc
 
 from coordinator.backends import BackendPool
 from coordinator.engine import Generation, GenerationRequest, GenerationStats, UpstreamError, VerifiedBlock
-from coordinator.policies import make_policy
+from coordinator.policies import GoodputMemory, make_policy
 from coordinator.text import TextStream
 from coordinator.tracing import TraceSink
 from specdec import metrics
@@ -55,6 +55,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self.upstream_metadata = [("authorization", f"Bearer {token}")] if token else []
         self.in_flight: dict[str, int] = defaultdict(int)
         self.total_in_flight = 0
+        # Goodput evidence shared by requests alike in cost: (pipeline mode, greedy or sampled).
+        self.goodput_memory: dict[tuple[str, bool], GoodputMemory] = defaultdict(GoodputMemory)
 
     # -- request parsing ----------------------------------------------------------------------------
 
@@ -109,16 +111,17 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             raise InvalidRequest(f"prompt of {len(prompt_ids)} tokens plus max_new_tokens {request.max_new_tokens} "
                                  f"exceeds the context length {self.target_info.max_context}")
         seed = s.seed if s.has_seed else secrets.randbits(63)
+        mode = MODE_NAMES.get(request.mode, settings.mode)
         policy = make_policy(POLICY_NAMES.get(request.policy, settings.policy),
                              request.draft_length or settings.draft_length, settings.max_draft_length,
-                             request.policy_threshold)
+                             request.policy_threshold, self.goodput_memory[(mode, s.temperature == 0)])
         stop_ids = set(request.stop_token_ids) | (set() if request.ignore_eos else set(self.eos_ids))
         remaining = context.time_remaining()
         return GenerationRequest(
             request_id=request.request_id or request_id_var.get() or uuid.uuid4().hex,
             prompt_ids=prompt_ids, max_new_tokens=request.max_new_tokens,
             sampling=SamplingParams(s.temperature, s.top_p or 1.0, s.top_k, seed), policy=policy,
-            mode=MODE_NAMES.get(request.mode, settings.mode), stop_token_ids=frozenset(stop_ids),
+            mode=mode, stop_token_ids=frozenset(stop_ids),
             stop_strings=tuple(request.stop), bild_rollback_threshold=request.bild_rollback_threshold,
             exclude_from_training=request.exclude_from_training,
             deadline=time.monotonic() + remaining if remaining is not None else None)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from coordinator.policies import POLICIES, make_policy
+from coordinator.policies import POLICIES, GoodputMemory, make_policy
 from specdec.stopping import (DraftStep, StopRule, adaedl_acceptance_lower_bound, probability_some_rejected,
                               should_stop)
 
@@ -101,6 +101,34 @@ def test_goodput_keeps_speculating_when_it_pays_and_switches_back_when_the_draft
     # The drafter got better (a new checkpoint): the next probe finds out and speculation resumes.
     choices = _run_goodput(weak, 8 + 4 + 2, speculative=(5, 0.2), target_only=(1, 0.1))
     assert choices == [False] * 8 + [True] * 4 + [True] * 2
+
+
+def test_goodput_requests_start_from_what_earlier_requests_measured():
+    memory = GoodputMemory()
+    first = make_policy("goodput", 4, 8, goodput_memory=memory)
+    assert first.block_size() > 0  # nothing measured yet: the usual start, speculating
+    _run_goodput(first, 8 + 4 + 8 + 4 + 16 + 4, speculative=(1, 0.3), target_only=(1, 0.1))
+    assert memory.favoured() is False and memory.exploit_rounds == 32  # its last probe lost too
+    # A new request with the same weak drafter starts target-only, on the longer phase learnt so far.
+    second = make_policy("goodput", 4, 8, goodput_memory=memory)
+    assert _run_goodput(second, 32 + 4, speculative=(1, 0.3), target_only=(1, 0.1)) == [False] * 32 + [True] * 4
+    assert make_policy("static", 4, 8, goodput_memory=memory).block_size() == 4  # other policies ignore it
+
+
+def test_goodput_memory_follows_a_drafter_that_improves_and_needs_both_sides_measured():
+    memory = GoodputMemory()
+    for _ in range(2):
+        memory.record(True, 1, 0.3)
+        memory.record(False, 1, 0.1)
+    assert memory.favoured() is None  # under min_rounds on each side
+    for _ in range(2):
+        memory.record(True, 1, 0.3)
+        memory.record(False, 1, 0.1)
+    assert memory.favoured() is False
+    for _ in range(100):  # a better checkpoint: its speculative rounds now commit 5 tokens in 0.2 s
+        memory.record(True, 5, 0.2)
+    assert memory.favoured() is True
+    assert make_policy("goodput", 4, 8, goodput_memory=memory).block_size() == 4
 
 
 def _step(confidence=0.9, entropy=0.1, accept_prob=None):
