@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -126,7 +127,7 @@ def quantise_in_place(model: torch.nn.Module, kind: str = "q8_0") -> int:
         for module in modules.values():
             blocks = _split_blocks(kind, quantize(module.weight.detach().numpy(), GGMLQuantizationType[kind.upper()]))
             module.weight.copy_(blocks.dequantize())  # prefill and the torch fallback see the same weights
-            module.blocks = blocks
+            module.blocks = replace(blocks, weight_version=module.weight._version)
     return len(modules)
 
 
@@ -145,7 +146,8 @@ def attach(model: torch.nn.Module, gguf_path: Path) -> int:
     for name, module in candidates.items():
         blocks = saved.get(name)
         # A saved match is only trusted once it rebuilds this model's weight exactly.
-        module.blocks = blocks if blocks is not None and torch.equal(blocks.dequantize(), module.weight) else None
+        exact = blocks is not None and torch.equal(blocks.dequantize(), module.weight)
+        module.blocks = replace(blocks, weight_version=module.weight._version) if exact else None
         attached += module.blocks is not None
     kinds = sorted({m.blocks.kind for m in candidates.values() if m.blocks is not None})
     log.info("linears reading GGUF blocks", extra={"fields": {"layers": attached, "of": len(candidates), "kinds": kinds}})

@@ -106,7 +106,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     flat = x.reshape(rows, in_features).contiguous()  # [rows, K]
     out = torch.empty(rows, weight.shape[0], dtype=torch.float32)  # [rows, N]
     bias_ptr = None if bias is None else bias.data_ptr()
-    if blocks is None:
+    if blocks is None or not blocks.still_matches(weight):
         kernel.small_gemm(flat.data_ptr(), weight.data_ptr(), bias_ptr, out.data_ptr(), rows, weight.shape[0], in_features)
     else:
         gemm = kernel.q4_1_gemm if blocks.kind == "q4_1" else kernel.q8_0_gemm
@@ -132,6 +132,11 @@ class BlockWeight:
     codes: torch.Tensor            # uint8 [N, K / 32, CODE_BYTES[kind]]
     scale: torch.Tensor            # fp32 [N, K / 32]
     minimum: torch.Tensor | None   # fp32 [N, K / 32] for Q4_1, else None
+    weight_version: int | None = None  # the weight's in-place version when checked equal; None: not tracked
+
+    def still_matches(self, weight: torch.Tensor) -> bool:
+        """False once the weight was changed in place (an optimizer step, load_state_dict) since the check."""
+        return self.weight_version is None or weight._version == self.weight_version
 
     def dequantize(self) -> torch.Tensor:
         """The fp32 weight [N, K], rounded as gguf-py rounds it."""

@@ -99,6 +99,19 @@ def test_saved_blocks_are_reused_but_never_trusted_over_the_weights(tmp_path, mo
     assert model.model.layers[1].self_attn.o_proj.blocks is None
 
 
+def test_blocks_are_dropped_once_their_weight_changes_in_place(tmp_path, monkeypatch):
+    monkeypatch.setattr(gguf_blocks, "CACHE_DIR", tmp_path / "cache")
+    model, path = _quantised_llama(tmp_path, seed=7)
+    small_gemm.install(model)
+    assert gguf_blocks.attach(model, path) == 15
+    layer = model.model.layers[0].mlp.down_proj
+    x = torch.randn(2, layer.in_features)
+    with torch.no_grad():
+        layer.weight.mul_(2.0)  # a training step, say: the blocks no longer hold this weight
+    assert not layer.blocks.still_matches(layer.weight)
+    assert torch.equal(layer(x), small_gemm.linear(x, layer.weight))  # the fp32 kernel on the new weight
+
+
 def test_weights_found_nowhere_in_the_file_keep_the_fp32_path(tmp_path, monkeypatch):
     monkeypatch.setattr(gguf_blocks, "CACHE_DIR", tmp_path / "cache")
     _, path = _quantised_llama(tmp_path, seed=8)
