@@ -81,7 +81,8 @@ static inline __attribute__((always_inline)) void q8_0_weights(const uint8_t *co
 }
 
 /* Outputs n..n+outs-1 for rows of x. Each output keeps small_gemm's one accumulator and order;
- * with few rows, several outputs at once give the FMA chains the independence that rows give. */
+ * with one or two rows, several outputs at once give the FMA chains the independence that rows give
+ * (more rows with two outputs run out of the 16 ymm registers and spill). */
 static inline __attribute__((always_inline)) void block_outputs(const float *x, const uint8_t *codes, const float *scale,
                                                                 const float *minimum, const float *bias, float *y,
                                                                 int64_t n_out, int64_t k_in, int64_t n, const int rows,
@@ -114,7 +115,7 @@ static inline __attribute__((always_inline)) void block_outputs(const float *x, 
 static inline __attribute__((always_inline)) void block_pass(const float *x, const uint8_t *codes, const float *scale,
                                                              const float *minimum, const float *bias, float *y,
                                                              int64_t n_out, int64_t k_in, const int rows, const int code_bytes) {
-    const int outs = rows == 1 ? 4 : rows <= 4 ? 2 : 1;
+    const int outs = rows == 1 ? 4 : rows == 2 ? 2 : 1;
     int64_t n = 0;
     for (; n + outs <= n_out; n += outs) block_outputs(x, codes, scale, minimum, bias, y, n_out, k_in, n, rows, outs, code_bytes);
     for (; n < n_out; n++) block_outputs(x, codes, scale, minimum, bias, y, n_out, k_in, n, rows, 1, code_bytes);
