@@ -85,12 +85,17 @@ def _cache_file(gguf_path: Path) -> Path:
     return CACHE_DIR / "gguf-blocks" / f"{gguf_path.stem}-{file_cache_key(gguf_path, BLOCKS_FORMAT)}.safetensors"
 
 
-def _save(path: Path, found: dict[str, BlockWeight]) -> None:
+NO_MATCH = "none"  # saved for a linear the file does not hold, so it is not searched for again
+
+
+def _save(path: Path, found: dict[str, BlockWeight | None]) -> None:
     from safetensors.torch import save_file
 
     tensors, kinds = {}, {}
     for name, blocks in found.items():
-        kinds[name] = blocks.kind
+        kinds[name] = NO_MATCH if blocks is None else blocks.kind
+        if blocks is None:
+            continue
         tensors[f"{name}.codes"], tensors[f"{name}.scale"] = blocks.codes, blocks.scale
         if blocks.minimum is not None:
             tensors[f"{name}.minimum"] = blocks.minimum
@@ -100,14 +105,15 @@ def _save(path: Path, found: dict[str, BlockWeight]) -> None:
     staging.rename(path)  # atomic: concurrent services never read a half-written file
 
 
-def _load(path: Path) -> dict[str, BlockWeight]:
+def _load(path: Path) -> dict[str, BlockWeight | None]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as saved:
         kinds = saved.metadata() or {}
         names = set(saved.keys())
-        return {name: BlockWeight(kind, saved.get_tensor(f"{name}.codes"), saved.get_tensor(f"{name}.scale"),
-                                  saved.get_tensor(f"{name}.minimum") if f"{name}.minimum" in names else None)
+        return {name: None if kind == NO_MATCH else
+                BlockWeight(kind, saved.get_tensor(f"{name}.codes"), saved.get_tensor(f"{name}.scale"),
+                            saved.get_tensor(f"{name}.minimum") if f"{name}.minimum" in names else None)
                 for name, kind in kinds.items()}
 
 
@@ -137,10 +143,11 @@ def attach(model: torch.nn.Module, gguf_path: Path) -> int:
     if not candidates:
         return 0
     cache = _cache_file(gguf_path)
-    saved = _load(cache) if cache.exists() else None
-    if saved is None:
+    saved = _load(cache) if cache.exists() else {}
+    unseen = [name for name in candidates if name not in saved]
+    if unseen:  # a first start, or a model with linears no earlier match saw
         rows = _BlockRows(gguf_path)
-        saved = {name: blocks for name, m in candidates.items() if (blocks := rows.blocks_for(m.weight)) is not None}
+        saved.update({name: rows.blocks_for(candidates[name].weight) for name in unseen})
         _save(cache, saved)
     attached = 0
     for name, module in candidates.items():

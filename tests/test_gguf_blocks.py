@@ -112,12 +112,26 @@ def test_blocks_are_dropped_once_their_weight_changes_in_place(tmp_path, monkeyp
     assert torch.equal(layer(x), small_gemm.linear(x, layer.weight))  # the fp32 kernel on the new weight
 
 
-def test_weights_found_nowhere_in_the_file_keep_the_fp32_path(tmp_path, monkeypatch):
+def test_weights_found_nowhere_in_the_file_keep_the_fp32_path_and_are_not_searched_for_twice(tmp_path, monkeypatch):
     monkeypatch.setattr(gguf_blocks, "CACHE_DIR", tmp_path / "cache")
     _, path = _quantised_llama(tmp_path, seed=8)
     other = tiny_model("llama", seed=9)
     small_gemm.install(other)
     assert gguf_blocks.attach(other, path) == 0
+    monkeypatch.setattr(gguf_blocks, "_BlockRows", None)  # a second search would fail
+    assert gguf_blocks.attach(other, path) == 0
+
+
+def test_linears_the_saved_match_never_saw_are_searched_for_and_added(tmp_path, monkeypatch):
+    monkeypatch.setattr(gguf_blocks, "CACHE_DIR", tmp_path / "cache")
+    model, path = _quantised_llama(tmp_path, seed=11)
+    small_gemm.install(model)
+    assert gguf_blocks.attach(model, path) == 15
+    cache = gguf_blocks._cache_file(path)
+    saved = gguf_blocks._load(cache)
+    gguf_blocks._save(cache, {name: b for name, b in saved.items() if name != "lm_head"})  # as if made by another model
+    assert gguf_blocks.attach(model, path) == 15
+    assert gguf_blocks._load(cache)["lm_head"].kind == "q8_0"
 
 
 def test_the_bundled_target_reads_every_linear_from_its_blocks():
