@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from specdec.models import CACHE_DIR, file_cache_key
-from specdec.small_gemm import BLOCK_SIZE, BlockWeight, SmallBatchLinear
+from specdec.small_gemm import BLOCK_SIZE, BlockWeight, SmallBatchLinear, block_kernels_available
 from specdec.vocab_head import SubsetLMHead
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def quantise_in_place(model: torch.nn.Module, kind: str = "q8_0") -> int:
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize
 
-    modules = _kernel_linears(model)
+    modules = _kernel_linears(model) if block_kernels_available() else {}
     with torch.no_grad():
         for module in modules.values():
             blocks = _split_blocks(kind, quantize(module.weight.detach().numpy(), GGMLQuantizationType[kind.upper()]))
@@ -139,7 +139,7 @@ def quantise_in_place(model: torch.nn.Module, kind: str = "q8_0") -> int:
 
 def attach(model: torch.nn.Module, gguf_path: Path) -> int:
     """Gives each kernel-routed linear of `model` whose weight came from `gguf_path`'s blocks those blocks; returns how many."""
-    candidates = _kernel_linears(model)
+    candidates = _kernel_linears(model) if block_kernels_available() else {}
     if not candidates:
         return 0
     cache = _cache_file(gguf_path)

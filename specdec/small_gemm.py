@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("small_gemm.c")
 COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-shared", "-fPIC")  # no fused d*q+m: gguf-py rounds twice
 MAX_ROWS = 16  # prefill-sized inputs go to BLAS, which is faster there
+BLOCK_KERNELS = ("q4_1_gemm", "q8_0_gemm")
 
 
 def _cpu_has_avx2_fma() -> bool:
@@ -62,10 +63,18 @@ def load_kernel() -> ctypes.CDLL | None:
     kernel = ctypes.CDLL(str(library))
     kernel.small_gemm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
     kernel.small_gemm.restype = None
-    for name in ("q4_1_gemm", "q8_0_gemm"):
+    kernel.has_block_kernels = all(hasattr(kernel, name) for name in BLOCK_KERNELS)
+    if not kernel.has_block_kernels:
+        log.warning("%s predates the GGUF block kernels: layers read fp32 weights; rebuild it", library)
+    for name in BLOCK_KERNELS if kernel.has_block_kernels else ():
         getattr(kernel, name).argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3
         getattr(kernel, name).restype = None
     return kernel
+
+
+def block_kernels_available() -> bool:
+    kernel = load_kernel()
+    return kernel is not None and kernel.has_block_kernels
 
 
 def _build() -> Path | None:

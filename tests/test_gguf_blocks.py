@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import numpy as np
 import pytest
 import torch
@@ -157,3 +159,20 @@ def test_drafters_without_a_gguf_are_rounded_to_q8_0_blocks_they_then_read():
     assert torch.equal(head.blocks.dequantize(), head.weight)  # ... to exactly what the blocks hold
     x = torch.randn(3, 32)
     assert torch.equal(head(x)[:, head.token_ids], small_gemm.linear(x, head.weight))  # the fp32 kernel's bits
+
+
+def test_a_prebuilt_kernel_without_the_block_kernels_leaves_layers_on_fp32(tmp_path, monkeypatch):
+    old_source = small_gemm.SOURCE.read_text()
+    old_source = old_source[:old_source.index("#define BLOCK 32")]  # the library as built before the block kernels
+    (tmp_path / "old.c").write_text(old_source)
+    library = tmp_path / "old.so"
+    subprocess.run(["cc", *small_gemm.COMPILE_FLAGS, "-o", str(library), str(tmp_path / "old.c")], check=True)
+    monkeypatch.setenv("SPECD_SMALL_GEMM_LIB", str(library))
+    monkeypatch.setattr(gguf_blocks, "CACHE_DIR", tmp_path / "cache")
+    small_gemm.load_kernel.cache_clear()
+    try:
+        model, path = _quantised_llama(tmp_path, seed=12)
+        runner = ModelRunner(model, torch.device("cpu"), small_gemm=True, gguf_path=path, quantise_to="q8_0")
+        assert runner.small_gemm_layers == 15 and runner.gguf_block_layers == 0
+    finally:
+        small_gemm.load_kernel.cache_clear()
