@@ -27,12 +27,11 @@ import numpy as np
 import torch
 
 from specdec.models import CACHE_DIR, file_cache_key
-from specdec.small_gemm import BLOCK_SIZE, BlockWeight, SmallBatchLinear, block_kernels_available
+from specdec.small_gemm import BLOCK_SIZE, CODE_BYTES, BlockWeight, SmallBatchLinear, block_kernels_available
 from specdec.vocab_head import SubsetLMHead
 
 log = logging.getLogger(__name__)
 
-BLOCK_KINDS = ("q4_1", "q8_0")
 BLOCKS_FORMAT = 1  # bump when the saved layout changes
 
 
@@ -42,14 +41,14 @@ def _row_digest(row: np.ndarray) -> bytes:
 
 def _split_blocks(kind: str, raw: np.ndarray) -> BlockWeight:
     """raw uint8 [N, K / 32 * bytes per block], the file's layout (an fp16 scale, for Q4_1 an fp16 minimum, codes)."""
-    blocks = raw.reshape(raw.shape[0], -1, 4 + BLOCK_SIZE // 2 if kind == "q4_1" else 2 + BLOCK_SIZE)
-    scale = torch.from_numpy(np.ascontiguousarray(blocks[..., 0:2]).view(np.float16)[..., 0].astype(np.float32))
-    if kind == "q4_1":
-        minimum = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:4]).view(np.float16)[..., 0].astype(np.float32))
-        codes = blocks[..., 4:]
-    else:
-        minimum, codes = None, blocks[..., 2:]
-    return BlockWeight(kind, torch.from_numpy(np.ascontiguousarray(codes)), scale, minimum)
+    header = 4 if kind == "q4_1" else 2
+    blocks = raw.reshape(raw.shape[0], -1, header + CODE_BYTES[kind])
+
+    def fp16_field(start: int) -> torch.Tensor:  # [N, K / 32] fp32
+        return torch.from_numpy(np.ascontiguousarray(blocks[..., start:start + 2]).view(np.float16)[..., 0].astype(np.float32))
+
+    minimum = fp16_field(2) if kind == "q4_1" else None
+    return BlockWeight(kind, torch.from_numpy(np.ascontiguousarray(blocks[..., header:])), fp16_field(0), minimum)
 
 
 class _BlockRows:
@@ -63,7 +62,7 @@ class _BlockRows:
         self.index: dict[bytes, tuple[int, int]] = {}     # digest -> (tensor, row)
         for tensor in GGUFReader(str(gguf_path)).tensors:
             kind = tensor.tensor_type.name.lower()
-            if kind not in BLOCK_KINDS:
+            if kind not in CODE_BYTES:
                 continue
             raw = np.asarray(tensor.data)  # [rows, row bytes], memory-mapped
             values = dequantize(raw, tensor.tensor_type)  # [rows, K] fp32

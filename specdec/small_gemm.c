@@ -15,7 +15,8 @@
  * de-quantises it: d * q + m, one rounding per operation (built with -ffp-contract=off, so no
  * FMA fuses them). The weights are then the same fp32 values the model holds and the FMAs run
  * in small_gemm's order, so all three kernels give the same bits, while a decode step reads
- * 0.75 or 1.125 bytes per weight instead of 4.
+ * 0.75 or 1.125 bytes per weight instead of 4. Their passes read several rows of W at once
+ * (several outputs, below), so every pass, one-row ones too, prefetches the codes ahead.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -62,6 +63,7 @@ void small_gemm(const float *x, const float *w, const float *bias, float *y, int
 
 #define BLOCK 32
 #define MAX_OUTS 4
+#define CODES_PREFETCH_AHEAD 4096  /* bytes of codes: 4 KiB */
 
 /* Weights k0..k0+31 of one Q4_1 block: codes 0-15 in the low nibbles of its 16 bytes, 16-31 in the high ones. */
 static inline __attribute__((always_inline)) void q4_1_weights(const uint8_t *codes, float scale, float minimum, __m256 w[4]) {
@@ -95,7 +97,7 @@ static inline __attribute__((always_inline)) void block_outputs(const float *x, 
         _Pragma("GCC unroll 8") for (int u = 0; u < outs; u++) {
             const int64_t block = (n + u) * blocks + b;
             const uint8_t *block_codes = codes + block * code_bytes;
-            if ((block * code_bytes) % 64 < code_bytes) _mm_prefetch((const char *)(block_codes + PREFETCH_AHEAD), _MM_HINT_T1);
+            if ((block * code_bytes) % 64 < code_bytes) _mm_prefetch((const char *)(block_codes + CODES_PREFETCH_AHEAD), _MM_HINT_T1);
             __m256 w[4];
             if (code_bytes == BLOCK / 2) q4_1_weights(block_codes, scale[block], minimum[block], w);
             else q8_0_weights(block_codes, scale[block], w);
