@@ -74,12 +74,26 @@ def drafter_label(spec: str) -> str:
     return "ngram" if spec == "ngram" else (Path(model).name or model) + spec[len(model):]
 
 
-def build_modes(drafters: list[str], policies: list[str], sequential_policy: str) -> list[Mode]:
+def reads_target_features(spec: str) -> bool:
+    """Whether `spec` is a feature-level (EAGLE) drafter, which HF assisted generation cannot drive."""
+    if spec == "ngram":
+        return False
+    from transformers import AutoConfig
+
+    from specdec.eagle import is_feature_drafter
+    from specdec.models import materialise, resolve_source
+
+    return is_feature_drafter(AutoConfig.from_pretrained(materialise(resolve_source(spec.removesuffix(LOOKUP_SUFFIX)))))
+
+
+def build_modes(drafters: list[str], policies: list[str], sequential_policy: str,
+                feature_drafters: frozenset[str] = frozenset()) -> list[Mode]:
     # (e) isolates the cost of the service topology itself: same path as specd, no drafting.
     modes = [Mode(BASELINE, "hf"), Mode("(e) specd target-only", "specd", drafters[0], "target_only", "static")]
     for spec in drafters:
         label = drafter_label(spec)
-        if not spec.endswith(LOOKUP_SUFFIX):  # HF has no such hybrid; its plain run is the model's (b)
+        # HF has no prompt-lookup hybrid (its plain run is the model's (b)) and no feature-level drafting.
+        if not spec.endswith(LOOKUP_SUFFIX) and spec not in feature_drafters:
             modes.append(Mode(f"(b) hf assisted [{label}]", "hf-assisted", spec))
         modes.append(Mode(f"(c) specd sequential [{label}, {sequential_policy}]", "specd", spec, "sequential",
                           sequential_policy))
@@ -126,14 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results_md = Path(args.results_md) if args.results_md else (None if args.quick else HERE / "RESULTS.md")
     prompts = read_prompts(Path(args.prompts), per_category)
-    modes = build_modes(drafters, [p for p in args.policies.split(",") if p], args.sequential_policy)
+    feature_drafters = frozenset(spec for spec in drafters if reads_target_features(spec))
+    modes = build_modes(drafters, [p for p in args.policies.split(",") if p], args.sequential_policy, feature_drafters)
     command = "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:])
 
     torch.set_num_threads(args.threads)
     target = load_model(args.target)
     tokenizer = target.tokenizer
     assistants = {spec: load_model(spec, tokenizer_from=args.target).model for spec in drafters
-                  if spec != "ngram" and not spec.endswith(LOOKUP_SUFFIX)}
+                  if spec != "ngram" and not spec.endswith(LOOKUP_SUFFIX) and spec not in feature_drafters}
     stacks, clients = {}, {}
     log_dir = tempfile.mkdtemp(prefix="specd-bench-")
     try:

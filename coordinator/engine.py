@@ -31,7 +31,7 @@ from coordinator.policies import DraftLengthPolicy
 from specdec import metrics
 from specdec.convert import sampling_to_proto
 from specdec.sampling import SamplingParams
-from specdec.v1 import drafter_pb2, verifier_pb2
+from specdec.v1 import common_pb2, drafter_pb2, verifier_pb2
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class Generation:
     def __init__(self, request: GenerationRequest, verifiers: BackendPool, drafters: BackendPool,
                  metadata: list[tuple[str, str]], drafter_timeout_s: float, drafter_retry_s: float,
                  trace_sink: Callable[[VerifiedBlock], None] | None = None, target_version: str = "",
-                 trace_top_k: int = 0):
+                 trace_top_k: int = 0, target_hidden: bool = False):
         self.req = request
         self.verifiers, self.drafters = verifiers, drafters
         self.metadata = metadata
@@ -151,6 +151,11 @@ class Generation:
         self.stream_exhausted = False         # the stream ended early; wait for new context
         self.stream_error: grpc.aio.AioRpcError | None = None
         self.expected_bonus: int | None = None
+        # The target's features of committed positions (float16 rows), for feature-level drafters.
+        self.target_hidden = target_hidden
+        self.hidden = bytearray()
+        self.hidden_size = 0
+        self.drafter_hidden = 0               # rows the drafter's session has
         self.draft_intervals: list[tuple[float, float]] = []
         self.verify_intervals: list[tuple[float, float]] = []
         self._started = 0.0
@@ -205,9 +210,10 @@ class Generation:
             # Recorded before the call: a request abandoned mid-Prefill must still release what it opened.
             self.verifier_addrs_used.add(backend.addr)
             try:
-                await backend.stub.Prefill(verifier_pb2.PrefillRequest(
+                response = await backend.stub.Prefill(verifier_pb2.PrefillRequest(
                     session_id=self.session_id, token_ids=self.committed, sampling=sampling_to_proto(self.req.sampling),
-                    max_new_tokens=remaining, request_id=self.req.request_id), timeout=self._timeout(), metadata=self.metadata)
+                    max_new_tokens=remaining, request_id=self.req.request_id, return_hidden=self.target_hidden),
+                    timeout=self._timeout(), metadata=self.metadata)
             except grpc.aio.AioRpcError as err:
                 if err.code() not in TRANSPORT_ERRORS or err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and self._deadline_passed():
                     raise UpstreamError(err.code(), err.details() or "verifier refused the prompt") from None
@@ -218,6 +224,7 @@ class Generation:
                 tried.add(backend.addr)
                 continue
             self.verifier = backend
+            self._store_hidden(response.hidden)
             return
 
     def _deadline_passed(self) -> bool:
@@ -280,7 +287,7 @@ class Generation:
         if self.drafter is not None:
             self.drafters.mark_down(self.drafter, self.drafter_retry_s)
         self._reset_chain()
-        self.drafter, self.drafter_base, self.stream_error = None, 0, None
+        self.drafter, self.drafter_base, self.drafter_hidden, self.stream_error = None, 0, 0, None
         self.stats.fallback_steps += 1
         metrics.FALLBACK_STEPS.inc()
         return []
@@ -289,19 +296,45 @@ class Generation:
         policy = self.req.policy
         rule, threshold = policy.stop_rule()
         base = self.drafter_base
+        hidden_start = self.drafter_hidden if base else 0
         request = drafter_pb2.DraftRequest(
             session_id=self.session_id, base_len=base,
             tokens=self.committed[base:] + [t.token for t in self.chain], max_tokens=max_tokens,
             sampling=sampling_to_proto(self.req.sampling), stop_rule=int(rule), stop_threshold=threshold,
-            request_id=self.req.request_id)
+            request_id=self.req.request_id, hidden=self._hidden_from(hidden_start))
         self.stream_error = None
         self.stream_exhausted = False
         call = self.drafter.stub.Draft(request, timeout=self._timeout(), metadata=self.metadata)
         self.drafter_sessions.add(self.drafter.addr)
         self.stream_call = call
-        self.stream_task = asyncio.ensure_future(self._consume(call, self.chain_epoch, len(self.committed), max_tokens))
+        self.stream_task = asyncio.ensure_future(self._consume(call, self.chain_epoch, len(self.committed), max_tokens,
+                                                               self._hidden_rows()))
 
-    async def _consume(self, call, epoch: int, synced_len: int, requested: int) -> None:
+    def _hidden_rows(self) -> int:
+        return len(self.hidden) // (2 * self.hidden_size) if self.hidden_size else 0
+
+    def _hidden_from(self, start: int) -> common_pb2.HiddenStates | None:
+        """The stored target features from position `start` on, or None when there are none to send."""
+        rows = self._hidden_rows() - start
+        if not self.target_hidden or rows <= 0:
+            return None
+        row_bytes = 2 * self.hidden_size
+        return common_pb2.HiddenStates(start=start, rows=rows, size=self.hidden_size,
+                                       data=bytes(self.hidden[start * row_bytes:]))
+
+    def _store_hidden(self, message: common_pb2.HiddenStates) -> None:
+        """Keeps the verifier's features; a message restating known positions replaces them."""
+        if not message.rows:
+            return
+        row_bytes = 2 * message.size
+        if message.size != self.hidden_size:
+            self.hidden, self.hidden_size = bytearray(), message.size
+        if message.start > self._hidden_rows():
+            return  # a gap cannot be filled later: drafting on the drafter's own features past it is still safe
+        del self.hidden[message.start * row_bytes:]
+        self.hidden += message.data
+
+    async def _consume(self, call, epoch: int, synced_len: int, requested: int, synced_hidden: int) -> None:
         started = time.perf_counter()
         received = 0
         try:
@@ -310,6 +343,7 @@ class Generation:
                     return
                 # Any message proves the drafter synced its session to our context.
                 self.drafter_base = max(self.drafter_base, synced_len)
+                self.drafter_hidden = max(self.drafter_hidden, synced_hidden)
                 received += 1
                 if self.expected_bonus is not None:
                     bonus, self.expected_bonus = self.expected_bonus, None
@@ -335,7 +369,7 @@ class Generation:
                 return  # the request's own deadline, not the drafter's fault: the next step raises it
             if err.code() == grpc.StatusCode.NOT_FOUND:
                 # The drafter lost the session (restart, TTL, hot swap): resend the whole context next time.
-                self.drafter_base = 0
+                self.drafter_base, self.drafter_hidden = 0, 0
                 self.stream_exhausted = False
                 return
             self.stream_error = err
@@ -370,7 +404,8 @@ class Generation:
         request = verifier_pb2.VerifyRequest(
             session_id=self.session_id, committed_len=len(self.committed), draft_tokens=[t.token for t in block],
             draft_probs=[] if greedy else [t.probs for t in block], return_top_k=self.trace_top_k,
-            request_id=self.req.request_id, bild_rollback_threshold=self.req.bild_rollback_threshold)
+            request_id=self.req.request_id, bild_rollback_threshold=self.req.bild_rollback_threshold,
+            return_hidden=self.target_hidden)
         while True:
             started = time.perf_counter()
             try:
@@ -398,6 +433,7 @@ class Generation:
             finally:
                 self.verify_intervals.append((started, time.perf_counter()))
             metrics.VERIFY_LATENCY.observe(time.perf_counter() - started)
+            self._store_hidden(response.hidden)
             return response
 
     # -- step 4: commit -----------------------------------------------------------------------------

@@ -44,13 +44,15 @@ FINISH = {"length": generation_pb2.FINISH_REASON_LENGTH, "eos": generation_pb2.F
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     def __init__(self, settings: CoordinatorSettings, tokenizer, verifiers: BackendPool, drafters: BackendPool,
-                 target_info: verifier_pb2.ModelInfo, eos_ids: list[int], trace_sink=None):
+                 target_info: verifier_pb2.ModelInfo, eos_ids: list[int], trace_sink=None,
+                 drafter_reads_hidden: bool = False):
         self.settings = settings
         self.tokenizer = tokenizer
         self.verifiers, self.drafters = verifiers, drafters
         self.target_info = target_info
         self.eos_ids = frozenset(eos_ids)
         self.trace_sink = trace_sink
+        self.drafter_reads_hidden = drafter_reads_hidden  # the verifier then sends its features along
         token = settings.resolved_auth_token()
         self.upstream_metadata = [("authorization", f"Bearer {token}")] if token else []
         self.in_flight: dict[str, int] = defaultdict(int)
@@ -208,7 +210,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         return Generation(parsed, self.verifiers, self.drafters,
                           self.upstream_metadata + [(REQUEST_ID_HEADER, parsed.request_id)],
                           self.settings.drafter_timeout_s, self.settings.drafter_retry_s, self.trace_sink,
-                          self.target_info.model_version, self.settings.trace_top_k if self.trace_sink else 0)
+                          self.target_info.model_version, self.settings.trace_top_k if self.trace_sink else 0,
+                          self.drafter_reads_hidden)
 
 
 def _stats_proto(stats: GenerationStats) -> generation_pb2.GenerationStats:
@@ -250,6 +253,7 @@ async def build_servicer(settings: CoordinatorSettings, trace_sink=None) -> Gene
     metadata = [("authorization", f"Bearer {token}")] if token else []
     wait_s = float(os.environ.get("SPECD_BACKEND_WAIT_S", "120"))
     target_info = await _backend_info(verifiers, metadata, wait_s, required=True)
+    drafter_info = None
     if drafters.backends:
         drafter_info = await _backend_info(drafters, metadata, min(wait_s, 10.0), required=False)
         if drafter_info is not None and drafter_info.tokenizer_fingerprint not in (ANY_TOKENIZER, target_info.tokenizer_fingerprint):
@@ -263,7 +267,7 @@ async def build_servicer(settings: CoordinatorSettings, trace_sink=None) -> Gene
         raise RuntimeError(f"coordinator tokenizer ({settings.target}) has {len(tokenizer)} tokens, "
                            f"the target model only {target_info.vocab_size}")
     return GenerationServicer(settings, tokenizer, verifiers, drafters, target_info, list(target_info.eos_token_ids),
-                              trace_sink)
+                              trace_sink, drafter_reads_hidden=bool(drafter_info and drafter_info.reads_target_hidden))
 
 
 def trace_sink_for(settings: CoordinatorSettings) -> TraceSink | None:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import abc
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from specdec.eagle import feed_rows, is_feature_drafter
 from specdec.errors import InvalidRequest
-from specdec.kv import KVSession, ModelRunner, SessionStore
+from specdec.kv import KVSession, ModelRunner, SessionNotFound, SessionStore, crop_cache
 from specdec.models import LoadedModel
 from specdec.sampling import DRAFT, DraftDist, SamplingParams, entropy, sample_index, truncate_support, uniform, warp_logits
 from specdec.stopping import DraftStep
@@ -31,8 +32,14 @@ class Drafter(abc.ABC):
     @abc.abstractmethod
     def version(self) -> str: ...
 
-    def sync(self, session_id: str, base_len: int, tokens: list[int], request_id: str = "") -> KVSession:
-        """Brings the session to context[:base_len] + tokens, creating it when base_len is 0."""
+    reads_target_hidden = False  # feature-level drafters want the target's HiddenStates with their context
+
+    def sync(self, session_id: str, base_len: int, tokens: list[int], request_id: str = "",
+             hidden: tuple[int, torch.Tensor] | None = None) -> KVSession:
+        """Brings the session to context[:base_len] + tokens, creating it when base_len is 0.
+
+        `hidden` (start, features [n, H]) is for drafters that read target features; others ignore it.
+        """
         bad = [t for t in tokens if not 0 <= t < self.vocab_size]
         if bad:
             raise InvalidRequest(f"token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
@@ -111,6 +118,9 @@ class ModelDrafter(Drafter):
         """Installs a new drafter version; in-flight sessions re-prefill on their next step."""
         if loaded.vocab_size != self.vocab_size or loaded.fingerprint != self.loaded.fingerprint:
             raise InvalidRequest("the new drafter version does not share the tokenizer of the current one")
+        if is_feature_drafter(loaded.model) != self.reads_target_hidden:
+            raise InvalidRequest("the new drafter version reads different inputs (target features or tokens) "
+                                 "than the current one")
         runner = self._runner_for(loaded)  # outside the lock: drafting goes on meanwhile
         with self._swap_lock:
             self._install(loaded, runner, accept_head, self.generation + 1)
@@ -126,7 +136,10 @@ class ModelDrafter(Drafter):
         if session.extra.get("generation") != generation:
             session.cache, session.cached_len = None, 0  # KV of another model version is meaningless
             session.extra["generation"] = generation
-        last, hidden = runner.extend([session], output_hidden=accept_head is not None, keep_logits=1)[0]  # [1, V]
+        forward = self._forward(session, runner, output_hidden=accept_head is not None)
+        if forward is None:
+            return None
+        last, hidden = forward  # [1, V], [1, H] | None
         position = len(session.ids)
         if sampling.greedy:
             probs = last.float().softmax(-1)[0]
@@ -141,6 +154,86 @@ class ModelDrafter(Drafter):
         accept_prob = float(accept_head(hidden[-1:].float())[0]) if accept_head is not None else confidence
         session.ids.append(token)
         return DraftStep(token, confidence, entropy(probs), accept_prob), dist
+
+    def _forward(self, session: KVSession, runner: ModelRunner,
+                 output_hidden: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The draft logits [1, V] (and hidden state [1, H]) for the token after session.ids."""
+        return runner.extend([session], output_hidden=output_hidden, keep_logits=1)[0]
+
+
+@dataclass
+class FeatureRows:
+    """A feature drafter session's KV rows. Row j consumed (ids[j+1], feature j)."""
+
+    ids: list[int] = field(default_factory=list)  # ids[j+1] of every row in the KV
+    true_rows: int = 0                             # rows [0, true_rows) were fed the target's own features
+    outputs: list[torch.Tensor] = field(default_factory=list)  # predicted feature after each row, [H]
+
+
+class FeatureDrafter(ModelDrafter):
+    """An EAGLE drafter (specdec.eagle): drafts from the target's features where the
+    verifier has sent them, and from its own predictions of them past that point.
+
+    Rows fed a predicted feature are recomputed once the target's feature for that
+    position arrives. A context with no target feature yet gets no proposal.
+    """
+
+    reads_target_hidden = True
+
+    def sync(self, session_id, base_len, tokens, request_id="", hidden=None):
+        session = super().sync(session_id, base_len, tokens, request_id)
+        known = session.extra.get("features")
+        if known is None or base_len == 0:
+            known = torch.zeros(0, int(self.loaded.model.config.hidden_size))
+        if hidden is not None and hidden[1].shape[0]:
+            start, rows = hidden
+            if start > known.shape[0]:
+                raise SessionNotFound(f"target features from position {start} but only {known.shape[0]} are known; "
+                                      "resend the context")
+            known = torch.cat([known[:start], rows])
+        session.extra["features"] = known[:len(session.ids)]
+        return session
+
+    def _forward(self, session, runner, output_hidden):
+        features = session.extra.get("features")
+        need = len(session.ids) - 1  # rows 0..need-1; the last one drafts the next token
+        if features is None or features.shape[0] == 0 or need < 1:
+            return None
+        rows: FeatureRows = session.extra.get("rows") if session.cache is not None else None
+        if rows is None:
+            session.cache, rows = None, FeatureRows()
+            session.extra["rows"] = rows
+        known = min(features.shape[0], need)
+        valid = 0
+        while valid < min(len(rows.ids), need) and rows.ids[valid] == session.ids[valid + 1]:
+            valid += 1
+        if known > rows.true_rows:
+            valid = min(valid, rows.true_rows)  # rows fed a prediction where the target's feature is now known
+        valid = min(valid, need - 1)  # the last row is always (re)fed: its logits are the draft
+        self._crop_rows(session, rows, valid)
+        model = runner.model
+        if valid < known:
+            logits, outputs, session.cache = feed_rows(model, session.cache,
+                                                       torch.tensor(session.ids[valid + 1:known + 1]),
+                                                       features[valid:known], keep_logits=1)
+            rows.ids.extend(session.ids[valid + 1:known + 1])
+            rows.outputs.extend(outputs)
+            rows.true_rows = known
+        while len(rows.ids) < need:
+            row = len(rows.ids)
+            logits, outputs, session.cache = feed_rows(model, session.cache, torch.tensor([session.ids[row + 1]]),
+                                                       rows.outputs[row - 1][None])
+            rows.ids.append(session.ids[row + 1])
+            rows.outputs.append(outputs[0])
+        session.cached_len = len(session.ids)
+        return logits[-1:], rows.outputs[-1][None] if output_hidden else None
+
+    @staticmethod
+    def _crop_rows(session: KVSession, rows: FeatureRows, keep: int) -> None:
+        if session.cache is not None and keep < len(rows.ids):
+            crop_cache(session.cache, keep)
+        del rows.ids[keep:], rows.outputs[keep:]
+        rows.true_rows = min(rows.true_rows, keep)
 
 
 class NgramDrafter(Drafter):

@@ -9,14 +9,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 from specdec import metrics
 from specdec.config import DrafterSettings
-from specdec.convert import dist_to_proto, sampling_from_proto
+from specdec.convert import dist_to_proto, hidden_from_proto, sampling_from_proto
+from specdec.eagle import is_feature_drafter
 from specdec.errors import InvalidRequest
 from specdec.models import (check_pair, configure_threads, load_model, load_tokenizer, materialise, resolve_source,
                             tokenizer_fingerprint)
 from specdec.server import RunningServer, abort_for, serve_until_signalled, start_server
 from specdec.stopping import StopRule, should_stop
 from specdec.v1 import drafter_pb2, drafter_pb2_grpc, verifier_pb2
-from drafter_svc.drafters import Drafter, ModelDrafter, NgramDrafter, PromptLookup
+from drafter_svc.drafters import Drafter, FeatureDrafter, ModelDrafter, NgramDrafter, PromptLookup
 from drafter_svc.hot_swap import CheckpointWatcher
 from specdec.checkpoints import CheckpointStore
 from verifier_svc.server import expire_sessions_forever
@@ -32,6 +33,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
         self.drafter = drafter
         self.support = support
         self.name, self.fingerprint, self.max_context = name, fingerprint, max_context
+        self.hidden_size = int(drafter.loaded.model.config.hidden_size) if drafter.reads_target_hidden else 0
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drafter-compute")
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -49,8 +51,11 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
                     raise InvalidRequest("session_id is required")
                 rule = StopRule(request.stop_rule)
                 sampling = sampling_from_proto(request.sampling)
+                hidden = None
+                if self.drafter.reads_target_hidden and request.HasField("hidden"):
+                    hidden = hidden_from_proto(request.hidden, self.hidden_size)
                 session = await self._run(self.drafter.sync, request.session_id, request.base_len,
-                                          list(request.tokens), request.request_id)
+                                          list(request.tokens), request.request_id, hidden)
             except ValueError as err:  # unknown stop rule enum value
                 await abort_for(context, err if isinstance(err, InvalidRequest) else InvalidRequest(str(err)))
             except Exception as err:  # noqa: BLE001
@@ -93,7 +98,8 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
         return verifier_pb2.ModelInfo(model_name=self.name, vocab_size=self.drafter.vocab_size,
                                       max_context=self.max_context, tokenizer_fingerprint=self.fingerprint,
                                       model_version=self.drafter.version, active_sessions=len(self.drafter.sessions),
-                                      max_sessions=self.drafter.sessions.max_sessions)
+                                      max_sessions=self.drafter.sessions.max_sessions,
+                                      reads_target_hidden=self.drafter.reads_target_hidden)
 
     def _update_gauges(self) -> None:
         metrics.ACTIVE_SESSIONS.labels(service="drafter").set(len(self.drafter.sessions))
@@ -117,7 +123,8 @@ def build_drafter(settings: DrafterSettings) -> DrafterServicer:
         check_pair(tokenizer_fingerprint(load_tokenizer(settings.target), target_vocab),
                    loaded.fingerprint, settings.target, settings.model)
     lookup = PromptLookup(settings.ngram_max, settings.ngram_min) if settings.prompt_lookup else None
-    drafter = ModelDrafter(loaded, settings.max_sessions, settings.session_ttl_s, small_gemm=settings.small_gemm,
+    kind = FeatureDrafter if is_feature_drafter(loaded.model) else ModelDrafter
+    drafter = kind(loaded, settings.max_sessions, settings.session_ttl_s, small_gemm=settings.small_gemm,
                            lookup=lookup, quantise_to="" if settings.draft_weights == "fp32" else settings.draft_weights)
     return DrafterServicer(drafter, settings.draft_support, loaded.name, loaded.fingerprint, loaded.max_context)
 

@@ -41,3 +41,23 @@ def dist_from_proto(message: common_pb2.DraftProbs) -> DraftDist:
     if bool((probs < 0).any()) or not torch.isfinite(probs).all():
         raise InvalidRequest("draft probabilities must be finite and non-negative")
     return DraftDist(probs, torch.tensor(list(message.indices), dtype=torch.long))
+
+
+def hidden_to_proto(start: int, rows: torch.Tensor) -> common_pb2.HiddenStates:
+    """rows [n, H] of target features at positions start .. start+n-1, sent as float16."""
+    data = rows.detach().to(torch.float16).cpu().numpy().astype("<f2").tobytes()
+    return common_pb2.HiddenStates(start=start, rows=rows.shape[0], size=rows.shape[1], data=data)
+
+
+def hidden_from_proto(message: common_pb2.HiddenStates, size: int) -> tuple[int, torch.Tensor]:
+    """(start, features [rows, size] float32); refuses a message whose shape does not add up."""
+    if message.rows == 0:
+        return message.start, torch.zeros(0, size)
+    if message.start < 0 or message.size != size or len(message.data) != 2 * message.rows * message.size:
+        raise InvalidRequest(f"hidden states of {message.rows} x {message.size} in {len(message.data)} bytes "
+                             f"from position {message.start}; this drafter reads rows of {size} float16")
+    rows = np.frombuffer(message.data, dtype="<f2").reshape(message.rows, message.size)
+    features = torch.from_numpy(rows.astype(np.float32))
+    if not torch.isfinite(features).all():
+        raise InvalidRequest("hidden states hold NaN or infinite values")
+    return message.start, features

@@ -193,13 +193,14 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32", tokenizer
 
 
 def _from_directory(directory: Path, dtype: torch.dtype) -> torch.nn.Module:
-    """from_pretrained, except for drafters with a subset LM head, which HF cannot rebuild itself."""
+    """from_pretrained, except for drafters with a subset LM head or a feature fuse, which HF cannot rebuild itself."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from specdec.eagle import is_feature_drafter
     from specdec.vocab_head import CONFIG_KEY, build_causal_lm
 
     config = AutoConfig.from_pretrained(directory)
-    if not getattr(config, CONFIG_KEY, 0):
+    if not getattr(config, CONFIG_KEY, 0) and not is_feature_drafter(config):
         return AutoModelForCausalLM.from_pretrained(directory, config=config, dtype=dtype)
     from safetensors.torch import load_model as load_safetensors
 

@@ -73,14 +73,18 @@ def install_subset_head(model: torch.nn.Module, token_ids: torch.Tensor) -> torc
 
 
 def build_causal_lm(config) -> torch.nn.Module:
-    """AutoModelForCausalLM.from_config, with a placeholder subset head when the config asks for one
-    (its weight and token ids come from the checkpoint)."""
+    """AutoModelForCausalLM.from_config, with a placeholder subset head and feature fuse when the
+    config asks for them (their weights and token ids come from the checkpoint)."""
     from transformers import AutoModelForCausalLM
+
+    from specdec.eagle import add_fuse, is_feature_drafter
 
     model = AutoModelForCausalLM.from_config(config)
     size = int(getattr(config, CONFIG_KEY, 0) or 0)
     if size:
         install_subset_head(model, torch.arange(size))
+    if is_feature_drafter(config):
+        add_fuse(model)
     return model
 
 

@@ -97,7 +97,7 @@ def test_rollbacks_keep_all_valid_kv_and_recompute_nothing(tiny_dirs):
     fed = _count_fed_tokens(target.model)
     core = VerifierCore(target)
     prompt = [3, 14, 15, 92, 65, 35]
-    committed = core.prefill("kv", prompt, SamplingParams(), max_new_tokens=16)
+    committed, _ = core.prefill("kv", prompt, SamplingParams(), max_new_tokens=16)
     first = core.verify("kv", committed, [0, 1, 2, 3], None)
     second = core.verify("kv", first.committed_len, [5, 6], None)
     core.verify("kv", second.committed_len, [], None)

@@ -38,11 +38,17 @@ def evenly_spaced_layers(total: int, keep: int) -> list[int]:
     return sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
 
 
-def init_drafter_from_target(target: torch.nn.Module, num_layers: int) -> torch.nn.Module:
-    """A `num_layers`-deep copy of `target` sharing its embeddings, final norm and lm_head."""
+def init_drafter_from_target(target: torch.nn.Module, num_layers: int,
+                             layers: list[int] | None = None) -> torch.nn.Module:
+    """A `num_layers`-deep copy of `target` sharing its embeddings, final norm and lm_head.
+
+    Its layers are copies of `layers` when given, else evenly spaced ones.
+    """
     config = copy.deepcopy(target.config)
     total = config.num_hidden_layers
-    keep = evenly_spaced_layers(total, num_layers)
+    keep = sorted(layers) if layers else evenly_spaced_layers(total, num_layers)
+    if layers and (len(keep) != num_layers or not all(0 <= i < total for i in keep)):
+        raise ValueError(f"cannot keep layers {layers} as {num_layers} of {total}")
     config.num_hidden_layers = len(keep)  # GPT-2 maps this onto n_layer
     if isinstance(getattr(config, "layer_types", None), list):  # Qwen2-style per-layer attention kinds
         config.layer_types = [config.layer_types[i] for i in keep]

@@ -1,4 +1,5 @@
-"""`specd train`, `specd distill` and `specd checkpoints` (added to the main CLI by add_subcommands)."""
+"""`specd train`, `specd distill`, `specd distill-eagle`, `specd prune-head` and `specd checkpoints`
+(added to the main CLI by add_subcommands)."""
 
 from __future__ import annotations
 
@@ -119,6 +120,32 @@ def prune_head_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def distill_eagle_command(args: argparse.Namespace) -> int:
+    from specdec import redisutil
+    from specdec.checkpoints import CheckpointStore
+    from specdec.logs import setup_logging
+    from specdec.models import configure_threads, load_model
+    from trainer.eagle import distill_feature_drafter
+    from trainer.prune_head import recent_traces
+
+    setup_logging("trainer", "info", False)
+    configure_threads(args.threads)
+    client = redisutil.connect(args.redis_url)
+    records = recent_traces(client, args.stream, args.traces)
+    target = load_model(args.target)
+    store = CheckpointStore(args.checkpoint_dir, redis_client=client)
+    try:
+        report = distill_feature_drafter(
+            target.model, records, store, head_vocab=args.head_vocab, holdout=args.holdout, promote=args.promote,
+            target_version=target.version, tokenizer_fingerprint=target.fingerprint, epochs=args.epochs, lr=args.lr,
+            batch_size=args.batch_size, time_limit_s=args.time_limit_s)
+    except ValueError as err:
+        print(f"specd distill-eagle: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(report))
+    return 0
+
+
 def checkpoints_command(args: argparse.Namespace) -> int:
     from specdec import redisutil
     from specdec.checkpoints import CheckpointError, CheckpointStore, parse_version
@@ -190,6 +217,22 @@ def add_subcommands(subparsers) -> None:
     prune.add_argument("--traces", type=int, default=20_000, help="newest traces to rank tokens on")
     prune.add_argument("--promote", action="store_true", help="make the pruned version CURRENT")
     prune.set_defaults(handler=prune_head_command)
+
+    eagle = subparsers.add_parser("distill-eagle", help="train a feature-level (EAGLE) drafter on the trace stream")
+    eagle.add_argument("--target", default="smollm2-135m")
+    eagle.add_argument("--checkpoint-dir", required=True, help="its own store: drafters never swap between kinds")
+    eagle.add_argument("--redis-url", default="embedded", help="where the trace stream lives")
+    eagle.add_argument("--stream", default=DEFAULT_STREAM)
+    eagle.add_argument("--traces", type=int, default=20_000, help="newest traces to learn from")
+    eagle.add_argument("--head-vocab", type=int, default=16384, help="tokens the draft head keeps (0: all)")
+    eagle.add_argument("--holdout", type=int, default=40, help="newest requests kept out of training")
+    eagle.add_argument("--epochs", type=float, default=8.0)
+    eagle.add_argument("--lr", type=float, default=1e-3)
+    eagle.add_argument("--batch-size", type=int, default=8)
+    eagle.add_argument("--time-limit-s", type=float, default=None, help="stop training after this long")
+    eagle.add_argument("--threads", type=int, default=2)
+    eagle.add_argument("--promote", action="store_true", help="make the new version CURRENT")
+    eagle.set_defaults(handler=distill_eagle_command)
 
     checkpoints = subparsers.add_parser("checkpoints", help="list, promote or roll back drafter checkpoints")
     checkpoints.add_argument("action", choices=["list", "promote", "rollback"])

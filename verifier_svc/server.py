@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from specdec import metrics
 from specdec.config import VerifierSettings
-from specdec.convert import dist_from_proto, sampling_from_proto
+from specdec.convert import dist_from_proto, hidden_to_proto, sampling_from_proto
 from specdec.errors import InvalidRequest
 from specdec.models import LoadedModel, configure_threads, load_model
 from specdec.server import RunningServer, abort_for, serve_until_signalled, start_server
@@ -46,8 +46,9 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
     async def Prefill(self, request, context):
         try:
             sampling = sampling_from_proto(request.sampling)
-            committed, ms = await self._run(self.core.prefill, request.session_id, list(request.token_ids), sampling,
-                                            request.max_new_tokens, request.request_id)
+            (committed, hidden), ms = await self._run(self.core.prefill, request.session_id, list(request.token_ids),
+                                                      sampling, request.max_new_tokens, request.request_id,
+                                                      request.return_hidden)
         except asyncio.CancelledError:
             # The caller went away (cancelled, deadline passed, server draining) while the prefill was queued or
             # running. It never learnt that the session exists, so it cannot be relied on to release it: the
@@ -61,7 +62,8 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
         self._update_gauges()
         log.debug("session opened", extra={"fields": {"session_id": request.session_id, "committed_len": committed,
                                                       "compute_ms": round(ms, 2)}})
-        return verifier_pb2.PrefillResponse(committed_len=committed, timing=common_pb2.Timing(compute_ms=ms))
+        return verifier_pb2.PrefillResponse(committed_len=committed, timing=common_pb2.Timing(compute_ms=ms),
+                                            hidden=hidden_to_proto(*hidden) if hidden else None)
 
     async def Verify(self, request, context):
         try:
@@ -70,7 +72,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
             dists = [dist_from_proto(p) for p in request.draft_probs]
             outcome, wall_ms = await self._run(self.core.verify, request.session_id, request.committed_len,
                                                list(request.draft_tokens), dists, request.return_top_k,
-                                               request.bild_rollback_threshold)
+                                               request.bild_rollback_threshold, request.return_hidden)
         except Exception as err:  # noqa: BLE001
             await abort_for(context, err)
         self._update_gauges()
@@ -78,7 +80,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
             accepted=outcome.accepted, next_token=outcome.next_token, committed_len=outcome.committed_len,
             target_top_k=[common_pb2.TopKProbs(indices=i, probs=p) for i, p in outcome.target_top],
             timing=common_pb2.Timing(compute_ms=outcome.compute_ms, queue_ms=max(wall_ms - outcome.compute_ms, 0.0)),
-            lossy=outcome.lossy)
+            lossy=outcome.lossy, hidden=hidden_to_proto(*outcome.hidden) if outcome.hidden else None)
 
     async def Release(self, request, context):
         # Free the KV now, and once more after the compute already queued: a Prefill that the caller abandoned

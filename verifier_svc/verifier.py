@@ -27,6 +27,7 @@ class VerifyOutcome:
     target_top: list[tuple[list[int], list[float]]]  # per slot (ids, probs) of the untempered target
     compute_ms: float
     lossy: bool
+    hidden: tuple[int, torch.Tensor] | None = None  # (start, features [n, H]) of the newly committed positions
 
 
 class VerifierCore:
@@ -39,7 +40,8 @@ class VerifierCore:
 
     # 1. Prefill: cache all but the last prompt token.
     def prefill(self, session_id: str, token_ids: list[int], sampling: SamplingParams, max_new_tokens: int,
-                request_id: str = "") -> int:
+                request_id: str = "", return_hidden: bool = False) -> tuple[int, tuple[int, torch.Tensor] | None]:
+        """Returns the committed length and, with return_hidden, the features of positions 0 .. len-2."""
         if not session_id:
             raise InvalidRequest("session_id is required")
         if not token_ids:
@@ -52,17 +54,20 @@ class VerifierCore:
         session = self.sessions.create(session_id, request_id)
         session.extra["sampling"] = sampling
         session.ids = list(token_ids)
+        hidden = None
         if len(token_ids) > 1:
             session.ids = list(token_ids[:-1])
             with self._compute:
-                self.runner.extend([session], keep_logits=1)  # the cache is what prefill is for
+                _, hidden = self.runner.extend([session], output_hidden=return_hidden, keep_logits=1)[0]
             session.ids.append(token_ids[-1])
-        return len(session.ids)
+        if return_hidden and hidden is None:
+            hidden = torch.zeros(0, int(self.loaded.model.config.hidden_size))
+        return len(session.ids), (0, hidden) if return_hidden else None
 
     # 2. Verify: one target pass over the uncached tokens plus the draft.
     def verify(self, session_id: str, committed_len: int, draft_tokens: list[int],
                draft_dists: list[DraftDist] | None, return_top_k: int = 0,
-               bild_threshold: float = 0.0) -> VerifyOutcome:
+               bild_threshold: float = 0.0, return_hidden: bool = False) -> VerifyOutcome:
         session = self.sessions.get(session_id)
         sampling: SamplingParams = session.extra["sampling"]
         if committed_len != len(session.ids):
@@ -81,7 +86,8 @@ class VerifierCore:
         base = len(session.ids)
         session.ids.extend(draft_tokens)
         with self._compute:
-            slot_logits, _ = self.runner.extend([session], keep_logits=len(draft_tokens) + 1)[0]  # [k+1, V]
+            slot_logits, hidden = self.runner.extend([session], output_hidden=return_hidden,
+                                                     keep_logits=len(draft_tokens) + 1)[0]  # [k+1, V], [fed, H]
 
         # 3. Decide acceptance, then 4. roll the cache back to the accepted prefix.
         if sampling.greedy:
@@ -94,11 +100,15 @@ class VerifierCore:
                 raise InvalidRequest(str(err)) from None
             p = warp_logits(slot_logits, sampling)
             decision = verify_speculative(p, draft_tokens, q, sampling.seed, base)
+        committed_features = None
+        if return_hidden:
+            fed_from = len(session.ids) - hidden.shape[0]
+            committed_features = (fed_from, hidden[: base + decision.accepted - fed_from])
         session.crop(base + decision.accepted)
         session.ids.append(decision.next_token)
         target_top = _top_k(slot_logits[: decision.accepted + 1], return_top_k)
         return VerifyOutcome(decision.accepted, decision.next_token, len(session.ids), target_top,
-                             (time.perf_counter() - started) * 1e3, decision.lossy)
+                             (time.perf_counter() - started) * 1e3, decision.lossy, committed_features)
 
     def release(self, session_id: str) -> bool:
         return self.sessions.release(session_id)

@@ -1,0 +1,88 @@
+"""Feature-level drafting (EAGLE, Li et al. 2024).
+
+A token-level drafter must re-derive, from tokens alone, what the target
+already knows. An EAGLE drafter reads the target's own last hidden state
+instead: row j of its one-layer decoder gets
+
+    fuse(concat(embed(t[j+1]), f[j]))
+
+where f[j] is the target's feature at position j (the vector its LM head turns
+into the distribution of t[j+1]) and t[j+1] the token that was then chosen.
+Its output is a prediction of f[j+1]; the target's own LM head (or a subset of
+it) turns that into the draft of t[j+2]. Past the last verified token the
+drafter feeds its own predicted features back in, one row per draft token.
+
+The drafter is an ordinary HF causal LM with one decoder layer, driven through
+`inputs_embeds`, plus a `feature_fuse` linear; its config carries
+FEATURE_DRAFTER_KEY so loaders rebuild the fuse before the weights are read.
+KV caches, cropping, the small-batch kernel and checkpoints all work unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+FEATURE_DRAFTER_KEY = "feature_drafter"
+FUSE_ATTR = "feature_fuse"
+
+
+def is_feature_drafter(model_or_config) -> bool:
+    config = getattr(model_or_config, "config", model_or_config)
+    return bool(getattr(config, FEATURE_DRAFTER_KEY, 0))
+
+
+def add_fuse(model: nn.Module) -> nn.Module:
+    """Gives `model` its fuse layer (2H -> H): input embedding and feature side by side."""
+    hidden = int(model.config.hidden_size)
+    setattr(model, FUSE_ATTR, nn.Linear(2 * hidden, hidden, bias=True))
+    setattr(model.config, FEATURE_DRAFTER_KEY, 1)
+    return model
+
+
+def init_from_target(target: nn.Module, layer: int = -1) -> nn.Module:
+    """A one-layer feature drafter sharing `target`'s embeddings, final norm and LM head.
+
+    Its decoder layer starts as a copy of the target's `layer` (the last by
+    default: the one that already maps late features to the next). The fuse
+    starts as "pass the feature through", so an untrained drafter predicts
+    that the feature does not change.
+    """
+    from trainer.bootstrap import init_drafter_from_target
+
+    total = int(target.config.num_hidden_layers)
+    drafter = init_drafter_from_target(target, 1, layers=[layer % total])
+    add_fuse(drafter)
+    fuse = getattr(drafter, FUSE_ATTR)
+    hidden = int(drafter.config.hidden_size)
+    with torch.no_grad():
+        fuse.weight.zero_()
+        fuse.weight[:, hidden:].copy_(torch.eye(hidden))
+        fuse.weight[:, :hidden].normal_(0.0, 0.02)
+        fuse.bias.zero_()
+    return drafter.to(dtype=next(target.parameters()).dtype)
+
+
+def target_features(outputs) -> torch.Tensor:
+    """A HF forward's (output_hidden_states=True) last hidden state, the LM head's input: [B, T, H]."""
+    return outputs.hidden_states[-1]
+
+
+def fused_inputs(drafter: nn.Module, next_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """next_ids [B, T] (t[j+1]), features [B, T, H] (f[j]) -> decoder inputs [B, T, H]."""
+    embeds = drafter.get_input_embeddings()(next_ids)  # [B, T, H]
+    fuse = getattr(drafter, FUSE_ATTR)
+    return fuse(torch.cat([embeds, features.to(embeds.dtype)], dim=-1))
+
+
+def feed_rows(drafter: nn.Module, cache, next_ids: torch.Tensor, features: torch.Tensor,
+              keep_logits: int = 0) -> tuple[torch.Tensor, torch.Tensor, object]:
+    """Appends rows to a drafter KV cache.
+
+    next_ids [T], features [T, H] -> (logits [T or keep_logits, V], predicted features [T, H], cache).
+    Logits row i is the draft distribution of the token after next_ids[i].
+    """
+    inputs = fused_inputs(drafter, next_ids.unsqueeze(0), features.unsqueeze(0))  # [1, T, H]
+    extra = {"logits_to_keep": keep_logits} if keep_logits else {}
+    out = drafter(inputs_embeds=inputs, past_key_values=cache, use_cache=True, output_hidden_states=True, **extra)
+    return out.logits[0], target_features(out)[0], out.past_key_values

@@ -1,0 +1,165 @@
+"""Feature-level (EAGLE) drafting: the model, the drafter service's rows, the verifier's features,
+the coordinator's plumbing, and training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import InProcessStack, hf_greedy, save
+from drafter_svc.drafters import FeatureDrafter
+from specdec.client import SpecdClient
+from specdec.convert import hidden_from_proto, hidden_to_proto
+from specdec.eagle import feed_rows, init_from_target, is_feature_drafter, target_features
+from specdec.errors import InvalidRequest
+from specdec.models import load_model
+from specdec.sampling import SamplingParams
+from trainer.bootstrap import greedy_continuations
+from trainer.eagle import collect_features, draft_acceptance, train_feature_drafter
+from verifier_svc.verifier import VerifierCore
+
+PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
+
+
+@pytest.fixture(scope="module")
+def eagle_dirs(tmp_path_factory, tiny_dirs):
+    """A one-layer feature drafter cut from each tiny target."""
+    root = tmp_path_factory.mktemp("eagle")
+    dirs = {}
+    for arch in ("llama", "gpt2"):
+        target = load_model(tiny_dirs[arch]["target"]).model
+        dirs[arch] = save(init_from_target(target), root / arch)
+    return dirs
+
+
+def _features(model, ids: list[int]) -> torch.Tensor:
+    """The target's features [len(ids), H] by one plain forward."""
+    with torch.no_grad():
+        return target_features(model(input_ids=torch.tensor([ids]), output_hidden_states=True))[0]
+
+
+def _fresh_drafts(drafter, ids: list[int], features: torch.Tensor, count: int) -> list[int]:
+    """Greedy drafts recomputed from nothing: true rows, then the drafter's own features."""
+    with torch.no_grad():
+        logits, predicted, cache = feed_rows(drafter, None, torch.tensor(ids[1:]), features[:len(ids) - 1])
+        drafts = []
+        for _ in range(count):
+            drafts.append(int(logits[-1].argmax()))
+            logits, out, cache = feed_rows(drafter, cache, torch.tensor([drafts[-1]]), predicted[-1:])
+            predicted = out
+    return drafts
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_feature_drafter_loads_and_drafts_incrementally_as_from_scratch(arch, tiny_dirs, eagle_dirs):
+    target = load_model(tiny_dirs[arch]["target"]).model
+    loaded = load_model(eagle_dirs[arch])
+    assert is_feature_drafter(loaded.model)
+    drafter = FeatureDrafter(loaded)
+    greedy = SamplingParams()
+    full = PROMPT + [7, 8, 9, 10]
+    features = _features(target, full)
+
+    # A new session gets the prompt with its features (all but the last position, as a prefill sends).
+    session = drafter.sync("s", 0, PROMPT, hidden=(0, features[:len(PROMPT) - 1]))
+    drafts = [drafter.step(session, greedy, 0)[0].token for _ in range(3)]
+    assert drafts == _fresh_drafts(loaded.model, PROMPT, features, 3)
+
+    # The target committed other tokens; their features arrive: rows on predictions are redone.
+    session = drafter.sync("s", len(PROMPT), full[len(PROMPT):], hidden=(len(PROMPT) - 1, features[len(PROMPT) - 1:-1]))
+    later = [drafter.step(session, greedy, 0)[0].token for _ in range(2)]
+    assert later == _fresh_drafts(loaded.model, full, features, 2)
+
+    # Without any target feature there is nothing to draft from.
+    assert drafter.step(drafter.sync("bare", 0, PROMPT), greedy, 0) is None
+    # A gap in the features means the session lost them: the caller must resend everything.
+    with pytest.raises(Exception, match="resend"):
+        drafter.sync("s", len(full), [], hidden=(len(full) + 3, features[:1]))
+
+
+def test_hidden_states_round_trip_and_bad_shapes_are_refused():
+    rows = torch.randn(3, 8)
+    start, back = hidden_from_proto(hidden_to_proto(5, rows), 8)
+    assert start == 5 and torch.allclose(back, rows, atol=1e-2)
+    with pytest.raises(InvalidRequest):
+        hidden_from_proto(hidden_to_proto(0, rows), 16)
+    bad = hidden_to_proto(0, rows)
+    bad.data = bad.data[:-2]
+    with pytest.raises(InvalidRequest):
+        hidden_from_proto(bad, 8)
+    with pytest.raises(InvalidRequest):
+        hidden_from_proto(hidden_to_proto(0, torch.full((1, 8), float("nan"))), 8)
+
+
+def test_verifier_sends_the_features_of_committed_positions(tiny_dirs):
+    loaded = load_model(tiny_dirs["llama"]["target"])
+    core = VerifierCore(loaded)
+    committed, (start, prefill_rows) = core.prefill("v", PROMPT, SamplingParams(), 8, return_hidden=True)
+    assert start == 0 and prefill_rows.shape[0] == len(PROMPT) - 1
+    outcome = core.verify("v", committed, [1, 2, 3], None, return_hidden=True)
+    start, rows = outcome.hidden
+    committed_ids = core.sessions.get("v").ids
+    assert start == len(PROMPT) - 1 and start + rows.shape[0] == len(committed_ids) - 1
+    reference = _features(loaded.model, committed_ids)
+    assert torch.allclose(prefill_rows, reference[:start], atol=1e-5)
+    assert torch.allclose(rows, reference[start:-1], atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["overlapped", "sequential"])
+def test_greedy_output_with_a_feature_drafter_is_the_targets(mode, tiny_dirs, eagle_dirs):
+    target = tiny_dirs["llama"]["target"]
+    stack = InProcessStack(target, eagle_dirs["llama"], drafter_overrides={"draft_weights": "fp32"})
+    try:
+        with SpecdClient(stack.address) as client:
+            response = client.generate(token_ids=PROMPT, max_new_tokens=24, mode=mode, policy="static")
+        assert list(response.token_ids) == hf_greedy(target, PROMPT, 24)
+        # Drafts were made, so the target's features reached the drafter through the coordinator.
+        assert response.stats["drafted_tokens"] > 0
+    finally:
+        stack.close()
+
+
+def test_training_fits_a_feature_drafter_to_its_traces(tiny_dirs):
+    """The random tiny target is chaotic, so nothing generalises to new prompts; what training must
+    show is acceptance rising on the continuations it was fitted to."""
+    torch.manual_seed(0)
+    target = load_model(tiny_dirs["llama"]["target"]).model
+    prompts = [torch.randint(0, 256, (6,)).tolist() for _ in range(32)]
+    continuations = greedy_continuations(target, prompts, 24, pad_id=0, eos_ids=set())
+    data = collect_features(target, [(p + c, len(p)) for p, c in zip(prompts, continuations)])
+    drafter = init_from_target(target)
+    before = draft_acceptance(drafter, data[:8])
+    train_feature_drafter(drafter, data, epochs=150, lr=3e-3, batch_size=8, noise=0.0)
+    after = draft_acceptance(drafter, data[:8])
+    assert after["mean_accepted"] > before["mean_accepted"] + 0.15, (before, after)
+
+
+def test_distill_eagle_publishes_a_drafter_that_swaps_in_for_its_own_kind_only(tmp_path, tiny_dirs, eagle_dirs):
+    from dataclasses import replace
+
+    from drafter_svc.drafters import ModelDrafter
+    from specdec.checkpoints import CheckpointStore
+    from specdec.traces import TEACHER_DRAFTER_VERSION, TraceRecord
+    from trainer.eagle import distill_feature_drafter
+
+    target = load_model(tiny_dirs["llama"]["target"])
+    torch.manual_seed(1)
+    prompts = [torch.randint(0, 256, (6,)).tolist() for _ in range(12)]
+    continuations = greedy_continuations(target.model, prompts, 16, pad_id=0, eos_ids=set())
+    records = [TraceRecord(request_id=f"r{i}", drafter_version=TEACHER_DRAFTER_VERSION, context_ids=p,
+                           draft_tokens=c, accepted=len(c)) for i, (p, c) in enumerate(zip(prompts, continuations))]
+    store = CheckpointStore(tmp_path / "store")
+    report = distill_feature_drafter(target.model, records, store, head_vocab=128, holdout=4, promote=True,
+                                     epochs=2, batch_size=4)
+    assert report["holdout_requests"] == 4 and report["steps"] == 4 and store.current() == report["version"]
+    meta = store.meta(report["version"])
+    assert meta["kind"] == "eagle" and "holdout_after" in meta
+    checkpoint = store.load(report["version"])
+    assert is_feature_drafter(checkpoint.model)
+
+    drafter = FeatureDrafter(load_model(eagle_dirs["llama"]))
+    drafter.swap(replace(drafter.loaded, model=checkpoint.model))
+    assert drafter.generation == 1
+    token_drafter = ModelDrafter(load_model(tiny_dirs["llama"]["close"]))
+    with pytest.raises(InvalidRequest, match="different inputs"):
+        token_drafter.swap(replace(token_drafter.loaded, model=checkpoint.model))

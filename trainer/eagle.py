@@ -1,0 +1,233 @@
+"""Training a feature-level (EAGLE) drafter from the trace stream.
+
+Traces give the committed text of each request; the target's features are not
+in them (576 floats a token would make every stream entry tens of KB), so the
+trainer runs the target over each sequence once, exactly as the verifier did
+when it served it, and keeps the features in float16.
+
+Training is teacher-forced on the target's features, with uniform noise on the
+inputs (EAGLE's remedy for drafting on its own, slightly wrong, features):
+
+    loss = smooth_l1(f_hat[j+1], f[j+1]) + cls_weight * KL(p_target || p_draft)
+
+both over the draft head's vocabulary. Rows that predict a continuation
+token weigh 1, prompt rows `prompt_weight`: the drafter only ever drafts
+continuations. `draft_acceptance` measures what serving would see: greedy
+blocks drafted on the drafter's own features, scored against the target's
+greedy continuation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from specdec.eagle import FUSE_ATTR, feed_rows, fused_inputs, target_features
+from specdec.kv import crop_cache
+from specdec.traces import TraceRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FeatureSequence:
+    ids: list[int]           # committed tokens
+    prompt_len: int          # ids[:prompt_len] came from the caller
+    features: torch.Tensor   # [len(ids), H] float16: the target's feature at each position
+
+
+def committed_sequences(records: list[TraceRecord], max_len: int = 512) -> list[tuple[list[int], int]]:
+    """(ids, prompt_len) per request: the longest committed text its traces show.
+
+    A trace's committed text is its context plus the accepted drafts; the
+    context of a request's first trace is taken as its prompt.
+    """
+    longest: dict[str, list[int]] = {}
+    prompt: dict[str, int] = {}
+    for record in records:
+        ids = list(record.context_ids) + list(record.draft_tokens[:record.accepted])
+        if len(ids) > len(longest.get(record.request_id, [])):
+            longest[record.request_id] = ids
+        prompt[record.request_id] = min(prompt.get(record.request_id, len(record.context_ids)),
+                                        len(record.context_ids))
+    return [(ids[-max_len:], max(1, prompt[rid] - max(0, len(ids) - max_len))) for rid, ids in longest.items()
+            if len(ids) >= 3]
+
+
+@torch.no_grad()
+def collect_features(target, sequences: list[tuple[list[int], int]], log_every: int = 100) -> list[FeatureSequence]:
+    """The target's features over each sequence, one forward each."""
+    device = next(target.parameters()).device
+    out = []
+    started = time.perf_counter()
+    for number, (ids, prompt_len) in enumerate(sequences, start=1):
+        result = target(input_ids=torch.tensor([ids], device=device), output_hidden_states=True, logits_to_keep=1)
+        out.append(FeatureSequence(ids, prompt_len, target_features(result)[0].to(torch.float16).cpu()))
+        if number % log_every == 0:
+            log.info("features for %d/%d sequences (%.0f s)", number, len(sequences), time.perf_counter() - started)
+    return out
+
+
+def _head_weight(drafter) -> torch.Tensor:
+    """The draft head's rows [N, H] (a subset head's or the full one's)."""
+    return drafter.get_output_embeddings().weight
+
+
+def _batch(items: list[FeatureSequence], prompt_weight: float):
+    """Right-padded rows j = 0..L-2 of each sequence: inputs (t[j+1], f[j]), targets f[j+1], weights."""
+    width = max(len(s.ids) for s in items) - 1
+    hidden = items[0].features.shape[-1]
+    next_ids = torch.zeros(len(items), width, dtype=torch.long)       # [B, T]
+    features = torch.zeros(len(items), width, hidden)                  # [B, T, H] f[j]
+    targets = torch.zeros(len(items), width, hidden)                   # [B, T, H] f[j+1]
+    weights = torch.zeros(len(items), width)                           # [B, T]
+    mask = torch.zeros(len(items), width, dtype=torch.long)           # [B, T]
+    for row, seq in enumerate(items):
+        n = len(seq.ids) - 1
+        next_ids[row, :n] = torch.tensor(seq.ids[1:])
+        features[row, :n] = seq.features[:-1].float()
+        targets[row, :n] = seq.features[1:].float()
+        mask[row, :n] = 1
+        # Row j predicts t[j+2]: a continuation token once j + 2 >= prompt_len.
+        weights[row, :n] = prompt_weight
+        weights[row, max(0, seq.prompt_len - 2):n] = 1.0
+    return next_ids, features, targets, weights, mask
+
+
+def train_feature_drafter(drafter, data: list[FeatureSequence], epochs: float = 4.0, lr: float = 1e-3,
+                          batch_size: int = 8, noise: float = 0.1, cls_weight: float = 0.1,
+                          prompt_weight: float = 0.2, seed: int = 0, time_limit_s: float | None = None,
+                          log_every: int = 25) -> dict:
+    """Trains the fuse, decoder layer and final norm (embeddings and head stay the target's)."""
+    generator = random.Random(seed)
+    for name, param in drafter.named_parameters():
+        param.requires_grad = name.startswith(FUSE_ATTR) or ".layers." in name or ".h." in name or "norm" in name \
+            or "ln_f" in name
+    params = [p for p in drafter.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(data) / batch_size)
+    total_steps = max(1, int(epochs * steps_per_epoch))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
+    head = _head_weight(drafter).detach()  # [N, H]
+    drafter.train()
+    started = time.perf_counter()
+    step, losses = 0, []
+    order: list[int] = []
+    while step < total_steps:
+        if not order:
+            order = list(range(len(data)))
+            generator.shuffle(order)
+        items = [data[i] for i in order[:batch_size]]
+        order = order[batch_size:]
+        next_ids, features, targets, weights, mask = _batch(items, prompt_weight)
+        noisy = features + (torch.rand_like(features) * 2 - 1) * noise
+        inputs = fused_inputs(drafter, next_ids, noisy)  # [B, T, H]
+        predicted = drafter.base_model(inputs_embeds=inputs, attention_mask=mask).last_hidden_state  # [B, T, H]
+        reg = F.smooth_l1_loss(predicted, targets, reduction="none").mean(-1)  # [B, T]
+        with torch.no_grad():
+            target_logp = F.log_softmax(targets @ head.T, dim=-1)  # [B, T, N]
+        draft_logp = F.log_softmax(predicted @ head.T, dim=-1)
+        kl = (target_logp.exp() * (target_logp - draft_logp)).sum(-1)  # [B, T]
+        loss = ((reg + cls_weight * kl) * weights).sum() / weights.sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        step += 1
+        losses.append(float(loss.detach()))
+        if step % log_every == 0:
+            log.info("feature drafter step %d/%d loss %.4f (%.0f s)", step, total_steps,
+                     sum(losses[-log_every:]) / log_every, time.perf_counter() - started)
+        if time_limit_s is not None and time.perf_counter() - started > time_limit_s:
+            log.info("feature drafter training stopped at its time limit after %d steps", step)
+            break
+    drafter.eval()
+    for param in drafter.parameters():
+        param.requires_grad = False
+    return {"steps": step, "final_loss": sum(losses[-log_every:]) / max(1, len(losses[-log_every:])),
+            "seconds": time.perf_counter() - started}
+
+
+@torch.no_grad()
+def draft_acceptance(drafter, data: list[FeatureSequence], block: int = 4) -> dict:
+    """Greedy blocks of `block` drafts from every continuation position, as serving drafts them.
+
+    At committed length c the drafter knows f[0..c-2] (the newest token has no
+    feature yet) and drafts on its own features after that. Returns the mean
+    accepted length per block and the first draft's acceptance rate.
+    """
+    accepted_total, first_hits, blocks = 0, 0, 0
+    for seq in data:
+        ids = torch.tensor(seq.ids)
+        start = max(2, seq.prompt_len)  # committed length of the first block
+        if start >= len(seq.ids):
+            continue
+        # Rows 0..start-2 on true features: the prefill the drafter gets with the prompt.
+        logits, predicted, cache = feed_rows(drafter, None, ids[1:start], seq.features[:start - 1].float(), keep_logits=1)
+        for committed in range(start, len(seq.ids)):
+            rows = cache.get_seq_length()
+            draft_logits, feature = logits[-1], predicted[-1]
+            accepted = 0
+            for slot in range(block):
+                token = int(draft_logits.argmax())
+                if committed + slot >= len(seq.ids) or token != seq.ids[committed + slot]:
+                    break
+                accepted += 1
+                if slot + 1 < block:
+                    out_logits, out_features, cache = feed_rows(drafter, cache, torch.tensor([token]), feature[None])
+                    draft_logits, feature = out_logits[-1], out_features[-1]
+            accepted_total += accepted
+            first_hits += accepted > 0
+            blocks += 1
+            crop_cache(cache, rows)
+            # The target verified one more token: row committed-1 on its true feature.
+            logits, predicted, cache = feed_rows(drafter, cache, ids[committed:committed + 1],
+                                                 seq.features[committed - 1:committed].float(), keep_logits=1)
+    return {"blocks": blocks, "mean_accepted": accepted_total / max(1, blocks),
+            "first_token_acceptance": first_hits / max(1, blocks)}
+
+
+def distill_feature_drafter(target, records: list[TraceRecord], store, head_vocab: int = 0, holdout: int = 40,
+                            promote: bool = False, seed: int = 0, target_version: str = "",
+                            tokenizer_fingerprint: str = "", **train_options) -> dict:
+    """Trains a feature drafter on the requests in `records` and publishes it to `store`.
+
+    The newest `holdout` requests stay out of training; the drafter's acceptance on them,
+    untrained and trained, goes into the checkpoint's metadata and the returned report.
+    """
+    from specdec.eagle import init_from_target
+    from specdec.vocab_head import install_subset_head, rank_tokens
+    from trainer.prune_head import emitted_token_counts
+
+    sequences = committed_sequences(records)
+    if len(sequences) <= holdout:
+        raise ValueError(f"{len(sequences)} requests in the traces; need more than the {holdout} held out")
+    data = collect_features(target, sequences)
+    held, train = data[-holdout:], data[:-holdout]
+    random.Random(seed).shuffle(train)
+    drafter = init_from_target(target)
+    vocab_size = int(target.config.vocab_size)
+    if head_vocab and head_vocab < vocab_size:
+        install_subset_head(drafter, rank_tokens(emitted_token_counts(records), vocab_size, head_vocab))
+    before = draft_acceptance(drafter, held)
+    training = train_feature_drafter(drafter, train, seed=seed, **train_options)
+    after = draft_acceptance(drafter, held)
+    report = {"requests": len(sequences), "train_requests": len(train), "holdout_requests": len(held),
+              "holdout_before": before, "holdout_after": after, **training}
+    version = store.publish(drafter, meta={"consumer": "distill-eagle", "kind": "eagle", "head_vocab": head_vocab,
+                                           "target_version": target_version,
+                                           "tokenizer_fingerprint": tokenizer_fingerprint, **report})
+    report["version"] = version
+    if promote:
+        store.promote(version, "distill-eagle bootstrap", {"holdout_after": after})
+    log.info("feature drafter v%d: held-out accepted length %.3f -> %.3f", version, before["mean_accepted"],
+             after["mean_accepted"])
+    return report
