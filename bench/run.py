@@ -122,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one prompt per category, 32 tokens (CI smoke)")
     parser.add_argument("--target", default="smollm2-135m")
     parser.add_argument("--drafter", action="append", help="ngram, a drafter model, or MODEL+lookup (prompt lookup first; repeatable; default ngram)")
-    parser.add_argument("--policies", default=",".join(POLICIES))
-    parser.add_argument("--sequential-policy", default="static")
+    parser.add_argument("--policies", default=",".join(POLICIES),
+                        help="comma-separated NAME[:DRAFT_LENGTH]; the length overrides the coordinator's draft_length")
+    parser.add_argument("--sequential-policy", default="static", help="NAME[:DRAFT_LENGTH] of the (c) mode")
     parser.add_argument("--prompts", default=str(HERE / "prompts" / "suite.jsonl"))
     parser.add_argument("--per-category", type=int, default=None, help="prompts per category (default: all)")
     parser.add_argument("--max-new-tokens", type=int, default=None)
@@ -172,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
                                   prompt_lookup=args.prompt_lookup_tokens)
                 return run_hf(mode.name, target.model, ids, tokens, prompt.id, prompt.category,
                               assistant=assistants[mode.drafter])
+            policy, _, length = mode.policy.partition(":")  # NAME[:DRAFT_LENGTH]
             return run_specd(mode.name, clients[mode.drafter], ids, tokens, prompt.id, prompt.category,
-                             mode.pipeline, mode.policy)
+                             mode.pipeline, policy, int(length or 0))
 
         for mode in modes:  # warm-up: first-call costs (allocations, gRPC channels) stay out of the numbers
             run(mode, prompts[0], 8)

@@ -93,9 +93,8 @@ def truncate_support(probs: torch.Tensor, support: int) -> tuple[torch.Tensor, t
 
 
 def entropy(probs: torch.Tensor) -> float:
-    """Shannon entropy in nats of probs [V]."""
-    p = probs[probs > 0].double()
-    return float(-(p * p.log()).sum())
+    """Shannon entropy in nats of probs [V] (entr(0) = 0: no masking pass over the vocabulary)."""
+    return float(torch.special.entr(probs).sum())
 
 
 @dataclass(frozen=True)

@@ -131,8 +131,11 @@ def distill_eagle_command(args: argparse.Namespace) -> int:
     setup_logging("trainer", "info", False)
     configure_threads(args.threads)
     client = redisutil.connect(args.redis_url)
-    records = recent_traces(client, args.stream, args.traces)
     target = load_model(args.target)
+    if args.prompts:
+        records = _teacher_records(target, args.prompts, client, args.stream, args.max_new_tokens)
+    else:
+        records = recent_traces(client, args.stream, args.traces)
     store = CheckpointStore(args.checkpoint_dir, redis_client=client)
     try:
         report = distill_feature_drafter(
@@ -144,6 +147,30 @@ def distill_eagle_command(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps(report))
     return 0
+
+
+def _teacher_records(target, prompt_files: list[str], client, stream: str, max_new_tokens: int,
+                     batch: int = 8) -> list:
+    """The target's greedy continuations of the prompt files as teacher traces, also appended to
+    `stream` so token drafters can learn from the same run."""
+    from specdec import small_gemm
+    from specdec.traces import append_traces
+    from trainer.bootstrap import encode_prompt, read_prompts, teacher_traces
+
+    items = [item for path in prompt_files for item in read_prompts(path)]
+    tokenizer = target.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    small_gemm.install(target.model)  # batched greedy decoding is the kernel's case; training reads fp32 weights
+    records = []
+    for start in range(0, len(items), batch):
+        chunk = items[start:start + batch]
+        new = teacher_traces(target.model, [encode_prompt(tokenizer, item.prompt) for item in chunk],
+                             [item.id for item in chunk], max_new_tokens=max_new_tokens, pad_id=pad_id,
+                             eos_ids=set(target.eos_token_ids), target_version=target.version)
+        append_traces(client, new, stream=stream)
+        records += new
+        log.info("teacher traces for %d/%d prompts", min(start + batch, len(items)), len(items))
+    return records
 
 
 def checkpoints_command(args: argparse.Namespace) -> int:
@@ -224,6 +251,10 @@ def add_subcommands(subparsers) -> None:
     eagle.add_argument("--redis-url", default="embedded", help="where the trace stream lives")
     eagle.add_argument("--stream", default=DEFAULT_STREAM)
     eagle.add_argument("--traces", type=int, default=20_000, help="newest traces to learn from")
+    eagle.add_argument("--prompts", action="append", default=None,
+                       help="JSON Lines of {id, category, prompt}: learn from the target's greedy continuations of "
+                            "these instead of the stream (repeatable; the teacher traces are appended to it)")
+    eagle.add_argument("--max-new-tokens", type=int, default=64, help="continuation length with --prompts")
     eagle.add_argument("--head-vocab", type=int, default=16384, help="tokens the draft head keeps (0: all)")
     eagle.add_argument("--holdout", type=int, default=40, help="newest requests kept out of training")
     eagle.add_argument("--epochs", type=float, default=8.0)
