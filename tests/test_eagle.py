@@ -163,3 +163,40 @@ def test_distill_eagle_publishes_a_drafter_that_swaps_in_for_its_own_kind_only(t
     token_drafter = ModelDrafter(load_model(tiny_dirs["llama"]["close"]))
     with pytest.raises(InvalidRequest, match="different inputs"):
         token_drafter.swap(replace(token_drafter.loaded, model=checkpoint.model))
+
+
+@pytest.mark.parametrize("drafter_kind", ["feature", "token"])
+def test_losing_the_verifier_mid_stream_re_prefills_elsewhere_with_the_same_output(drafter_kind, tiny_dirs,
+                                                                                   eagle_dirs):
+    """The second verifier gets the committed text (and, for a feature drafter, restates its features)."""
+    from specdec.v1 import verifier_pb2, verifier_pb2_grpc
+
+    target = tiny_dirs["llama"]["target"]
+    drafter = eagle_dirs["llama"] if drafter_kind == "feature" else tiny_dirs["llama"]["close"]
+    stack = InProcessStack(target, drafter, verifiers=2, drafter_overrides={"draft_weights": "fp32"})
+    try:
+        with SpecdClient(stack.address) as client:
+            chunks = client.stream(token_ids=PROMPT, max_new_tokens=200, mode="overlapped", policy="static")
+            tokens = list(next(chunks).token_ids)
+            stopped = []
+            for name in ("verifier0", "verifier1"):
+                with grpc_channel(stack.port(name)) as channel:
+                    info = verifier_pb2_grpc.VerifierStub(channel).Info(verifier_pb2.InfoRequest(), timeout=5)
+                if info.active_sessions:
+                    stack.stop_server(name)
+                    stopped.append(name)
+            for chunk in chunks:
+                tokens.extend(chunk.token_ids)
+                if chunk.done:
+                    stats = chunk.stats
+        assert len(stopped) == 1
+        assert tokens == hf_greedy(target, PROMPT, 200)
+        assert stats.drafted_tokens > 0
+    finally:
+        stack.close()
+
+
+def grpc_channel(port: int):
+    import grpc
+
+    return grpc.insecure_channel(f"127.0.0.1:{port}")
