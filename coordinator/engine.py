@@ -152,7 +152,7 @@ class Generation:
         self.stream_error: grpc.aio.AioRpcError | None = None
         self.expected_bonus: int | None = None
         # The target's features of committed positions (float16 rows), for feature-level drafters.
-        self.target_hidden = target_hidden
+        self.target_hidden = target_hidden and request.mode != "target_only"
         self.hidden = bytearray()
         self.hidden_size = 0
         self.drafter_hidden = 0               # rows the drafter's session has
