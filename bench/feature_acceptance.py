@@ -1,0 +1,59 @@
+"""Offline acceptance of a feature-level (EAGLE) drafter on the bench prompts, per category.
+
+The target greedily continues each prompt; the drafter then drafts greedy
+blocks from every continuation position exactly as serving would
+(trainer.eagle.draft_acceptance: the target's features up to the last
+verified token, its own after that). No services, no timing: this isolates
+the drafter's quality from the pipeline's costs.
+
+    python -m bench.feature_acceptance --drafter ~/.cache/specd/drafters/eagle-store/v000001 --per-category 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from bench.run import HERE, read_prompts
+from specdec.models import load_model
+from trainer.bootstrap import encode_prompt, greedy_continuations
+from trainer.eagle import collect_features, draft_acceptance
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", default="smollm2-135m")
+    parser.add_argument("--drafter", required=True, help="a feature drafter directory (e.g. a checkpoint version)")
+    parser.add_argument("--prompts", default=str(HERE / "prompts" / "suite.jsonl"))
+    parser.add_argument("--per-category", type=int, default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--blocks", default="3,4", help="draft block lengths to score")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    target = load_model(args.target)
+    drafter = load_model(args.drafter, tokenizer_from=args.target).model
+    prompts = read_prompts(Path(args.prompts), args.per_category)
+    encoded = [encode_prompt(target.tokenizer, p.text) for p in prompts]
+    pad = target.tokenizer.pad_token_id or 0
+    continuations = [greedy_continuations(target.model, [ids], args.max_new_tokens, pad, set(target.eos_token_ids))[0]
+                     for ids in encoded]
+    data = collect_features(target.model, [(p + c, len(p)) for p, c in zip(encoded, continuations)])
+    by_category = defaultdict(list)
+    for prompt, item in zip(prompts, data):
+        by_category[prompt.category].append(item)
+    report = {}
+    for block in (int(b) for b in args.blocks.split(",")):
+        report[f"block {block}"] = {"all": draft_acceptance(drafter, data, block),
+                                    **{c: draft_acceptance(drafter, items, block) for c, items in by_category.items()}}
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
