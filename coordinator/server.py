@@ -45,14 +45,16 @@ FINISH = {"length": generation_pb2.FINISH_REASON_LENGTH, "eos": generation_pb2.F
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     def __init__(self, settings: CoordinatorSettings, tokenizer, verifiers: BackendPool, drafters: BackendPool,
                  target_info: verifier_pb2.ModelInfo, eos_ids: list[int], trace_sink=None,
-                 drafter_reads_hidden: bool = False):
+                 drafter_reads_hidden: bool | None = False):
         self.settings = settings
         self.tokenizer = tokenizer
         self.verifiers, self.drafters = verifiers, drafters
         self.target_info = target_info
         self.eos_ids = frozenset(eos_ids)
         self.trace_sink = trace_sink
-        self.drafter_reads_hidden = drafter_reads_hidden  # the verifier then sends its features along
+        # Whether the drafter reads the target's features (the verifier then sends them); None: not known yet.
+        self.drafter_reads_hidden = drafter_reads_hidden
+        self._next_drafter_probe = 0.0
         token = settings.resolved_auth_token()
         self.upstream_metadata = [("authorization", f"Bearer {token}")] if token else []
         self.in_flight: dict[str, int] = defaultdict(int)
@@ -156,6 +158,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         request_id_var.set(parsed.request_id)
         self.in_flight[client] += 1
         self.total_in_flight += 1
+        if self.drafter_reads_hidden is None and parsed.mode != "target_only":
+            await self._probe_drafter_kind()
         generation = self._generation(parsed)
         text = TextStream(self.tokenizer, parsed.stop_strings)
         status = "ok"
@@ -211,7 +215,21 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                           self.upstream_metadata + [(REQUEST_ID_HEADER, parsed.request_id)],
                           self.settings.drafter_timeout_s, self.settings.drafter_retry_s, self.trace_sink,
                           self.target_info.model_version, self.settings.trace_top_k if self.trace_sink else 0,
-                          self.drafter_reads_hidden)
+                          bool(self.drafter_reads_hidden))
+
+    async def _probe_drafter_kind(self) -> None:
+        """Asks a drafter that was down at start-up what it reads, at most once per drafter_retry_s."""
+        now = time.monotonic()
+        if now < self._next_drafter_probe:
+            return
+        self._next_drafter_probe = now + self.settings.drafter_retry_s
+        for backend in self.drafters.backends:
+            try:
+                info = await backend.stub.Info(verifier_pb2.InfoRequest(), timeout=0.5, metadata=self.upstream_metadata)
+            except grpc.aio.AioRpcError:
+                continue
+            self.drafter_reads_hidden = info.reads_target_hidden
+            return
 
 
 def _stats_proto(stats: GenerationStats) -> generation_pb2.GenerationStats:
@@ -267,7 +285,8 @@ async def build_servicer(settings: CoordinatorSettings, trace_sink=None) -> Gene
         raise RuntimeError(f"coordinator tokenizer ({settings.target}) has {len(tokenizer)} tokens, "
                            f"the target model only {target_info.vocab_size}")
     return GenerationServicer(settings, tokenizer, verifiers, drafters, target_info, list(target_info.eos_token_ids),
-                              trace_sink, drafter_reads_hidden=bool(drafter_info and drafter_info.reads_target_hidden))
+                              trace_sink, drafter_reads_hidden=(drafter_info.reads_target_hidden if drafter_info
+                                                                else None if drafters.backends else False))
 
 
 def trace_sink_for(settings: CoordinatorSettings) -> TraceSink | None:

@@ -3,6 +3,8 @@ the coordinator's plumbing, and training."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -200,3 +202,32 @@ def grpc_channel(port: int):
     import grpc
 
     return grpc.insecure_channel(f"127.0.0.1:{port}")
+
+
+def test_a_coordinator_started_before_its_feature_drafter_learns_it_reads_features(tiny_dirs, eagle_dirs,
+                                                                                    monkeypatch):
+    from drafter_svc.server import start as start_drafter
+    from specdec.cli import free_port
+    from specdec.config import load_settings
+
+    monkeypatch.setenv("SPECD_BACKEND_WAIT_S", "1")  # the drafter is not up yet: start without its Info
+    target = tiny_dirs["llama"]["target"]
+    port = free_port()
+    stack = InProcessStack(target, None, coordinator_overrides={"drafter_addrs": f"127.0.0.1:{port}",
+                                                                "drafter_retry_s": 0.2})
+    try:
+        settings = load_settings("drafter", {"model": eagle_dirs["llama"], "port": port, "draft_weights": "fp32"},
+                                 environ={})
+        stack.servers["drafter"] = stack.run(start_drafter(settings))
+        reference = hf_greedy(target, PROMPT, 24)
+        drafted = 0
+        deadline = time.monotonic() + 30  # the channel to the late drafter may still be in reconnect backoff
+        with SpecdClient(stack.address) as client:
+            while not drafted and time.monotonic() < deadline:
+                response = client.generate(token_ids=PROMPT, max_new_tokens=24, mode="sequential", policy="static")
+                assert list(response.token_ids) == reference
+                drafted = response.stats["drafted_tokens"]
+                time.sleep(0.2)
+        assert drafted > 0
+    finally:
+        stack.close()
