@@ -20,7 +20,7 @@ import torch
 
 from bench.run import HERE, read_prompts
 from specdec.models import load_model
-from trainer.bootstrap import encode_prompt, greedy_continuations
+from trainer.bootstrap import encode_prompt, greedy_continuations, padding_id
 from trainer.eagle import collect_features, draft_acceptance
 
 
@@ -40,9 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     drafter = load_model(args.drafter, tokenizer_from=args.target).model
     prompts = read_prompts(Path(args.prompts), args.per_category)
     encoded = [encode_prompt(target.tokenizer, p.text) for p in prompts]
-    pad = target.tokenizer.pad_token_id or 0
-    continuations = [greedy_continuations(target.model, [ids], args.max_new_tokens, pad, set(target.eos_token_ids))[0]
-                     for ids in encoded]
+    continuations = [greedy_continuations(target.model, [ids], args.max_new_tokens, padding_id(target.tokenizer),
+                                          set(target.eos_token_ids))[0] for ids in encoded]
     data = collect_features(target.model, [(p + c, len(p)) for p, c in zip(encoded, continuations)])
     by_category = defaultdict(list)
     for prompt, item in zip(prompts, data):

@@ -223,13 +223,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         if now < self._next_drafter_probe:
             return
         self._next_drafter_probe = now + self.settings.drafter_retry_s
-        for backend in self.drafters.backends:
-            try:
-                info = await backend.stub.Info(verifier_pb2.InfoRequest(), timeout=0.5, metadata=self.upstream_metadata)
-            except grpc.aio.AioRpcError:
-                continue
+        info = await _backend_info(self.drafters, self.upstream_metadata, 0.0, required=False, rpc_timeout_s=0.5)
+        if info is not None:
             self.drafter_reads_hidden = info.reads_target_hidden
-            return
 
 
 def _stats_proto(stats: GenerationStats) -> generation_pb2.GenerationStats:
@@ -244,19 +240,20 @@ def _stats_proto(stats: GenerationStats) -> generation_pb2.GenerationStats:
         speculation_off_rounds=stats.speculation_off_rounds)
 
 
-async def _backend_info(pool: BackendPool, metadata, wait_s: float, required: bool) -> verifier_pb2.ModelInfo | None:
-    """Info from the first backend that answers, retrying while services start."""
+async def _backend_info(pool: BackendPool, metadata, wait_s: float, required: bool,
+                        rpc_timeout_s: float = 2.0) -> verifier_pb2.ModelInfo | None:
+    """Info from the first backend that answers, retrying for up to wait_s while services start."""
     deadline = time.monotonic() + wait_s
     while True:
         for backend in pool.backends:
             try:
-                return await backend.stub.Info(verifier_pb2.InfoRequest(), timeout=2.0, metadata=metadata)
+                return await backend.stub.Info(verifier_pb2.InfoRequest(), timeout=rpc_timeout_s, metadata=metadata)
             except grpc.aio.AioRpcError as err:
                 last = f"{backend.addr}: {err.code().name}"
         if time.monotonic() > deadline:
             if required:
                 raise RuntimeError(f"no backend answered Info within {wait_s}s ({last})")
-            log.warning("backend not reachable at start-up; will retry per request", extra={"fields": {"last": last}})
+            log.warning("no backend answered Info; will retry per request", extra={"fields": {"last": last}})
             return None
         await asyncio.sleep(0.5)
 

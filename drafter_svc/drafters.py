@@ -180,11 +180,16 @@ class FeatureDrafter(ModelDrafter):
 
     reads_target_hidden = True
 
+    @property
+    def hidden_size(self) -> int:
+        """Width of the target features it reads (its own hidden size, which the target's equals)."""
+        return int(self.loaded.model.config.hidden_size)
+
     def sync(self, session_id, base_len, tokens, request_id="", hidden=None):
         session = super().sync(session_id, base_len, tokens, request_id)
         known = session.extra.get("features")
         if known is None or base_len == 0:
-            known = torch.zeros(0, int(self.loaded.model.config.hidden_size))
+            known = torch.zeros(0, self.hidden_size)
         if hidden is not None and hidden[1].shape[0]:
             start, rows = hidden
             if start > known.shape[0]:

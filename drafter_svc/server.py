@@ -33,7 +33,6 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
         self.drafter = drafter
         self.support = support
         self.name, self.fingerprint, self.max_context = name, fingerprint, max_context
-        self.hidden_size = int(drafter.loaded.model.config.hidden_size) if drafter.reads_target_hidden else 0
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drafter-compute")
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -53,7 +52,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
                 sampling = sampling_from_proto(request.sampling)
                 hidden = None
                 if self.drafter.reads_target_hidden and request.HasField("hidden"):
-                    hidden = hidden_from_proto(request.hidden, self.hidden_size)
+                    hidden = hidden_from_proto(request.hidden, self.drafter.hidden_size)
                 session = await self._run(self.drafter.sync, request.session_id, request.base_len,
                                           list(request.tokens), request.request_id, hidden)
             except ValueError as err:  # unknown stop rule enum value

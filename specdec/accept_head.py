@@ -6,8 +6,8 @@ logits) and predicts the probability that the target accepts the token. The
 coordinator's "specdecpp" policy stops drafting once the predicted chance
 that the whole block survives falls below a threshold.
 
-Use `drafter_hidden_states(outputs)` at inference and in training so both
-read the same tensor (HF's ``hidden_states[-1]``: after the final norm).
+Use `lm_head_inputs(outputs)` at inference and in training so both read the
+same tensor (HF's ``hidden_states[-1]``: after the final norm).
 """
 
 from __future__ import annotations
@@ -44,8 +44,10 @@ class AcceptHead(nn.Module):
         return cls(int(spec["hidden_size"]), int(spec["inner_size"]))
 
 
-def drafter_hidden_states(outputs) -> torch.Tensor:
-    """The head's input from a HF forward run with output_hidden_states=True: [B, T, H]."""
+def lm_head_inputs(outputs) -> torch.Tensor:
+    """A HF forward's (output_hidden_states=True) last hidden state, the LM head's input: [B, T, H].
+
+    The acceptance head reads a drafter's; feature-level drafters (specdec.eagle) read the target's."""
     return outputs.hidden_states[-1]
 
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from specdec.accept_head import lm_head_inputs
+
 FEATURE_DRAFTER_KEY = "feature_drafter"
 FUSE_ATTR = "feature_fuse"
 
@@ -38,34 +40,6 @@ def add_fuse(model: nn.Module) -> nn.Module:
     setattr(model, FUSE_ATTR, nn.Linear(2 * hidden, hidden, bias=True))
     setattr(model.config, FEATURE_DRAFTER_KEY, 1)
     return model
-
-
-def init_from_target(target: nn.Module, layer: int = -1) -> nn.Module:
-    """A one-layer feature drafter sharing `target`'s embeddings, final norm and LM head.
-
-    Its decoder layer starts as a copy of the target's `layer` (the last by
-    default: the one that already maps late features to the next). The fuse
-    starts as "pass the feature through", so an untrained drafter predicts
-    that the feature does not change.
-    """
-    from trainer.bootstrap import init_drafter_from_target
-
-    total = int(target.config.num_hidden_layers)
-    drafter = init_drafter_from_target(target, 1, layers=[layer % total])
-    add_fuse(drafter)
-    fuse = getattr(drafter, FUSE_ATTR)
-    hidden = int(drafter.config.hidden_size)
-    with torch.no_grad():
-        fuse.weight.zero_()
-        fuse.weight[:, hidden:].copy_(torch.eye(hidden))
-        fuse.weight[:, :hidden].normal_(0.0, 0.02)
-        fuse.bias.zero_()
-    return drafter.to(dtype=next(target.parameters()).dtype)
-
-
-def target_features(outputs) -> torch.Tensor:
-    """A HF forward's (output_hidden_states=True) last hidden state, the LM head's input: [B, T, H]."""
-    return outputs.hidden_states[-1]
 
 
 def fused_inputs(drafter: nn.Module, next_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
@@ -85,4 +59,4 @@ def feed_rows(drafter: nn.Module, cache, next_ids: torch.Tensor, features: torch
     inputs = fused_inputs(drafter, next_ids.unsqueeze(0), features.unsqueeze(0))  # [1, T, H]
     extra = {"logits_to_keep": keep_logits} if keep_logits else {}
     out = drafter(inputs_embeds=inputs, past_key_values=cache, use_cache=True, output_hidden_states=True, **extra)
-    return out.logits[0], target_features(out)[0], out.past_key_values
+    return out.logits[0], lm_head_inputs(out)[0], out.past_key_values

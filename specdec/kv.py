@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from specdec.accept_head import lm_head_inputs
+
 
 class SessionError(Exception):
     """Base for errors that map onto a gRPC status."""
@@ -187,6 +189,6 @@ class ModelRunner:
                          output_hidden_states=output_hidden, **extra)
         session.cache = out.past_key_values
         session.cached_len = len(session.ids)
-        hidden = out.hidden_states[-1][0] if output_hidden else None
+        hidden = lm_head_inputs(out)[0] if output_hidden else None
         logits = out.logits[0]  # [n or keep_logits, V]
         return (logits[-keep_logits:] if keep_logits else logits), hidden

@@ -12,12 +12,13 @@ from conftest import InProcessStack, hf_greedy, save
 from drafter_svc.drafters import FeatureDrafter
 from specdec.client import SpecdClient
 from specdec.convert import hidden_from_proto, hidden_to_proto
-from specdec.eagle import feed_rows, init_from_target, is_feature_drafter, target_features
+from specdec.accept_head import lm_head_inputs
+from specdec.eagle import feed_rows, is_feature_drafter
 from specdec.errors import InvalidRequest
 from specdec.models import load_model
 from specdec.sampling import SamplingParams
 from trainer.bootstrap import greedy_continuations
-from trainer.eagle import collect_features, draft_acceptance, train_feature_drafter
+from trainer.eagle import collect_features, draft_acceptance, init_from_target, train_feature_drafter
 from verifier_svc.verifier import VerifierCore
 
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
@@ -37,7 +38,7 @@ def eagle_dirs(tmp_path_factory, tiny_dirs):
 def _features(model, ids: list[int]) -> torch.Tensor:
     """The target's features [len(ids), H] by one plain forward."""
     with torch.no_grad():
-        return target_features(model(input_ids=torch.tensor([ids]), output_hidden_states=True))[0]
+        return lm_head_inputs(model(input_ids=torch.tensor([ids]), output_hidden_states=True))[0]
 
 
 def _fresh_drafts(drafter, ids: list[int], features: torch.Tensor, count: int) -> list[int]:

@@ -96,6 +96,11 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     return prompts
 
 
+def padding_id(tokenizer) -> int:
+    """The id batched generation pads with: the tokenizer's pad token, else its EOS, else 0."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
 def encode_prompt(tokenizer, text: str, use_chat_template: bool = True) -> list[int]:
     """Token ids of a user turn (chat template with a generation prompt when the tokenizer has one)."""
     if use_chat_template and getattr(tokenizer, "chat_template", None):
@@ -237,7 +242,7 @@ def distill_prompt_file(target, tokenizer, worker, prompts_path: str | Path, *, 
                         use_chat_template: bool = True, **kwargs) -> DistillSummary:
     """distill_from_prompts on a JSON Lines prompt file, tokenised with the target's tokenizer."""
     items = read_prompts(prompts_path)[:max_prompts]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad_id = padding_id(tokenizer)
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     generation_eos = getattr(getattr(target, "generation_config", None), "eos_token_id", None)
     if isinstance(generation_eos, int):

@@ -155,11 +155,11 @@ def _teacher_records(target, prompt_files: list[str], client, stream: str, max_n
     `stream` so token drafters can learn from the same run."""
     from specdec import small_gemm
     from specdec.traces import append_traces
-    from trainer.bootstrap import encode_prompt, read_prompts, teacher_traces
+    from trainer.bootstrap import encode_prompt, padding_id, read_prompts, teacher_traces
 
     items = [item for path in prompt_files for item in read_prompts(path)]
     tokenizer = target.tokenizer
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad_id = padding_id(tokenizer)
     small_gemm.install(target.model)  # batched greedy decoding is the kernel's case; training reads fp32 weights
     records = []
     for start in range(0, len(items), batch):

@@ -28,9 +28,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from specdec.eagle import FUSE_ATTR, feed_rows, fused_inputs, target_features
+from specdec.accept_head import lm_head_inputs
+from specdec.eagle import FUSE_ATTR, add_fuse, feed_rows, fused_inputs
 from specdec.kv import crop_cache
 from specdec.traces import TraceRecord
+from trainer.bootstrap import init_drafter_from_target
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,27 @@ def committed_sequences(records: list[TraceRecord], max_len: int = 512) -> list[
             if len(ids) >= 3]
 
 
+def init_from_target(target: torch.nn.Module, layer: int = -1) -> torch.nn.Module:
+    """A one-layer feature drafter sharing `target`'s embeddings, final norm and LM head.
+
+    Its decoder layer starts as a copy of the target's `layer` (the last by
+    default: the one that already maps late features to the next). The fuse
+    starts as "pass the feature through", so an untrained drafter predicts
+    that the feature does not change.
+    """
+    total = int(target.config.num_hidden_layers)
+    drafter = init_drafter_from_target(target, 1, layers=[layer % total])
+    add_fuse(drafter)
+    fuse = getattr(drafter, FUSE_ATTR)
+    hidden = int(drafter.config.hidden_size)
+    with torch.no_grad():
+        fuse.weight.zero_()
+        fuse.weight[:, hidden:].copy_(torch.eye(hidden))
+        fuse.weight[:, :hidden].normal_(0.0, 0.02)
+        fuse.bias.zero_()
+    return drafter.to(dtype=next(target.parameters()).dtype)
+
+
 @torch.no_grad()
 def collect_features(target, sequences: list[tuple[list[int], int]], log_every: int = 100) -> list[FeatureSequence]:
     """The target's features over each sequence, one forward each."""
@@ -68,15 +91,10 @@ def collect_features(target, sequences: list[tuple[list[int], int]], log_every: 
     started = time.perf_counter()
     for number, (ids, prompt_len) in enumerate(sequences, start=1):
         result = target(input_ids=torch.tensor([ids], device=device), output_hidden_states=True, logits_to_keep=1)
-        out.append(FeatureSequence(ids, prompt_len, target_features(result)[0].to(torch.float16).cpu()))
+        out.append(FeatureSequence(ids, prompt_len, lm_head_inputs(result)[0].to(torch.float16).cpu()))
         if number % log_every == 0:
             log.info("features for %d/%d sequences (%.0f s)", number, len(sequences), time.perf_counter() - started)
     return out
-
-
-def _head_weight(drafter) -> torch.Tensor:
-    """The draft head's rows [N, H] (a subset head's or the full one's)."""
-    return drafter.get_output_embeddings().weight
 
 
 def _batch(items: list[FeatureSequence], prompt_weight: float):
@@ -115,7 +133,7 @@ def train_feature_drafter(drafter, data: list[FeatureSequence], epochs: float = 
     total_steps = max(1, int(epochs * steps_per_epoch))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
-    head = _head_weight(drafter).detach()  # [N, H]
+    head = drafter.get_output_embeddings().weight.detach()  # [N, H]: a subset head's rows or the full head
     drafter.train()
     started = time.perf_counter()
     step, losses = 0, []
@@ -203,7 +221,6 @@ def distill_feature_drafter(target, records: list[TraceRecord], store, head_voca
     The newest `holdout` requests stay out of training; the drafter's acceptance on them,
     untrained and trained, goes into the checkpoint's metadata and the returned report.
     """
-    from specdec.eagle import init_from_target
     from specdec.vocab_head import install_subset_head, rank_tokens
     from trainer.prune_head import emitted_token_counts
 

@@ -60,9 +60,7 @@ class VerifierCore:
             with self._compute:
                 _, hidden = self.runner.extend([session], output_hidden=return_hidden, keep_logits=1)[0]
             session.ids.append(token_ids[-1])
-        if return_hidden and hidden is None:
-            hidden = torch.zeros(0, int(self.loaded.model.config.hidden_size))
-        return len(session.ids), (0, hidden) if return_hidden else None
+        return len(session.ids), (0, hidden) if hidden is not None else None
 
     # 2. Verify: one target pass over the uncached tokens plus the draft.
     def verify(self, session_id: str, committed_len: int, draft_tokens: list[int],
