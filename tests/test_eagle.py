@@ -17,7 +17,7 @@ from specdec.eagle import feed_rows, is_feature_drafter
 from specdec.errors import InvalidRequest
 from specdec.models import load_model
 from specdec.sampling import SamplingParams
-from trainer.bootstrap import greedy_continuations
+from trainer.bootstrap import greedy_continuations, greedy_with_features
 from trainer.eagle import collect_features, draft_acceptance, init_from_target, train_feature_drafter
 from verifier_svc.verifier import VerifierCore
 
@@ -122,6 +122,28 @@ def test_greedy_output_with_a_feature_drafter_is_the_targets(mode, tiny_dirs, ea
         stack.close()
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_batched_greedy_keeps_the_features_and_top_k_a_plain_forward_gives(arch, tiny_dirs):
+    """Left-padded rows of different lengths decode as each would alone; a row stops at its EOS."""
+    model = load_model(tiny_dirs[arch]["target"]).model
+    prompts = [PROMPT, PROMPT[:3], [7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 40]]
+    alone = [hf_greedy(tiny_dirs[arch]["target"], p, 10) for p in prompts]
+    eos = alone[1][4]  # the short prompt's fifth token ends its row there
+    samples = greedy_with_features(model, prompts, 10, pad_id=0, eos_ids={eos}, top_k=4)
+    for prompt, reference, sample in zip(prompts, alone, samples):
+        cut = next((i + 1 for i, token in enumerate(reference) if token == eos), len(reference))
+        assert sample.prompt == prompt and sample.continuation == reference[:cut]
+        ids = prompt + sample.continuation
+        assert sample.features.dtype == torch.float16 and sample.features.shape[0] == len(ids)
+        torch.testing.assert_close(sample.features.float(), _features(model, ids), atol=2e-3, rtol=2e-3)
+        assert len(sample.top_ids) == len(sample.top_probs) == len(sample.continuation) + 1
+        assert [top[0] for top in sample.top_ids[:-1]] == sample.continuation
+        with torch.no_grad():
+            probs = torch.softmax(model(input_ids=torch.tensor([ids])).logits[0, len(prompt) - 1:].float(), -1)
+        torch.testing.assert_close(torch.tensor(sample.top_probs), probs.topk(4, dim=-1).values, atol=1e-4, rtol=1e-3)
+    assert len(samples[1].continuation) == 5
+
+
 def test_training_fits_a_feature_drafter_to_its_traces(tiny_dirs):
     """The random tiny target is chaotic, so nothing generalises to new prompts; what training must
     show is acceptance rising on the continuations it was fitted to."""
@@ -135,9 +157,13 @@ def test_training_fits_a_feature_drafter_to_its_traces(tiny_dirs):
     train_feature_drafter(drafter, data, epochs=150, lr=3e-3, batch_size=8, noise=0.0)
     after = draft_acceptance(drafter, data[:8])
     assert after["mean_accepted"] > before["mean_accepted"] + 0.15, (before, after)
+    # A time limit ends the run (its cosine follows the clock, so it still anneals).
+    timed = train_feature_drafter(drafter, data, epochs=10_000, batch_size=8, time_limit_s=1.0)
+    assert 0 < timed["steps"] < 10_000 * 4 and timed["seconds"] < 5
 
 
-def test_distill_eagle_publishes_a_drafter_that_swaps_in_for_its_own_kind_only(tmp_path, tiny_dirs, eagle_dirs):
+def test_distill_eagle_publishes_a_drafter_that_swaps_in_for_its_own_kind_only(tmp_path, tiny_dirs, eagle_dirs,
+                                                                                monkeypatch):
     from dataclasses import replace
 
     from drafter_svc.drafters import ModelDrafter
@@ -152,8 +178,17 @@ def test_distill_eagle_publishes_a_drafter_that_swaps_in_for_its_own_kind_only(t
     records = [TraceRecord(request_id=f"r{i}", drafter_version=TEACHER_DRAFTER_VERSION, context_ids=p,
                            draft_tokens=c, accepted=len(c)) for i, (p, c) in enumerate(zip(prompts, continuations))]
     store = CheckpointStore(tmp_path / "store")
+    # Features kept at generation spare a forward; a stale entry (other ids) is recomputed.
+    known = collect_features(target.model, [(p + c, len(p)) for p, c in zip(prompts[:6], continuations[:6])])
+    known = {f"r{i}": seq for i, seq in enumerate(known)}
+    known["r0"] = replace(known["r0"], ids=known["r0"].ids[:-1])
+    recomputed = []
+    monkeypatch.setattr("trainer.eagle.collect_features",
+                        lambda model, sequences: recomputed.extend(sequences) or collect_features(model, sequences))
     report = distill_feature_drafter(target.model, records, store, head_vocab=128, holdout=4, promote=True,
-                                     epochs=2, batch_size=4)
+                                     epochs=2, batch_size=4, known_features=known)
+    assert len(recomputed) == report["features_computed"] == 12 - 5
+    assert recomputed[0][0] == prompts[0] + continuations[0]
     assert report["holdout_requests"] == 4 and report["steps"] == 4 and store.current() == report["version"]
     meta = store.meta(report["version"])
     assert meta["kind"] == "eagle" and "holdout_after" in meta

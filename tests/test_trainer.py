@@ -776,3 +776,54 @@ def test_specd_distill_cli_end_to_end(tmp_path):
         assert loaded.model.config.num_hidden_layers == 1 and loaded.model.config.vocab_size == VOCAB
     finally:
         shutdown_redis(client)
+
+
+def chat_tokenizer():
+    """tiny_tokenizer with a chat template, so the target can be asked to write user turns."""
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} <eos> {% endfor %}"
+                               "{% if add_generation_prompt %}now : {% endif %}")
+    return tokenizer
+
+
+def test_self_prompts_are_closed_user_turns_each_once_and_never_an_excluded_one():
+    from trainer.bootstrap import normalized_prompt, sample_user_turns, user_turn_prefix
+
+    tokenizer = chat_tokenizer()
+    assert tokenizer.convert_ids_to_tokens(user_turn_prefix(tokenizer)) == ["[UNK]", "[UNK]"]  # "user :"
+    model = tiny_llama(seed=1)
+    texts = sample_user_turns(model, tokenizer, 6, max_tokens=24, batch=32, seed=5, min_words=2)
+    assert len(texts) == 6 and len({normalized_prompt(t) for t in texts}) == 6
+    assert all(len(t.split()) >= 2 and "<eos>" not in t for t in texts)
+    again = sample_user_turns(model, tokenizer, 5, max_tokens=24, batch=32, seed=5, min_words=2,
+                              exclude={normalized_prompt(texts[0].upper())})
+    assert again == texts[1:]  # same draws, minus the excluded one
+
+
+def test_specd_self_prompts_feed_distill_eagle_without_a_second_target_pass(tmp_path):
+    target_dir = Path(save(tiny_llama(seed=1), tmp_path / "tiny-target"))
+    chat_tokenizer().save_pretrained(target_dir)
+    prompts, state = tmp_path / "self.jsonl", tmp_path / "state"
+    env = {**os.environ, "SPECD_STATE_DIR": str(state)}
+    common = ["--target", str(target_dir), "--threads", "1"]
+    result = subprocess.run([sys.executable, "-m", "specdec.cli", "self-prompts", *common, "--count", "16",
+                             "--out", str(prompts), "--max-tokens", "24", "--batch", "64"],
+                            cwd=REPO, capture_output=True, text=True, timeout=180, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    items = [json.loads(line) for line in prompts.read_text().splitlines()]
+    assert len(items) == 16 and len({item["id"] for item in items}) == 16 and items[0]["category"] == "self"
+    client = redisutil.connect("embedded", state_directory=state)
+    try:
+        result = subprocess.run([sys.executable, "-m", "specdec.cli", "distill-eagle", *common,
+                                 "--checkpoint-dir", str(tmp_path / "ck"), "--prompts", str(prompts),
+                                 "--max-new-tokens", "8", "--generation-batch", "8", "--head-vocab", "0",
+                                 "--holdout", "4", "--epochs", "1", "--batch-size", "4", "--promote"],
+                                cwd=REPO, capture_output=True, text=True, timeout=180, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+        assert report["requests"] == 16 and report["train_requests"] == 12 and report["steps"] == 3
+        assert report["features_computed"] == 0  # every request's features came from its generation
+        assert client.xlen(STREAM) > 0  # token drafters can learn from the same teacher traces
+        assert CheckpointStore(tmp_path / "ck").current() == report["version"]
+    finally:
+        shutdown_redis(client)

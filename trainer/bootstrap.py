@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 from specdec.traces import TEACHER_DRAFTER_VERSION, TraceRecord, append_traces
-from trainer.batching import slot_forward
 
 log = logging.getLogger(__name__)
 
@@ -112,53 +111,123 @@ def encode_prompt(tokenizer, text: str, use_chat_template: bool = True) -> list[
     return list(tokenizer(text)["input_ids"])
 
 
+def user_turn_prefix(tokenizer) -> list[int]:
+    """The chat template's tokens up to where a user's message starts."""
+    marker = "\x1fspecd-user-turn\x1f"
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template to open a user turn with")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
+    if marker not in text:
+        raise ValueError("the chat template does not show the user's message verbatim")
+    return list(tokenizer(text[:text.index(marker)], add_special_tokens=False)["input_ids"])
+
+
+def normalized_prompt(text: str) -> str:
+    """Case and whitespace folded: two prompts that differ only there are the same prompt."""
+    return " ".join(text.lower().split())
+
+
 @torch.no_grad()
-def greedy_continuations(target, prompts: list[list[int]], max_new_tokens: int, pad_id: int,
-                         eos_ids: set[int]) -> list[list[int]]:
-    """Batched greedy generation (left-padded); each continuation ends at its first EOS (kept)."""
+def sample_user_turns(target, tokenizer, count: int, *, max_tokens: int = 48, temperature: float = 1.0,
+                      top_p: float = 0.95, batch: int = 64, seed: int = 0, exclude: set[str] = frozenset(),
+                      min_words: int = 4) -> list[str]:
+    """Requests written by the target itself (Magpie, Xu et al. 2024): an instruction-tuned
+    model continues an open user turn with the kind of request it was tuned on.
+
+    Keeps the turns it closes within `max_tokens`, with at least `min_words` words,
+    once each and none whose normalised text is in `exclude`."""
+    prefix = user_turn_prefix(tokenizer)
+    pad_id = padding_id(tokenizer)
+    eos = sorted({tokenizer.eos_token_id} - {None})
+    if not eos:
+        raise ValueError("the tokenizer has no EOS token to end a user turn with")
+    device = next(target.parameters()).device
+    torch.manual_seed(seed)
+    seen, texts = set(exclude), []
+    rounds = 0
+    while len(texts) < count and rounds < 4 * (count // batch + 1):
+        rounds += 1
+        input_ids = torch.tensor([prefix] * batch, device=device)
+        output = target.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=True,
+                                 temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_tokens,
+                                 pad_token_id=pad_id, eos_token_id=eos)
+        for row in output[:, len(prefix):].tolist():
+            end = next((i for i, token in enumerate(row) if token in eos), None)
+            if end is None:  # cut off mid-request
+                continue
+            text = tokenizer.decode(row[:end], skip_special_tokens=True).strip()
+            key = normalized_prompt(text)
+            if len(text.split()) >= min_words and key not in seen:
+                seen.add(key)
+                texts.append(text)
+        log.info("self-prompts: %d/%d after %d rounds", len(texts), count, rounds)
+    return texts[:count]
+
+
+@dataclass
+class TeacherSample:
+    prompt: list[int]
+    continuation: list[int]      # greedy, ending at its first EOS (kept)
+    features: torch.Tensor       # [len(prompt) + len(continuation), H] float16: the LM head's input at each position
+    top_ids: list[list[int]]     # [len(continuation) + 1][K]: the target's top-k after prompt[-1] and each token
+    top_probs: list[list[float]]
+
+
+@torch.no_grad()
+def greedy_with_features(target, prompts: list[list[int]], max_new_tokens: int, pad_id: int, eos_ids: set[int],
+                         top_k: int = 16) -> list[TeacherSample]:
+    """Batched greedy generation (left-padded) that keeps what the trainers would otherwise
+    recompute: the target's features (EAGLE) and its top-k at every step (token drafters).
+    Each row runs one forward past its last token, so that token has a feature and a top-k."""
     device = next(target.parameters()).device
     width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # [B, W]
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)    # [B, W]
     for row, prompt in enumerate(prompts):
         input_ids[row, width - len(prompt):] = torch.tensor(prompt)
         attention_mask[row, width - len(prompt):] = 1
-    output = target.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
-                             eos_token_id=sorted(eos_ids) or None)
-    continuations = []
-    for row in output[:, width:].tolist():
-        cut = next((i + 1 for i, token in enumerate(row) if token in eos_ids), len(row))
-        continuations.append(row[:cut])
-    return continuations
-
-
-@torch.no_grad()
-def teacher_top_k(target, sequences: list[list[int]], starts: list[int], top_k: int,
-                  pad_id: int = 0) -> list[tuple[list[list[int]], list[list[float]]]]:
-    """The target's top-k at positions starts[r]-1 .. len(seq)-1 of each sequence
-    (its distribution for every continuation token plus the one after)."""
-    device = next(target.parameters()).device
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    rows, positions = [], []
-    for r, sequence in enumerate(sequences):
-        input_ids[r, : len(sequence)] = torch.tensor(sequence)
-        attention_mask[r, : len(sequence)] = 1
-        span = range(starts[r] - 1, len(sequence))
-        rows += [r] * len(span)
-        positions += list(span)
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)                  # [B, W]
+    head = target.get_output_embeddings()
     target.eval()
-    logits, _ = slot_forward(target, input_ids.to(device), attention_mask.to(device),
-                             torch.tensor(rows, device=device), torch.tensor(positions, device=device))
-    probs, ids = torch.softmax(logits.float(), dim=-1).topk(top_k, dim=-1)  # [S, K]
-    results, cursor = [], 0
-    for r, sequence in enumerate(sequences):
-        n = len(sequence) - starts[r] + 1
-        results.append((ids[cursor:cursor + n].tolist(), probs[cursor:cursor + n].tolist()))
-        cursor += n
-    return results
+    out = target.base_model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                            position_ids=positions.to(device), use_cache=True)
+    hidden = out.last_hidden_state  # [B, W, H]: after the final norm, the head's input
+    features = [[hidden[row, width - len(p):].to(torch.float16).cpu()] for row, p in enumerate(prompts)]
+    logits = head(hidden[:, -1])    # [B, V]
+    continuations: list[list[int]] = [[] for _ in prompts]
+    tops: list[tuple[list, list]] = [([], []) for _ in prompts]
+    ended = [False] * len(prompts)
+    collecting = list(range(len(prompts)))
+    for step in range(max_new_tokens + 1):
+        probs, ids = torch.softmax(logits.float(), dim=-1).topk(top_k, dim=-1)  # [B, K]
+        for row in collecting:
+            tops[row][0].append(ids[row].tolist())
+            tops[row][1].append(probs[row].tolist())
+        collecting = [row for row in collecting if not ended[row]]
+        if step == max_new_tokens or not collecting:
+            break
+        tokens = logits.argmax(-1)  # [B]
+        for row in collecting:
+            continuations[row].append(int(tokens[row]))
+            ended[row] = int(tokens[row]) in eos_ids
+        attention_mask = torch.cat([attention_mask, torch.ones((len(prompts), 1), dtype=torch.long)], dim=1)
+        positions = positions[:, -1:] + 1
+        out = target.base_model(input_ids=tokens[:, None], attention_mask=attention_mask.to(device),
+                                position_ids=positions.to(device), past_key_values=out.past_key_values,
+                                use_cache=True)
+        hidden = out.last_hidden_state  # [B, 1, H]
+        for row in collecting:
+            features[row].append(hidden[row].to(torch.float16).cpu())
+        logits = head(hidden[:, -1])
+    return [TeacherSample(prompt, continuation, torch.cat(rows), top[0], top[1])
+            for prompt, continuation, rows, top in zip(prompts, continuations, features, tops)]
+
+
+def greedy_continuations(target, prompts: list[list[int]], max_new_tokens: int, pad_id: int,
+                         eos_ids: set[int]) -> list[list[int]]:
+    """Batched greedy continuations; each ends at its first EOS (kept)."""
+    return [sample.continuation for sample in greedy_with_features(target, prompts, max_new_tokens, pad_id, eos_ids,
+                                                                   top_k=1)]
 
 
 def teacher_traces(target, prompts: list[list[int]], request_ids: list[str], *, max_new_tokens: int = 64,
@@ -166,22 +235,23 @@ def teacher_traces(target, prompts: list[list[int]], request_ids: list[str], *, 
                    target_version: str = "") -> list[TraceRecord]:
     """TraceRecords from the target's own greedy continuations, cut into blocks of
     `block_size` "draft" tokens that the target accepts in full."""
-    continuations = greedy_continuations(target, prompts, max_new_tokens, pad_id, eos_ids or set())
-    sequences = [[*p, *c] for p, c in zip(prompts, continuations)]
-    kept = [i for i, c in enumerate(continuations) if c]
-    if not kept:
-        return []
-    tops = teacher_top_k(target, [sequences[i] for i in kept], [len(prompts[i]) for i in kept], top_k, pad_id)
+    samples = greedy_with_features(target, prompts, max_new_tokens, pad_id, eos_ids or set(), top_k)
+    return sample_traces(samples, request_ids, block_size=block_size, target_version=target_version)
+
+
+def sample_traces(samples: list[TeacherSample], request_ids: list[str], block_size: int = 8,
+                  target_version: str = "") -> list[TraceRecord]:
+    """Each sample's continuation as fully accepted teacher blocks of `block_size` tokens."""
     records = []
-    for i, (top_ids, top_probs) in zip(kept, tops):
-        prompt, continuation = prompts[i], continuations[i]
+    for sample, request_id in zip(samples, request_ids):
+        continuation = sample.continuation
         for start in range(0, len(continuation), block_size):
             draft = continuation[start:start + block_size]
             records.append(TraceRecord(
-                request_id=request_ids[i], drafter_version=TEACHER_DRAFTER_VERSION, target_version=target_version,
-                context_ids=[*prompt, *continuation[:start]], draft_tokens=draft,
-                target_top_ids=top_ids[start:start + len(draft) + 1],
-                target_top_probs=top_probs[start:start + len(draft) + 1],
+                request_id=request_id, drafter_version=TEACHER_DRAFTER_VERSION, target_version=target_version,
+                context_ids=[*sample.prompt, *continuation[:start]], draft_tokens=draft,
+                target_top_ids=sample.top_ids[start:start + len(draft) + 1],
+                target_top_probs=sample.top_probs[start:start + len(draft) + 1],
                 accepted=len(draft), temperature=0.0,
             ))
     return records

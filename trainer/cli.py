@@ -1,5 +1,5 @@
-"""`specd train`, `specd distill`, `specd distill-eagle`, `specd prune-head` and `specd checkpoints`
-(added to the main CLI by add_subcommands)."""
+"""`specd train`, `specd distill`, `specd distill-eagle`, `specd self-prompts`, `specd prune-head` and
+`specd checkpoints` (added to the main CLI by add_subcommands)."""
 
 from __future__ import annotations
 
@@ -132,15 +132,19 @@ def distill_eagle_command(args: argparse.Namespace) -> int:
     configure_threads(args.threads)
     client = redisutil.connect(args.redis_url)
     target = load_model(args.target)
+    traces = args.traces if args.traces is not None else (0 if args.prompts else 20_000)
+    records = recent_traces(client, args.stream, traces) if traces else []
+    known = {}
     if args.prompts:
-        records = _teacher_records(target, args.prompts, client, args.stream, args.max_new_tokens)
-    else:
-        records = recent_traces(client, args.stream, args.traces)
+        new, known = _teacher_records(target, args.prompts, client, args.stream, args.max_new_tokens,
+                                      args.generation_batch)
+        records += new
     store = CheckpointStore(args.checkpoint_dir, redis_client=client)
     try:
         report = distill_feature_drafter(
             target.model, records, store, head_vocab=args.head_vocab, holdout=args.holdout, promote=args.promote,
-            target_version=target.version, tokenizer_fingerprint=target.fingerprint, epochs=args.epochs, lr=args.lr,
+            target_version=target.version, tokenizer_fingerprint=target.fingerprint, known_features=known,
+            epochs=args.epochs, lr=args.lr,
             batch_size=args.batch_size, time_limit_s=args.time_limit_s)
     except ValueError as err:
         print(f"specd distill-eagle: {err}", file=sys.stderr)
@@ -150,27 +154,51 @@ def distill_eagle_command(args: argparse.Namespace) -> int:
 
 
 def _teacher_records(target, prompt_files: list[str], client, stream: str, max_new_tokens: int,
-                     batch: int = 8) -> list:
+                     batch: int) -> tuple[list, dict]:
     """The target's greedy continuations of the prompt files as teacher traces, also appended to
-    `stream` so token drafters can learn from the same run."""
+    `stream` so token drafters can learn from the same run, and their features by request id."""
     from specdec import small_gemm
     from specdec.traces import append_traces
-    from trainer.bootstrap import encode_prompt, padding_id, read_prompts, teacher_traces
+    from trainer.bootstrap import encode_prompt, greedy_with_features, padding_id, read_prompts, sample_traces
+    from trainer.eagle import FeatureSequence
 
     items = [item for path in prompt_files for item in read_prompts(path)]
     tokenizer = target.tokenizer
-    pad_id = padding_id(tokenizer)
+    encoded = [encode_prompt(tokenizer, item.prompt) for item in items]
+    order = sorted(range(len(items)), key=lambda i: len(encoded[i]))  # similar lengths pad little
     small_gemm.install(target.model)  # batched greedy decoding is the kernel's case; training reads fp32 weights
-    records = []
-    for start in range(0, len(items), batch):
-        chunk = items[start:start + batch]
-        new = teacher_traces(target.model, [encode_prompt(tokenizer, item.prompt) for item in chunk],
-                             [item.id for item in chunk], max_new_tokens=max_new_tokens, pad_id=pad_id,
-                             eos_ids=set(target.eos_token_ids), target_version=target.version)
-        append_traces(client, new, stream=stream)
-        records += new
+    per_item, features = {}, {}
+    for start in range(0, len(order), batch):
+        chunk = order[start:start + batch]
+        samples = greedy_with_features(target.model, [encoded[i] for i in chunk], max_new_tokens,
+                                       padding_id(tokenizer), set(target.eos_token_ids))
+        for i, sample in zip(chunk, samples):
+            per_item[i] = sample_traces([sample], [items[i].id], target_version=target.version)
+            features[items[i].id] = FeatureSequence([*sample.prompt, *sample.continuation], len(sample.prompt),
+                                                    sample.features)
+            append_traces(client, per_item[i], stream=stream)
         log.info("teacher traces for %d/%d prompts", min(start + batch, len(items)), len(items))
-    return records
+    # File order again: the newest requests are the held-out ones, and length is no way to pick them.
+    return [record for i in sorted(per_item) for record in per_item[i]], features
+
+
+def self_prompts_command(args: argparse.Namespace) -> int:
+    from specdec.logs import setup_logging
+    from specdec.models import configure_threads, load_model
+    from trainer.bootstrap import normalized_prompt, read_prompts, sample_user_turns
+
+    setup_logging("trainer", "info", False)
+    configure_threads(args.threads)
+    target = load_model(args.target)
+    exclude = {normalized_prompt(item.prompt) for path in args.exclude for item in read_prompts(path)}
+    texts = sample_user_turns(target.model, target.tokenizer, args.count, max_tokens=args.max_tokens,
+                              temperature=args.temperature, top_p=args.top_p, batch=args.batch, seed=args.seed,
+                              exclude=exclude)
+    with open(args.out, "w") as out:
+        for number, text in enumerate(texts, start=1):
+            out.write(json.dumps({"id": f"self-{args.seed}-{number:05d}", "category": "self", "prompt": text}) + "\n")
+    print(json.dumps({"prompts": len(texts), "out": args.out, "excluded": len(exclude)}))
+    return 0 if texts else 1
 
 
 def checkpoints_command(args: argparse.Namespace) -> int:
@@ -250,11 +278,13 @@ def add_subcommands(subparsers) -> None:
     eagle.add_argument("--checkpoint-dir", required=True, help="its own store: drafters never swap between kinds")
     eagle.add_argument("--redis-url", default="embedded", help="where the trace stream lives")
     eagle.add_argument("--stream", default=DEFAULT_STREAM)
-    eagle.add_argument("--traces", type=int, default=20_000, help="newest traces to learn from")
+    eagle.add_argument("--traces", type=int, default=None,
+                       help="newest traces of the stream to learn from (default 20,000; 0 with --prompts)")
     eagle.add_argument("--prompts", action="append", default=None,
-                       help="JSON Lines of {id, category, prompt}: learn from the target's greedy continuations of "
-                            "these instead of the stream (repeatable; the teacher traces are appended to it)")
+                       help="JSON Lines of {id, category, prompt}: also learn from the target's greedy continuations "
+                            "of these (repeatable; the teacher traces are appended to the stream)")
     eagle.add_argument("--max-new-tokens", type=int, default=64, help="continuation length with --prompts")
+    eagle.add_argument("--generation-batch", type=int, default=32, help="prompts generated together")
     eagle.add_argument("--head-vocab", type=int, default=16384, help="tokens the draft head keeps (0: all)")
     eagle.add_argument("--holdout", type=int, default=40, help="newest requests kept out of training")
     eagle.add_argument("--epochs", type=float, default=8.0)
@@ -264,6 +294,20 @@ def add_subcommands(subparsers) -> None:
     eagle.add_argument("--threads", type=int, default=2)
     eagle.add_argument("--promote", action="store_true", help="make the new version CURRENT")
     eagle.set_defaults(handler=distill_eagle_command)
+
+    selfp = subparsers.add_parser("self-prompts", help="write a prompt file of requests the target writes itself")
+    selfp.add_argument("--target", default="smollm2-135m")
+    selfp.add_argument("--count", type=int, required=True)
+    selfp.add_argument("--out", required=True, help="JSON Lines of {id, category, prompt}")
+    selfp.add_argument("--exclude", action="append", default=[],
+                       help="prompt files none may equal, case and spacing aside (bench/prompts/suite.jsonl, say)")
+    selfp.add_argument("--max-tokens", type=int, default=48, help="longest request kept, in tokens")
+    selfp.add_argument("--temperature", type=float, default=1.0)
+    selfp.add_argument("--top-p", type=float, default=0.95)
+    selfp.add_argument("--batch", type=int, default=64)
+    selfp.add_argument("--seed", type=int, default=0)
+    selfp.add_argument("--threads", type=int, default=2)
+    selfp.set_defaults(handler=self_prompts_command)
 
     checkpoints = subparsers.add_parser("checkpoints", help="list, promote or roll back drafter checkpoints")
     checkpoints.add_argument("action", choices=["list", "promote", "rollback"])

@@ -44,8 +44,8 @@ class FeatureSequence:
     features: torch.Tensor   # [len(ids), H] float16: the target's feature at each position
 
 
-def committed_sequences(records: list[TraceRecord], max_len: int = 512) -> list[tuple[list[int], int]]:
-    """(ids, prompt_len) per request: the longest committed text its traces show.
+def committed_sequences(records: list[TraceRecord], max_len: int = 512) -> dict[str, tuple[list[int], int]]:
+    """request id -> (ids, prompt_len): the longest committed text its traces show.
 
     A trace's committed text is its context plus the accepted drafts; the
     context of a request's first trace is taken as its prompt.
@@ -58,8 +58,8 @@ def committed_sequences(records: list[TraceRecord], max_len: int = 512) -> list[
             longest[record.request_id] = ids
         prompt[record.request_id] = min(prompt.get(record.request_id, len(record.context_ids)),
                                         len(record.context_ids))
-    return [(ids[-max_len:], max(1, prompt[rid] - max(0, len(ids) - max_len))) for rid, ids in longest.items()
-            if len(ids) >= 3]
+    return {rid: (ids[-max_len:], max(1, prompt[rid] - max(0, len(ids) - max_len)))
+            for rid, ids in longest.items() if len(ids) >= 3}
 
 
 def init_from_target(target: torch.nn.Module, layer: int = -1) -> torch.nn.Module:
@@ -131,14 +131,20 @@ def train_feature_drafter(drafter, data: list[FeatureSequence], epochs: float = 
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     steps_per_epoch = math.ceil(len(data) / batch_size)
     total_steps = max(1, int(epochs * steps_per_epoch))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
     head = drafter.get_output_embeddings().weight.detach()  # [N, H]: a subset head's rows or the full head
     drafter.train()
     started = time.perf_counter()
     step, losses = 0, []
     order: list[int] = []
-    while step < total_steps:
+    while True:
+        # Cosine decay over steps, or over the time limit when that comes first, so a cut run still anneals.
+        progress = step / total_steps
+        if time_limit_s is not None:
+            progress = max(progress, (time.perf_counter() - started) / time_limit_s)
+        if progress >= 1.0:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * progress))
         if not order:
             order = list(range(len(data)))
             generator.shuffle(order)
@@ -158,15 +164,13 @@ def train_feature_drafter(drafter, data: list[FeatureSequence], epochs: float = 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        schedule.step()
         step += 1
         losses.append(float(loss.detach()))
         if step % log_every == 0:
             log.info("feature drafter step %d/%d loss %.4f (%.0f s)", step, total_steps,
                      sum(losses[-log_every:]) / log_every, time.perf_counter() - started)
-        if time_limit_s is not None and time.perf_counter() - started > time_limit_s:
-            log.info("feature drafter training stopped at its time limit after %d steps", step)
-            break
+    if step < total_steps:
+        log.info("feature drafter training reached its time limit after %d of %d steps", step, total_steps)
     drafter.eval()
     for param in drafter.parameters():
         param.requires_grad = False
@@ -215,8 +219,12 @@ def draft_acceptance(drafter, data: list[FeatureSequence], block: int = 4) -> di
 
 def distill_feature_drafter(target, records: list[TraceRecord], store, head_vocab: int = 0, holdout: int = 40,
                             promote: bool = False, seed: int = 0, target_version: str = "",
-                            tokenizer_fingerprint: str = "", **train_options) -> dict:
+                            tokenizer_fingerprint: str = "",
+                            known_features: dict[str, FeatureSequence] | None = None, **train_options) -> dict:
     """Trains a feature drafter on the requests in `records` and publishes it to `store`.
+
+    `known_features` (request id -> sequence) spares the target a forward for requests
+    whose features were kept when they were generated (`greedy_with_features`).
 
     The newest `holdout` requests stay out of training; the drafter's acceptance on them,
     untrained and trained, goes into the checkpoint's metadata and the returned report.
@@ -227,7 +235,11 @@ def distill_feature_drafter(target, records: list[TraceRecord], store, head_voca
     sequences = committed_sequences(records)
     if len(sequences) <= holdout:
         raise ValueError(f"{len(sequences)} requests in the traces; need more than the {holdout} held out")
-    data = collect_features(target, sequences)
+    known = {rid: seq for rid, seq in (known_features or {}).items()
+             if rid in sequences and seq.ids == sequences[rid][0]}
+    missing = [rid for rid in sequences if rid not in known]
+    known.update(zip(missing, collect_features(target, [sequences[rid] for rid in missing])))
+    data = [known[rid] for rid in sequences]
     held, train = data[-holdout:], data[:-holdout]
     random.Random(seed).shuffle(train)
     drafter = init_from_target(target)
@@ -237,7 +249,8 @@ def distill_feature_drafter(target, records: list[TraceRecord], store, head_voca
     before = draft_acceptance(drafter, held)
     training = train_feature_drafter(drafter, train, seed=seed, **train_options)
     after = draft_acceptance(drafter, held)
-    report = {"requests": len(sequences), "train_requests": len(train), "holdout_requests": len(held),
+    report = {"requests": len(sequences), "features_computed": len(missing), "train_requests": len(train),
+              "holdout_requests": len(held),
               "holdout_before": before, "holdout_after": after, **training}
     version = store.publish(drafter, meta={"consumer": "distill-eagle", "kind": "eagle", "head_vocab": head_vocab,
                                            "target_version": target_version,
