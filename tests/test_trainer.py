@@ -827,3 +827,15 @@ def test_specd_self_prompts_feed_distill_eagle_without_a_second_target_pass(tmp_
         assert CheckpointStore(tmp_path / "ck").current() == report["version"]
     finally:
         shutdown_redis(client)
+
+
+def test_training_prompt_files_never_repeat_a_bench_prompt():
+    from trainer.bootstrap import normalized_prompt, read_prompts
+
+    bench = {normalized_prompt(item.prompt) for item in read_prompts(REPO / "bench/prompts/suite.jsonl")}
+    files = sorted((REPO / "trainer/prompts").glob("*.jsonl"))
+    assert len(bench) >= 48 and any(path.name == "self_smollm2.jsonl" for path in files)
+    for path in files:
+        prompts = [normalized_prompt(item.prompt) for item in read_prompts(path)]
+        assert not bench.intersection(prompts), path.name
+        assert len(set(prompts)) == len(prompts), f"{path.name} repeats a prompt"
