@@ -7,6 +7,8 @@ verified token, its own after that). No services, no timing: this isolates
 the drafter's quality from the pipeline's costs.
 
     python -m bench.feature_acceptance --drafter ~/.cache/specd/drafters/eagle-store/v000001 --per-category 2
+
+`--drafter` repeats: every drafter is scored on the same continuations.
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ import torch
 
 from bench.run import HERE, read_prompts
 from specdec.models import load_model
-from trainer.bootstrap import encode_prompt, greedy_continuations, padding_id
-from trainer.eagle import collect_features, draft_acceptance
+from trainer.bootstrap import encode_prompt, greedy_with_features, padding_id
+from trainer.eagle import FeatureSequence, draft_acceptance
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", default="smollm2-135m")
-    parser.add_argument("--drafter", required=True, help="a feature drafter directory (e.g. a checkpoint version)")
+    parser.add_argument("--drafter", action="append", required=True,
+                        help="a feature drafter directory (e.g. a checkpoint version); repeatable")
     parser.add_argument("--prompts", default=str(HERE / "prompts" / "suite.jsonl"))
     parser.add_argument("--per-category", type=int, default=None)
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -37,19 +40,22 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     target = load_model(args.target)
-    drafter = load_model(args.drafter, tokenizer_from=args.target).model
     prompts = read_prompts(Path(args.prompts), args.per_category)
-    encoded = [encode_prompt(target.tokenizer, p.text) for p in prompts]
-    continuations = [greedy_continuations(target.model, [ids], args.max_new_tokens, padding_id(target.tokenizer),
-                                          set(target.eos_token_ids))[0] for ids in encoded]
-    data = collect_features(target.model, [(p + c, len(p)) for p, c in zip(encoded, continuations)])
+    data = []
+    for prompt in prompts:  # one at a time: unpadded, as the verifier serves them
+        [sample] = greedy_with_features(target.model, [encode_prompt(target.tokenizer, prompt.text)],
+                                        args.max_new_tokens, padding_id(target.tokenizer), set(target.eos_token_ids))
+        data.append(FeatureSequence([*sample.prompt, *sample.continuation], len(sample.prompt), sample.features))
     by_category = defaultdict(list)
     for prompt, item in zip(prompts, data):
         by_category[prompt.category].append(item)
     report = {}
-    for block in (int(b) for b in args.blocks.split(",")):
-        report[f"block {block}"] = {"all": draft_acceptance(drafter, data, block),
-                                    **{c: draft_acceptance(drafter, items, block) for c, items in by_category.items()}}
+    for path in args.drafter:
+        drafter = load_model(path, tokenizer_from=args.target).model
+        report[path] = {f"block {block}": {"all": draft_acceptance(drafter, data, block),
+                                           **{c: draft_acceptance(drafter, items, block)
+                                              for c, items in by_category.items()}}
+                        for block in (int(b) for b in args.blocks.split(","))}
     print(json.dumps(report, indent=2))
     return 0
 

@@ -17,7 +17,7 @@ from specdec.eagle import feed_rows, is_feature_drafter
 from specdec.errors import InvalidRequest
 from specdec.models import load_model
 from specdec.sampling import SamplingParams
-from trainer.bootstrap import greedy_continuations, greedy_with_features
+from trainer.bootstrap import greedy_with_features
 from trainer.eagle import collect_features, draft_acceptance, init_from_target, train_feature_drafter
 from verifier_svc.verifier import VerifierCore
 
@@ -150,7 +150,7 @@ def test_training_fits_a_feature_drafter_to_its_traces(tiny_dirs):
     torch.manual_seed(0)
     target = load_model(tiny_dirs["llama"]["target"]).model
     prompts = [torch.randint(0, 256, (6,)).tolist() for _ in range(32)]
-    continuations = greedy_continuations(target, prompts, 24, pad_id=0, eos_ids=set())
+    continuations = [s.continuation for s in greedy_with_features(target, prompts, 24, pad_id=0, eos_ids=set())]
     data = collect_features(target, [(p + c, len(p)) for p, c in zip(prompts, continuations)])
     drafter = init_from_target(target)
     before = draft_acceptance(drafter, data[:8])
@@ -174,7 +174,8 @@ def test_distill_eagle_publishes_a_drafter_that_swaps_in_for_its_own_kind_only(t
     target = load_model(tiny_dirs["llama"]["target"])
     torch.manual_seed(1)
     prompts = [torch.randint(0, 256, (6,)).tolist() for _ in range(12)]
-    continuations = greedy_continuations(target.model, prompts, 16, pad_id=0, eos_ids=set())
+    continuations = [s.continuation for s in greedy_with_features(target.model, prompts, 16, pad_id=0,
+                                                                   eos_ids=set())]
     records = [TraceRecord(request_id=f"r{i}", drafter_version=TEACHER_DRAFTER_VERSION, context_ids=p,
                            draft_tokens=c, accepted=len(c)) for i, (p, c) in enumerate(zip(prompts, continuations))]
     store = CheckpointStore(tmp_path / "store")

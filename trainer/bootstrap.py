@@ -223,13 +223,6 @@ def greedy_with_features(target, prompts: list[list[int]], max_new_tokens: int, 
             for prompt, continuation, rows, top in zip(prompts, continuations, features, tops)]
 
 
-def greedy_continuations(target, prompts: list[list[int]], max_new_tokens: int, pad_id: int,
-                         eos_ids: set[int]) -> list[list[int]]:
-    """Batched greedy continuations; each ends at its first EOS (kept)."""
-    return [sample.continuation for sample in greedy_with_features(target, prompts, max_new_tokens, pad_id, eos_ids,
-                                                                   top_k=1)]
-
-
 def teacher_traces(target, prompts: list[list[int]], request_ids: list[str], *, max_new_tokens: int = 64,
                    block_size: int = 8, top_k: int = 16, pad_id: int = 0, eos_ids: set[int] | None = None,
                    target_version: str = "") -> list[TraceRecord]:
