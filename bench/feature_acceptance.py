@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from bench.run import HERE, read_prompts
+from specdec import gguf_blocks, small_gemm
 from specdec.models import load_model
 from trainer.bootstrap import encode_prompt, greedy_with_features, padding_id
 from trainer.eagle import FeatureSequence, draft_acceptance
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-category", type=int, default=None)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--blocks", default="3,4", help="draft block lengths to score")
+    parser.add_argument("--draft-weights", default="q8_0", choices=["fp32", "q8_0"],
+                        help="round the drafter's weights as the drafter service does (its draft_weights setting)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
 
@@ -49,9 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     by_category = defaultdict(list)
     for prompt, item in zip(prompts, data):
         by_category[prompt.category].append(item)
-    report = {}
+    report: dict = {"draft_weights": args.draft_weights, "prompts": len(prompts)}
     for path in args.drafter:
         drafter = load_model(path, tokenizer_from=args.target).model
+        if args.draft_weights != "fp32" and small_gemm.install(drafter):
+            gguf_blocks.quantise_in_place(drafter, args.draft_weights)
         report[path] = {f"block {block}": {"all": draft_acceptance(drafter, data, block),
                                            **{c: draft_acceptance(drafter, items, block)
                                               for c, items in by_category.items()}}
