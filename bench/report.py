@@ -60,6 +60,9 @@ def summarise(samples: list[Sample], baseline: str) -> list[dict]:
             "itl_ms_p50": 1e3 * percentile(gaps, 50),
             "itl_ms_p95": 1e3 * percentile(gaps, 95),
             "hidden_draft_share": sum(s.hidden_draft_ms for s in group) / draft_ms if draft_ms else None,
+            # What a round costs once the first token is out: what speculation has to pay for.
+            "ms_per_round": 1e3 * sum(s.seconds - s.ttft_s for s in group) / rounds if rounds else None,
+            "draft_ms_per_round": draft_ms / rounds if rounds else None,
             "fallback_steps": sum(s.fallback_steps for s in group),
             "mismatches": sum(1 for m, _ in bad if m == mode),
             "speedup_by_category": {
@@ -94,6 +97,16 @@ def markdown_table(rows: list[dict]) -> str:
             f"{_fmt(r['acceptance_rate'])} | {_fmt(r['tokens_per_round'])} | {r['ttft_ms_p50']:.0f} | "
             f"{r['itl_ms_p50']:.1f} | {r['itl_ms_p95']:.1f} | {_fmt(r['hidden_draft_share'])} | "
             f"{r['fallback_steps']} | {r['mismatches']} |")
+    return "\n".join(lines)
+
+
+def round_table(rows: list[dict]) -> str:
+    """Per specd mode: wall ms per round after the first token, tokens per round, draft-call ms per round."""
+    lines = ["| mode | ms per round | tokens per round | draft ms per round |", "|---|---|---|---|"]
+    for r in rows:
+        if r["ms_per_round"] is not None:
+            lines.append(f"| {r['mode']} | {r['ms_per_round']:.1f} | {_fmt(r['tokens_per_round'])} | "
+                         f"{_fmt(r['draft_ms_per_round'], 1)} |")
     return "\n".join(lines)
 
 
@@ -150,3 +163,21 @@ def update_results_md(path: Path, section: str, name: str = "bench") -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Prints a saved run's round costs: python -m bench.report bench/results-session10/results.json"""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="round costs of a saved bench run (its results.json)")
+    parser.add_argument("results", type=Path)
+    args = parser.parse_args(argv)
+    run = json.loads(args.results.read_text())
+    baseline = run["summary"][0]["mode"]
+    print(round_table(summarise([Sample(**s) for s in run["samples"]], baseline)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

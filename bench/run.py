@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from bench.measure import Sample, run_hf, run_specd
-from bench.report import category_table, markdown_table, mismatches, plot, summarise, update_results_md
+from bench.report import category_table, markdown_table, mismatches, plot, round_table, summarise, update_results_md
 from specdec.cli import LocalStack
 from specdec.client import SpecdClient
 from specdec.models import load_model
@@ -201,9 +201,10 @@ def main(argv: list[str] | None = None) -> int:
                                                   "samples": [asdict(s) for s in samples]}, indent=1))
     title = f"specd on {args.target}: greedy, {len(prompts)} prompts x {max_new_tokens} tokens ({date})"
     plot(rows, out / "speedup.png", title)
-    table, by_category = markdown_table(rows), category_table(rows)
+    table, by_category, rounds = markdown_table(rows), category_table(rows), round_table(rows)
     print(table)
     print(by_category)
+    print(rounds)
     if results_md is not None:
         image = os.path.relpath(out / "speedup.png", results_md.parent)
         update_results_md(results_md, "\n\n".join([
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{max_new_tokens} new tokens each, {args.threads} torch thread(s) per model process; "
             f"modes interleaved per prompt.\n- Greedy mismatches against (a): {len(bad)}",
             table, "### By prompt category (speedup vs (a), acceptance rate)", by_category,
-            f"![speedup]({image})"]))
+            "### Round costs (after the first token)", rounds, f"![speedup]({image})"]))
     if bad:
         print(f"GREEDY MISMATCH against {BASELINE}: {bad}", file=sys.stderr)
         return 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bench.measure import Sample, amortised_gaps
-from bench.report import markdown_table, mismatches, percentile, summarise, update_results_md
+from bench.report import markdown_table, mismatches, percentile, round_table, summarise, update_results_md
 
 BASE = "(a)"
 
@@ -40,6 +40,8 @@ def test_summary_ratios_and_mismatch_detection():
     assert rows["fast"]["speedup"] == pytest.approx(2.0)
     assert rows["fast"]["acceptance_rate"] == pytest.approx(4 / 8)
     assert rows["fast"]["tokens_per_round"] == pytest.approx((4 + 3) / 3)
+    assert rows["fast"]["ms_per_round"] == pytest.approx(1e3 * (1.0 + 0.5 - 2 * 0.1) / 3)
+    assert rows[BASE]["ms_per_round"] is None and "| fast | 433.3 | 2.33 |" in round_table(list(rows.values()))
     assert rows["fast"]["speedup_by_category"] == pytest.approx({"chat": 2.0, "code": 2.0})
     assert rows["wrong"]["mismatches"] == 1 and rows["fast"]["mismatches"] == 0
     assert "| fast | 4.0 | 2.00x |" in markdown_table(list(rows.values()))
