@@ -187,7 +187,7 @@ def greedy_with_features(target, prompts: list[list[int]], max_new_tokens: int, 
         input_ids[row, width - len(prompt):] = torch.tensor(prompt)
         attention_mask[row, width - len(prompt):] = 1
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)                  # [B, W]
-    head = target.get_output_embeddings()
+    head = target.get_output_embeddings()  # the plain head: a model that soft-caps its logits (Gemma 2) is not covered
     target.eval()
     out = target.base_model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                             position_ids=positions.to(device), use_cache=True)
