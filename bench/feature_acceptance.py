@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from bench.run import HERE, read_prompts
-from specdec import gguf_blocks, small_gemm
+from specdec.kv import ModelRunner
 from specdec.models import load_model
 from trainer.bootstrap import encode_prompt, greedy_with_features, padding_id
 from trainer.eagle import FeatureSequence, draft_acceptance
@@ -48,15 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     for prompt in prompts:  # one at a time: unpadded, as the verifier serves them
         [sample] = greedy_with_features(target.model, [encode_prompt(target.tokenizer, prompt.text)],
                                         args.max_new_tokens, padding_id(target.tokenizer), set(target.eos_token_ids))
-        data.append(FeatureSequence([*sample.prompt, *sample.continuation], len(sample.prompt), sample.features))
+        data.append(FeatureSequence.of_sample(sample))
     by_category = defaultdict(list)
     for prompt, item in zip(prompts, data):
         by_category[prompt.category].append(item)
     report: dict = {"draft_weights": args.draft_weights, "prompts": len(prompts)}
     for path in args.drafter:
         drafter = load_model(path, tokenizer_from=args.target).model
-        if args.draft_weights != "fp32" and small_gemm.install(drafter):
-            gguf_blocks.quantise_in_place(drafter, args.draft_weights)
+        # The drafter service's own set-up: the small-batch kernel, weights rounded to `draft_weights`.
+        ModelRunner(drafter, torch.device("cpu"), small_gemm=True,
+                    quantise_to="" if args.draft_weights == "fp32" else args.draft_weights)
         report[path] = {f"block {block}": {"all": draft_acceptance(drafter, data, block),
                                            **{c: draft_acceptance(drafter, items, block)
                                               for c, items in by_category.items()}}

@@ -174,9 +174,8 @@ def _teacher_records(target, prompt_files: list[str], client, stream: str, max_n
                                        padding_id(tokenizer), set(target.eos_token_ids))
         for i, sample in zip(chunk, samples):
             per_item[i] = sample_traces([sample], [items[i].id], target_version=target.version)
-            features[items[i].id] = FeatureSequence([*sample.prompt, *sample.continuation], len(sample.prompt),
-                                                    sample.features)
-            append_traces(client, per_item[i], stream=stream)
+            features[items[i].id] = FeatureSequence.of_sample(sample)
+        append_traces(client, [record for i in chunk for record in per_item[i]], stream=stream)
         log.info("teacher traces for %d/%d prompts", min(start + batch, len(items)), len(items))
     # File order again: the newest requests are the held-out ones, and length is no way to pick them.
     return [record for i in sorted(per_item) for record in per_item[i]], features

@@ -43,6 +43,11 @@ class FeatureSequence:
     prompt_len: int          # ids[:prompt_len] came from the caller
     features: torch.Tensor   # [len(ids), H] float16: the target's feature at each position
 
+    @classmethod
+    def of_sample(cls, sample) -> "FeatureSequence":
+        """A `trainer.bootstrap.TeacherSample`'s text and the features its decoding kept."""
+        return cls([*sample.prompt, *sample.continuation], len(sample.prompt), sample.features)
+
 
 def committed_sequences(records: list[TraceRecord], max_len: int = 512) -> dict[str, tuple[list[int], int]]:
     """request id -> (ids, prompt_len): the longest committed text its traces show.
