@@ -1,4 +1,4 @@
-/* Batch-invariant fp32 linear for the few rows of a decode or verify step (AVX2 + FMA).
+/* Batch-invariant fp32 linear for the few rows of a decode or verify step (AVX2 + FMA; AVX-512 where built with it).
  *
  * y[m, n] = x[m, :] . w[n, :] (+ bias[n]). Each output is reduced in the same order whatever
  * the number of rows, so verifying k tokens gives bit-identical results to decoding them one
@@ -63,6 +63,22 @@ void small_gemm(const float *x, const float *w, const float *bias, float *y, int
 
 #define BLOCK 32
 #define MAX_OUTS 4
+
+#if defined(__AVX512F__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+/* AVX-512 (built where the CPU has it): 32 vector registers and half the de-quantising instructions.
+ * The weights are rebuilt 16 at a time with the same per-lane operations, then split into the four
+ * 8-wide vectors the FMAs use, so every output is still reduced in the same order: same bits. */
+#define WIDE 1
+static inline __attribute__((always_inline)) void split_halves(__m512 v, __m256 out[2]) {
+    out[0] = _mm512_castps512_ps256(v);
+    out[1] = _mm512_extractf32x8_ps(v, 1);
+}
+/* Independent FMA chains per pass; with 32 registers two rows can take four outputs (Zen 4, 90
+ * SmolLM2 linears: 1 row -20%, 2 rows -28%, 3-4 rows -30% against the AVX2 build). */
+#define OUTPUTS_PER_PASS(rows) ((rows) <= 2 ? 4 : 2)
+#else
+#define OUTPUTS_PER_PASS(rows) ((rows) == 1 ? 4 : (rows) == 2 ? 2 : 1)
+#endif
 #define CODES_PREFETCH_AHEAD 4096  /* bytes of codes: 4 KiB */
 
 /* Weights k0..k0+31 of one Q4_1 block: codes 0-15 in the low nibbles of its 16 bytes, 16-31 in the high ones. */
@@ -70,21 +86,33 @@ static inline __attribute__((always_inline)) void q4_1_weights(const uint8_t *co
     const __m128i bytes = _mm_loadu_si128((const __m128i *)codes);
     const __m128i low_nibbles = _mm_set1_epi8(0x0F);
     const __m128i lo = _mm_and_si128(bytes, low_nibbles), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low_nibbles);
+#ifdef WIDE
+    const __m512 d = _mm512_set1_ps(scale), m = _mm512_set1_ps(minimum);
+    split_halves(_mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo))), m), w);
+    split_halves(_mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi))), m), w + 2);
+#else
     const __m256 d = _mm256_set1_ps(scale), m = _mm256_set1_ps(minimum);
     const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
     _Pragma("GCC unroll 8") for (int j = 0; j < 4; j++)
         w[j] = _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[j]))), m);
+#endif
 }
 
 static inline __attribute__((always_inline)) void q8_0_weights(const uint8_t *codes, float scale, __m256 w[4]) {
+#ifdef WIDE
+    const __m512 d = _mm512_set1_ps(scale);
+    split_halves(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)codes))), d), w);
+    split_halves(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(codes + 16)))), d), w + 2);
+#else
     const __m256 d = _mm256_set1_ps(scale);
     _Pragma("GCC unroll 8") for (int j = 0; j < 4; j++)
         w[j] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(codes + 8 * j)))), d);
+#endif
 }
 
 /* Outputs n..n+outs-1 for rows of x. Each output keeps small_gemm's one accumulator and order;
- * with one or two rows, several outputs at once give the FMA chains the independence that rows give
- * (more rows with two outputs run out of the 16 ymm registers and spill). */
+ * several outputs at once give the FMA chains the independence that rows give (with AVX2's 16 ymm
+ * registers, more than two rows with two outputs spill). */
 static inline __attribute__((always_inline)) void block_outputs(const float *x, const uint8_t *codes, const float *scale,
                                                                 const float *minimum, const float *bias, float *y,
                                                                 int64_t n_out, int64_t k_in, int64_t n, const int rows,
@@ -117,7 +145,7 @@ static inline __attribute__((always_inline)) void block_outputs(const float *x, 
 static inline __attribute__((always_inline)) void block_pass(const float *x, const uint8_t *codes, const float *scale,
                                                              const float *minimum, const float *bias, float *y,
                                                              int64_t n_out, int64_t k_in, const int rows, const int code_bytes) {
-    const int outs = rows == 1 ? 4 : rows == 2 ? 2 : 1;
+    const int outs = OUTPUTS_PER_PASS(rows);
     int64_t n = 0;
     for (; n + outs <= n_out; n += outs) block_outputs(x, codes, scale, minimum, bias, y, n_out, k_in, n, rows, outs, code_bytes);
     for (; n < n_out; n++) block_outputs(x, codes, scale, minimum, bias, y, n_out, k_in, n, rows, 1, code_bytes);

@@ -38,6 +38,29 @@ def test_block_kernels_give_the_fp32_kernels_bits_for_every_row_count(kind, with
         assert torch.equal(small_gemm.linear(x[:rows], weight, bias, blocks), together[:rows]), rows
 
 
+@pytest.mark.skipif(small_gemm.compile_flags() == small_gemm.COMPILE_FLAGS, reason="this CPU builds the AVX2 kernel only")
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_the_avx512_build_gives_the_avx2_builds_bits(kind, tmp_path):
+    import ctypes
+
+    library = tmp_path / "avx2.so"
+    subprocess.run(["cc", *small_gemm.COMPILE_FLAGS, "-o", str(library), str(small_gemm.SOURCE)], check=True)
+    avx2 = getattr(ctypes.CDLL(str(library)), f"{kind}_gemm")
+    avx2.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3
+    rng = np.random.default_rng(11)
+    raw = quantize(rng.standard_normal((83, 96)).astype(np.float32), KINDS[kind])
+    weight = torch.from_numpy(dequantize(raw, KINDS[kind]).copy())  # [83, 96]
+    blocks = gguf_blocks._split_blocks(kind, raw)
+    bias = torch.randn(83)
+    for rows in range(1, small_gemm.MAX_ROWS + 1):
+        x = torch.randn(rows, 96)  # [rows, K]
+        expected = torch.empty(rows, 83)  # [rows, N]
+        minimum = None if blocks.minimum is None else blocks.minimum.data_ptr()
+        avx2(x.data_ptr(), blocks.codes.data_ptr(), blocks.scale.data_ptr(), minimum, bias.data_ptr(),
+             expected.data_ptr(), rows, 83, 96)
+        assert torch.equal(small_gemm.linear(x, weight, bias, blocks), expected), rows
+
+
 def _write_gguf(path, tensors: dict[str, tuple[str, np.ndarray]]) -> None:
     """A GGUF holding only block tensors: name -> (kind, raw uint8 [rows, row bytes])."""
     writer = gguf.GGUFWriter(str(path), "llama")
