@@ -27,7 +27,7 @@ from typing import AsyncIterator, Callable
 import grpc
 
 from coordinator.backends import TRANSPORT_ERRORS, Backend, BackendPool
-from coordinator.policies import DraftLengthPolicy
+from coordinator.policies import DraftLengthPolicy, DraftWait
 from specdec import metrics
 from specdec.convert import sampling_to_proto
 from specdec.sampling import SamplingParams
@@ -75,6 +75,7 @@ class GenerationStats:
     fallback_steps: int = 0
     stale_draft_tokens: int = 0
     speculation_off_rounds: int = 0
+    early_verify_rounds: int = 0
     ttft_ms: float = 0.0
     total_ms: float = 0.0
     draft_ms: float = 0.0
@@ -126,12 +127,13 @@ class Generation:
     def __init__(self, request: GenerationRequest, verifiers: BackendPool, drafters: BackendPool,
                  metadata: list[tuple[str, str]], drafter_timeout_s: float, drafter_retry_s: float,
                  trace_sink: Callable[[VerifiedBlock], None] | None = None, target_version: str = "",
-                 trace_top_k: int = 0, target_hidden: bool = False):
+                 trace_top_k: int = 0, target_hidden: bool = False, draft_wait: DraftWait | None = None):
         self.req = request
         self.verifiers, self.drafters = verifiers, drafters
         self.metadata = metadata
         self.drafter_timeout_s, self.drafter_retry_s = drafter_timeout_s, drafter_retry_s
         self.trace_sink, self.target_version, self.trace_top_k = trace_sink, target_version, trace_top_k
+        self.draft_wait = draft_wait if request.mode == "overlapped" else None
         self.session_id = f"{request.request_id}-{uuid.uuid4().hex[:8]}"
         self.committed: list[int] = list(request.prompt_ids)
         self.stats = GenerationStats(prompt_tokens=len(request.prompt_ids), policy=request.policy.name,
@@ -150,6 +152,7 @@ class Generation:
         self.stream_task: asyncio.Task | None = None
         self.stream_exhausted = False         # the stream ended early; wait for new context
         self.stream_error: grpc.aio.AioRpcError | None = None
+        self.stream_progress_at = 0.0         # when the stream started or last sent a token (monotonic)
         self.expected_bonus: int | None = None
         # The target's features of committed positions (float16 rows), for feature-level drafters.
         self.target_hidden = target_hidden and request.mode != "target_only"
@@ -258,7 +261,8 @@ class Generation:
         horizon = max(policy.lookahead(), size) if overlapped else want
         if not self._streaming() and not self.stream_exhausted and len(self.chain) < horizon:
             self._start_stream(horizon - len(self.chain))
-        deadline = time.monotonic() + self.drafter_timeout_s
+        budget = self.draft_wait.budget_s() if self.draft_wait is not None else None
+        wait_until = time.monotonic() + budget if budget is not None else float("inf")
         while True:
             stream_done = not self._streaming()
             if len(self.chain) >= want or (stream_done and self.chain):
@@ -269,12 +273,17 @@ class Generation:
                 if self.stream_error is not None:
                     return self._drafter_failed(f"draft stream failed: {self.stream_error.code().name}")
                 return []  # the drafter had nothing to propose: one target-only step
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            now = time.monotonic()
+            stalled_at = self.stream_progress_at + self.drafter_timeout_s
+            if now >= stalled_at:
                 return self._drafter_failed(f"no draft token within {self.drafter_timeout_s}s")
+            if now >= wait_until:
+                # Waiting longer would not pay: verify what exists while the stream keeps drafting.
+                self.stats.early_verify_rounds += 1
+                return self.chain[:size]
             self.chain_event.clear()
             try:
-                await asyncio.wait_for(self.chain_event.wait(), remaining)
+                await asyncio.wait_for(self.chain_event.wait(), min(stalled_at, wait_until) - now)
             except asyncio.TimeoutError:
                 pass
 
@@ -304,6 +313,7 @@ class Generation:
             request_id=self.req.request_id, hidden=self._hidden_from(hidden_start))
         self.stream_error = None
         self.stream_exhausted = False
+        self.stream_progress_at = time.monotonic()
         call = self.drafter.stub.Draft(request, timeout=self._timeout(), metadata=self.metadata)
         self.drafter_sessions.add(self.drafter.addr)
         self.stream_call = call
@@ -341,6 +351,7 @@ class Generation:
             async for message in call:
                 if epoch != self.chain_epoch:
                     return
+                self.stream_progress_at = time.monotonic()
                 # Any message proves the drafter synced its session to our context.
                 self.drafter_base = max(self.drafter_base, synced_len)
                 self.drafter_hidden = max(self.drafter_hidden, synced_hidden)
@@ -433,6 +444,8 @@ class Generation:
             finally:
                 self.verify_intervals.append((started, time.perf_counter()))
             metrics.VERIFY_LATENCY.observe(time.perf_counter() - started)
+            if self.draft_wait is not None and not response.lossy:
+                self.draft_wait.record(len(block), response.accepted, time.perf_counter() - started)
             self._store_hidden(response.hidden)
             return response
 
@@ -460,8 +473,10 @@ class Generation:
             self._reset_chain()
         else:
             self.chain = []
-            if self._streaming():
+            if self._streaming() and self.expected_bonus is None:
                 self.expected_bonus = response.next_token  # the stream's next token must match it
+            elif self._streaming():
+                self._reset_chain()  # two tokens committed past a stream that has sent none: restart it
         self.stream_exhausted = False
         new_tokens = [t.token for t in block[:accepted]] + [response.next_token]
         if self.trace_sink is not None and sent and not self.req.exclude_from_training:

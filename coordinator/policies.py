@@ -7,7 +7,8 @@ A policy answers three questions every round:
 - `stop_rule`: which rule the drafter applies to end a draft stream early.
 After each verification `update` sees how many were sent and accepted, and
 `record_round` how many tokens the round committed in how much wall time.
-A block size of 0 means a target-only round.
+A block size of 0 means a target-only round. In overlapped mode `DraftWait` caps how long
+the verifier waits for `min_ready`: past that budget it verifies what exists.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ class DraftLengthPolicy:
         return self.length
 
     def lookahead(self) -> int:
-        """How far past the committed text the drafter may run (overlapped mode)."""
-        return min(2 * self.length, self.max_length * 2)
+        """How far past the committed text the drafter may run (overlapped mode): at least the block,
+        a guess of the target's bonus token and one draft past it, so a fully accepted block whose
+        bonus was guessed right leaves the next block drafted."""
+        return min(max(2 * self.length, self.length + 2), self.max_length * 2)
 
     def stop_rule(self) -> tuple[StopRule, float]:
         return StopRule.NONE, 0.0
@@ -222,6 +225,44 @@ class GoodputPolicy(HeuristicPolicy):
         self.probing, self.speculating = False, winner
         if self.memory is not None:
             self.memory.exploit_rounds = self.exploit_rounds
+
+
+@dataclass
+class DraftWait:
+    """How long the overlapped pipeline may hold an idle verifier for the drafter's first token.
+
+    A block with one draft costs `per_draft_s` more to verify than a target-only step
+    (`step_s`) and commits `acceptance` more tokens on average; a target-only step commits
+    one token per `step_s`, and meanwhile the drafter keeps drafting for the next block.
+    Waiting w for a draft therefore pays while acceptance * step_s > per_draft_s + w, and
+    the budget is acceptance * step_s - per_draft_s. One per coordinator and (mode, greedy),
+    like GoodputMemory: the costs belong to the target, the drafter and the load."""
+
+    decay: float = 0.9        # per recorded round: the last few dozen rounds count
+    acceptance: float = 0.5   # first-draft acceptance, before any is measured
+    step_s: float | None = None
+    per_draft_s: float | None = None
+
+    def budget_s(self) -> float | None:
+        """Seconds to wait; None: wait as the policy asks (not measured yet, so measure that side)."""
+        if self.step_s is None:
+            return 0.0  # one target-only step measures it
+        if self.per_draft_s is None:
+            return None
+        return max(0.0, self.acceptance * self.step_s - self.per_draft_s)
+
+    def record(self, drafted: int, accepted: int, verify_s: float) -> None:
+        """One verification: `drafted` draft tokens sent, `accepted` of them kept, in `verify_s`."""
+        if drafted == 0:
+            self.step_s = verify_s if self.step_s is None else self._blend(self.step_s, verify_s)
+            return
+        self.acceptance = self._blend(self.acceptance, float(accepted > 0))
+        if self.step_s is not None:
+            per_draft = max(0.0, verify_s - self.step_s) / drafted
+            self.per_draft_s = per_draft if self.per_draft_s is None else self._blend(self.per_draft_s, per_draft)
+
+    def _blend(self, old: float, new: float) -> float:
+        return self.decay * old + (1 - self.decay) * new
 
 
 POLICIES: dict[str, type[DraftLengthPolicy]] = {

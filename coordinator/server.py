@@ -15,7 +15,7 @@ import grpc
 
 from coordinator.backends import BackendPool
 from coordinator.engine import Generation, GenerationRequest, GenerationStats, UpstreamError, VerifiedBlock
-from coordinator.policies import GoodputMemory, make_policy
+from coordinator.policies import DraftWait, GoodputMemory, make_policy
 from coordinator.text import TextStream
 from coordinator.tracing import TraceSink
 from specdec import metrics
@@ -61,6 +61,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self.total_in_flight = 0
         # Goodput evidence shared by requests alike in cost: (pipeline mode, greedy or sampled).
         self.goodput_memory: dict[tuple[str, bool], GoodputMemory] = defaultdict(GoodputMemory)
+        self.draft_waits: dict[bool, DraftWait] = defaultdict(DraftWait)  # by greedy or sampled
 
     # -- request parsing ----------------------------------------------------------------------------
 
@@ -215,7 +216,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                           self.upstream_metadata + [(REQUEST_ID_HEADER, parsed.request_id)],
                           self.settings.drafter_timeout_s, self.settings.drafter_retry_s, self.trace_sink,
                           self.target_info.model_version, self.settings.trace_top_k if self.trace_sink else 0,
-                          bool(self.drafter_reads_hidden))
+                          bool(self.drafter_reads_hidden),
+                          self.draft_waits[parsed.sampling.greedy] if self.settings.adaptive_draft_wait else None)
 
     async def _probe_drafter_kind(self) -> None:
         """Asks a drafter that was down at start-up what it reads, at most once per drafter_retry_s."""
@@ -237,7 +239,7 @@ def _stats_proto(stats: GenerationStats) -> generation_pb2.GenerationStats:
         fallback_steps=stats.fallback_steps, draft_ms=stats.draft_ms, verify_ms=stats.verify_ms,
         hidden_draft_ms=stats.hidden_draft_ms, policy=stats.policy, mode=stats.mode, lossy=stats.lossy,
         drafter_version=stats.drafter_version, stale_draft_tokens=stats.stale_draft_tokens,
-        speculation_off_rounds=stats.speculation_off_rounds)
+        speculation_off_rounds=stats.speculation_off_rounds, early_verify_rounds=stats.early_verify_rounds)
 
 
 async def _backend_info(pool: BackendPool, metadata, wait_s: float, required: bool,

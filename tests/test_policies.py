@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from coordinator.policies import POLICIES, GoodputMemory, make_policy
+from coordinator.policies import POLICIES, DraftWait, GoodputMemory, make_policy
 from specdec.stopping import (DraftStep, StopRule, adaedl_acceptance_lower_bound, probability_some_rejected,
                               should_stop)
 
@@ -49,6 +49,29 @@ def test_stop_rule_policies(name, rule):
     policy = make_policy(name, 4, 10, threshold=0.25)
     assert policy.stop_rule() == (rule, 0.25)
     assert policy.block_size() == 10
+
+
+def test_draft_wait_measures_a_target_step_then_waits_only_while_waiting_pays():
+    wait = DraftWait(decay=0.0)  # no smoothing: each record replaces the estimate
+    assert wait.budget_s() == 0.0          # nothing measured: one target-only step measures it
+    wait.record(0, 0, 0.020)
+    assert wait.budget_s() is None         # the cost of a draft is unknown: wait as the policy asks
+    wait.record(1, 1, 0.024)               # a draft costs 4 ms more to verify and was accepted
+    assert wait.budget_s() == pytest.approx(1.0 * 0.020 - 0.004)
+    wait.record(2, 0, 0.028)               # rejected: acceptance 0, so no wait can pay
+    assert wait.per_draft_s == pytest.approx(0.004) and wait.budget_s() == 0.0
+
+
+def test_draft_wait_budget_follows_acceptance_and_costs():
+    wait = DraftWait(decay=0.9)
+    wait.record(0, 0, 0.016)
+    for accepted in [1, 0] * 50:           # half the first drafts accepted, each costing 4 ms
+        wait.record(1, accepted, 0.020)
+    assert 0.4 < wait.acceptance < 0.6
+    assert wait.budget_s() == pytest.approx(wait.acceptance * 0.016 - 0.004)
+    for _ in range(50):                    # the verifier gets slower (load): a step is now 40 ms
+        wait.record(0, 0, 0.040)
+    assert wait.budget_s() > 0.012
 
 
 def test_every_policy_is_registered():

@@ -89,6 +89,35 @@ def test_overlap_hides_draft_time_and_discards_stale_drafts(tiny_dirs):
     assert overlapped.stats["new_tokens"] == 48             # ... and none leaked into the output
 
 
+def test_a_verifier_that_waits_for_no_draft_keeps_the_stream_and_the_output(tiny_dirs, monkeypatch):
+    """With a zero wait budget on every other round, those rounds verify what the stream has so far,
+    often nothing; the stream keeps drafting across them and the next blocks use its tokens."""
+    import coordinator.server
+    from coordinator.policies import DraftWait
+
+    class NoWait(DraftWait):
+        calls = 0
+
+        def budget_s(self) -> float | None:
+            self.calls += 1
+            return 0.0 if self.calls % 2 else None
+
+    monkeypatch.setattr(coordinator.server, "DraftWait", NoWait)
+    dirs = tiny_dirs["qwen2"]
+    stack = InProcessStack(dirs["target"], dirs["target"])  # drafting for itself: every draft on the path is accepted
+    try:
+        client = SpecdClient(stack.address)
+        prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+        reference = client.generate(token_ids=prompt, max_new_tokens=40, mode="target_only").token_ids
+        result = client.generate(token_ids=prompt, max_new_tokens=40, mode="overlapped", policy="static",
+                                 draft_length=1)
+    finally:
+        stack.close()
+    assert result.token_ids == reference
+    assert result.stats["early_verify_rounds"] > 0 and result.stats["fallback_steps"] == 0, result.stats
+    assert result.stats["accepted_tokens"] > 0, result.stats  # drafts made while earlier rounds ran were used
+
+
 def test_unreachable_drafter_falls_back_to_target_only(tiny_dirs):
     from conftest import InProcessStack as Stack
 
