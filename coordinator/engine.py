@@ -310,7 +310,7 @@ class Generation:
             session_id=self.session_id, base_len=base,
             tokens=self.committed[base:] + [t.token for t in self.chain], max_tokens=max_tokens,
             sampling=sampling_to_proto(self.req.sampling), stop_rule=int(rule), stop_threshold=threshold,
-            request_id=self.req.request_id, hidden=self._hidden_from(hidden_start))
+            request_id=self.req.request_id, hidden=self._hidden_from(hidden_start), committed_len=len(self.committed))
         self.stream_error = None
         self.stream_exhausted = False
         self.stream_progress_at = time.monotonic()

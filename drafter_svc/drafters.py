@@ -18,7 +18,9 @@ from specdec.errors import InvalidRequest
 from specdec.kv import KVSession, ModelRunner, SessionNotFound, SessionStore, crop_cache
 from specdec.models import LoadedModel
 from specdec.sampling import DRAFT, DraftDist, SamplingParams, entropy, sample_index, truncate_support, uniform, warp_logits
-from specdec.stopping import DraftStep
+from specdec.stopping import DraftStep, entropy_with_acceptance_bound
+
+COMMITTED_LEN = "committed_len"  # session.extra: context tokens the target has committed
 
 
 class Drafter(abc.ABC):
@@ -35,10 +37,11 @@ class Drafter(abc.ABC):
     reads_target_hidden = False  # feature-level drafters want the target's HiddenStates with their context
 
     def sync(self, session_id: str, base_len: int, tokens: list[int], request_id: str = "",
-             hidden: tuple[int, torch.Tensor] | None = None) -> KVSession:
+             hidden: tuple[int, torch.Tensor] | None = None, committed_len: int = 0) -> KVSession:
         """Brings the session to context[:base_len] + tokens, creating it when base_len is 0.
 
         `hidden` (start, features [n, H]) is for drafters that read target features; others ignore it.
+        `committed_len` says how much of the context the target has committed (0: all of it).
         """
         bad = [t for t in tokens if not 0 <= t < self.vocab_size]
         if bad:
@@ -55,6 +58,7 @@ class Drafter(abc.ABC):
             session.reconcile(base_len, tokens)
         except ValueError as err:
             raise InvalidRequest(str(err)) from None
+        session.extra[COMMITTED_LEN] = min(committed_len, len(session.ids)) or len(session.ids)
         return session
 
     @abc.abstractmethod
@@ -65,21 +69,61 @@ class Drafter(abc.ABC):
         return self.sessions.release(session_id)
 
 
+@dataclass
+class LookupRecord:
+    """Per session: at each committed position, whether the lookup rule proposed a token there
+    (None: no repeat) and whether it was the token that followed. An index of each n-gram's
+    latest continuation makes scoring a position O(1) instead of a scan of the context."""
+
+    outcomes: list[bool | None] = field(default_factory=list)  # outcomes[i]: the rule on ids[:i] vs ids[i]
+    scored: list[int] = field(default_factory=list)            # the ids those outcomes were scored on
+    latest: dict[tuple[int, ...], int] = field(default_factory=dict)  # n-gram -> index of the token after it
+
+    def score(self, ids: list[int], upto: int, ngram_max: int, ngram_min: int) -> None:
+        """Scores positions up to `upto`, first dropping all if the scored text changed (a caller
+        that did not say what was committed may have had drafts replaced)."""
+        if self.scored != ids[:len(self.scored)]:
+            self.outcomes, self.scored, self.latest = [], [], {}
+        for position in range(len(self.outcomes), upto):
+            grams = [tuple(ids[position - n:position]) for n in range(min(ngram_max, position), ngram_min - 1, -1)]
+            follower = next((self.latest[gram] for gram in grams if gram in self.latest), None)
+            self.outcomes.append(None if follower is None else ids[follower] == ids[position])
+            self.scored.append(ids[position])
+            for gram in grams:
+                self.latest[gram] = position
+
+
 @dataclass(frozen=True)
 class PromptLookup:
-    """Where the context's last n-gram (ngram_min <= n <= ngram_max) occurred before, propose what followed."""
+    """Where the context's last n-gram (ngram_min <= n <= ngram_max) occurred before, propose what followed.
+
+    A lookup draft is certain (q is one-hot) but often wrong outside copy-heavy text, so its
+    `accept_prob` and entropy carry the rule's measured precision on this request's committed
+    text (the last `window` positions where it proposed something, Laplace-smoothed): the stop
+    rules then end a lookup chain as they would a model's instead of trusting it blindly.
+    """
 
     ngram_max: int = 3
     ngram_min: int = 2
+    window: int = 64
 
     def propose(self, session: KVSession, sampling: SamplingParams) -> tuple[DraftStep, DraftDist | None] | None:
         token = lookup_continuation(session.ids, self.ngram_max, self.ngram_min)
         if token is None:
             return None
+        precision = self.precision(session)
         session.ids.append(token)
         # Drawn with certainty, so q is one-hot: rejection sampling against it stays exact.
         dist = None if sampling.greedy else DraftDist(torch.ones(1), torch.tensor([token]))
-        return DraftStep(token, 1.0, 0.0, 1.0), dist
+        return DraftStep(token, 1.0, entropy_with_acceptance_bound(precision), precision), dist
+
+    def precision(self, session: KVSession) -> float:
+        """How often the rule's proposals were the committed token, over the recent committed text."""
+        record: LookupRecord = session.extra.setdefault("lookup", LookupRecord())
+        committed = min(session.extra.get(COMMITTED_LEN, len(session.ids)), len(session.ids))
+        record.score(session.ids, committed, self.ngram_max, self.ngram_min)
+        tried = [hit for hit in record.outcomes if hit is not None][-self.window:]
+        return (sum(tried) + 1) / (len(tried) + 2)
 
 
 class ModelDrafter(Drafter):
@@ -185,8 +229,8 @@ class FeatureDrafter(ModelDrafter):
         """Width of the target features it reads (its own hidden size, which the target's equals)."""
         return int(self.loaded.model.config.hidden_size)
 
-    def sync(self, session_id, base_len, tokens, request_id="", hidden=None):
-        session = super().sync(session_id, base_len, tokens, request_id)
+    def sync(self, session_id, base_len, tokens, request_id="", hidden=None, committed_len=0):
+        session = super().sync(session_id, base_len, tokens, request_id, committed_len=committed_len)
         known = session.extra.get("features")
         if known is None or base_len == 0:
             known = torch.zeros(0, self.hidden_size)

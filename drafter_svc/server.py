@@ -48,7 +48,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
         """The session synced to the request and its first draft, in one hop to the compute thread
         (each hop costs a thread wake-up and a GIL hand-off: a tenth of a one-token draft call)."""
         session = self.drafter.sync(request.session_id, request.base_len, list(request.tokens), request.request_id,
-                                    hidden)
+                                    hidden, request.committed_len)
         return session, self._step(session, sampling)
 
     async def Draft(self, request, context):

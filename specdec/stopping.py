@@ -22,6 +22,12 @@ def adaedl_acceptance_lower_bound(entropy_nats: float, gamma: float = ADAEDL_GAM
     return 1.0 - math.sqrt(max(gamma * entropy_nats, 0.0))
 
 
+def entropy_with_acceptance_bound(acceptance: float, gamma: float = ADAEDL_GAMMA) -> float:
+    """The entropy (nats) whose AdaEDL bound is `acceptance`: how a drafter that knows its
+    acceptance rate another way (prompt lookup) speaks to the entropy stop rule."""
+    return (1.0 - min(max(acceptance, 0.0), 1.0)) ** 2 / gamma
+
+
 def probability_some_rejected(accept_probs: list[float]) -> float:
     """SpecDec++: P(at least one of the drafted tokens is rejected), tokens treated independently."""
     keep = 1.0

@@ -123,7 +123,7 @@ def test_prompt_lookup_drafts_repeats_for_free_and_the_model_reads_them_in_its_n
     session = drafter.sync("lookup", 0, prompt)
     first, dist = drafter.step(session, SamplingParams(), 0)
     second, _ = drafter.step(session, SamplingParams(), 0)
-    assert (first.token, second.token, first.confidence, first.entropy) == (9, 40, 1.0, 0.0) and dist is None
+    assert (first.token, second.token, first.confidence) == (9, 40, 1.0) and dist is None  # q(token) = 1
     assert fed == []  # nothing ran the model yet
     _, sampled = drafter.step(session, SamplingParams(temperature=1.0, seed=3), 0)
     assert sampled.indices.tolist() == [41] and sampled.probs.tolist() == [1.0]  # one-hot q: exact rejection sampling
@@ -131,6 +131,32 @@ def test_prompt_lookup_drafts_repeats_for_free_and_the_model_reads_them_in_its_n
     session = drafter.sync("lookup", len(prompt), [9, 40, 41, 200])
     model_step, _ = drafter.step(session, SamplingParams(), 0)
     assert fed == [len(prompt) + 4] and model_step.entropy > 0
+
+
+def test_lookup_drafts_carry_the_rules_precision_on_committed_text():
+    """Stop rules see how often prompt lookup was right on this request, not a blind certainty."""
+    import random
+
+    from drafter_svc.drafters import NgramDrafter
+    from specdec.stopping import StopRule, should_stop
+
+    rng = random.Random(5)
+    drafter = NgramDrafter(vocab_size=500)
+    passage = [rng.randrange(100, 500) for _ in range(40)]
+    copying = drafter.sync("copy", 0, passage + passage[:30])       # the answer quotes the passage
+    copy_step, _ = drafter.step(copying, SamplingParams(), 0)
+    varying = [token for i in range(30) for token in (1, 2, 10 + i)]  # "1 2" is followed by something new each time
+    guessing = drafter.sync("vary", 0, varying + [1, 2])
+    guess_step, _ = drafter.step(guessing, SamplingParams(), 0)
+    assert copy_step.token == passage[30] and copy_step.accept_prob > 0.9
+    assert guess_step.token == 39 and guess_step.accept_prob < 0.1
+    for rule, threshold in [(StopRule.ENTROPY, 0.3), (StopRule.CONFIDENCE, 0.7)]:
+        assert not should_stop(rule, threshold, [copy_step]) and should_stop(rule, threshold, [guess_step])
+    # Tokens past committed_len are drafts in flight: they do not count for or against the rule.
+    before = drafter.lookup.precision(guessing)
+    committed = len(varying) + 2
+    guessing = drafter.sync("vary", committed, [39, 1, 2, 39], committed_len=committed)
+    assert drafter.lookup.precision(guessing) == before
 
 
 def _code(call) -> tuple[grpc.StatusCode, str]:
