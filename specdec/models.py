@@ -193,13 +193,19 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32", tokenizer
 
 
 def _from_directory(directory: Path, dtype: torch.dtype) -> torch.nn.Module:
-    """from_pretrained, except for drafters with a subset LM head or a feature fuse, which HF cannot rebuild itself."""
+    """from_pretrained, except for drafters with a subset LM head or a feature fuse, which HF cannot rebuild
+    itself, and compact drafters, whose shared tensors come from their target (specdec.shared_weights)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from specdec.eagle import is_feature_drafter
+    from specdec.shared_weights import SHARED_KEY, load_state
     from specdec.vocab_head import CONFIG_KEY, build_causal_lm
 
     config = AutoConfig.from_pretrained(directory)
+    if getattr(config, SHARED_KEY, None):
+        model = build_causal_lm(config).to(dtype=dtype)
+        model.load_state_dict(load_state(directory, config), strict=True)
+        return model
     if not getattr(config, CONFIG_KEY, 0) and not is_feature_drafter(config):
         return AutoModelForCausalLM.from_pretrained(directory, config=config, dtype=dtype)
     from safetensors.torch import load_model as load_safetensors

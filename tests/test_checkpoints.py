@@ -245,3 +245,46 @@ def test_published_files_are_readable_by_other_users(tmp_path):
     assert directory.stat().st_mode & 0o777 == 0o755
     for path in [*directory.iterdir(), tmp_path / "CURRENT"]:
         assert path.stat().st_mode & 0o044 == 0o044, path  # group and others may read
+
+
+def test_compact_export_leaves_out_the_targets_tensors_and_loads_only_with_that_target(tmp_path, tiny_dirs):
+    from safetensors.torch import load_file, save_file
+
+    from specdec.models import ModelLoadError, load_model
+    from specdec.vocab_head import install_subset_head
+    from trainer.eagle import init_from_target
+
+    target_dir = Path(tiny_dirs["llama"]["target"])
+    drafter = init_from_target(load_model(str(target_dir)).model)
+    install_subset_head(drafter, torch.arange(0, 256, 2))
+    with torch.no_grad():
+        drafter.model.layers[0].mlp.up_proj.weight.mul_(1.5)  # "trained": no longer the target's
+    store = CheckpointStore(tmp_path / "ck")
+    version = store.publish(drafter, {"kind": "eagle"})
+    out = tmp_path / "compact"
+    run = subprocess.run([sys.executable, "-m", "specdec.cli", "checkpoints", "export", "--checkpoint-dir",
+                          str(tmp_path / "ck"), "--version", str(version), "--target", str(target_dir),
+                          "--out", str(out)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(report["shared"])
+    assert "model.layers.0.mlp.up_proj.weight" in report["kept"]
+    assert set(load_file(str(out / MODEL_FILE))) == set(report["kept"])
+    loaded = load_model(str(out)).model.state_dict()
+    for name, tensor in drafter.state_dict().items():
+        expected = tensor if name in report["shared"] or not tensor.is_floating_point() else tensor.half().float()
+        assert torch.equal(loaded[name], expected), name
+    # Against a target whose embeddings differ, the compact drafter refuses to load.
+    other = tmp_path / "other-target"
+    other.mkdir()
+    for name in ("config.json", "generation_config.json"):
+        if (target_dir / name).exists():
+            (other / name).write_text((target_dir / name).read_text())
+    weights = load_file(str(target_dir / MODEL_FILE))
+    weights["model.embed_tokens.weight"] = weights["model.embed_tokens.weight"] + 1e-3
+    save_file(weights, str(other / MODEL_FILE))
+    config = json.loads((out / "config.json").read_text())
+    config["shared_with_target"]["target"] = str(other)
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="differs"):
+        load_model(str(out))

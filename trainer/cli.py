@@ -228,6 +228,8 @@ def checkpoints_command(args: argparse.Namespace) -> int:
             return 2
         version = parse_version(args.version)
         store.verify(version)  # never point drafters at a damaged checkpoint
+        if args.action == "export":
+            return _export(store, version, args)
         if args.action == "promote":
             store.promote(version, args.reason or "manual promotion", {})
         else:
@@ -237,6 +239,25 @@ def checkpoints_command(args: argparse.Namespace) -> int:
     except (CheckpointError, ValueError) as err:
         print(f"specd checkpoints: {err}", file=sys.stderr)
         return 1
+
+
+def _export(store, version: int, args: argparse.Namespace) -> int:
+    """A compact copy of a version: without the tensors it shares with the target, the rest float16."""
+    from pathlib import Path
+
+    from specdec.shared_weights import export_compact
+
+    if not args.out:
+        print("specd checkpoints export: --out is required", file=sys.stderr)
+        return 2
+    source = store.path(version)
+    out = Path(args.out)
+    report = export_compact(source, out, args.target)
+    meta = {**store.meta(version), "exported_from": str(source), "shared_with": args.target}
+    meta.pop("files", None)  # the hashes were of the full files
+    (out / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+    print(json.dumps(report))
+    return 0
 
 
 def add_subcommands(subparsers) -> None:
@@ -308,11 +329,14 @@ def add_subcommands(subparsers) -> None:
     selfp.add_argument("--threads", type=int, default=2)
     selfp.set_defaults(handler=self_prompts_command)
 
-    checkpoints = subparsers.add_parser("checkpoints", help="list, promote or roll back drafter checkpoints")
-    checkpoints.add_argument("action", choices=["list", "promote", "rollback"])
+    checkpoints = subparsers.add_parser("checkpoints", help="list, promote, roll back or export drafter checkpoints")
+    checkpoints.add_argument("action", choices=["list", "promote", "rollback", "export"])
     checkpoints.add_argument("--checkpoint-dir", required=True)
     checkpoints.add_argument("--version", default=None, help="N or vN")
     checkpoints.add_argument("--reason", default="")
     checkpoints.add_argument("--redis-url", default="", help="also notify drafters through Redis")
     checkpoints.add_argument("--json", action="store_true")
+    checkpoints.add_argument("--target", default="smollm2-135m",
+                             help="export: the target whose tensors the compact copy leaves out")
+    checkpoints.add_argument("--out", default=None, help="export: directory of the compact copy")
     checkpoints.set_defaults(handler=checkpoints_command)
