@@ -31,6 +31,7 @@ class Sample:
     draft_ms: float = 0.0
     hidden_draft_ms: float = 0.0
     fallback_steps: int = 0
+    early_verify_rounds: int = 0  # overlapped rounds verified without waiting for a draft
 
     @property
     def tokens_per_s(self) -> float:
@@ -103,4 +104,5 @@ def run_specd(mode: str, client: SpecdClient, prompt_ids: list[int], max_new_tok
     ttft, gaps = amortised_gaps(arrivals, start)
     return Sample(mode, prompt_id, category, tokens, seconds, ttft, gaps, drafted=stats.drafted_tokens,
                   accepted=stats.accepted_tokens, rounds=stats.rounds, draft_ms=stats.draft_ms,
-                  hidden_draft_ms=stats.hidden_draft_ms, fallback_steps=stats.fallback_steps)
+                  hidden_draft_ms=stats.hidden_draft_ms, fallback_steps=stats.fallback_steps,
+                  early_verify_rounds=stats.early_verify_rounds)

@@ -27,13 +27,16 @@ def mismatches(samples: list[Sample], baseline: str) -> list[tuple[str, str]]:
             if s.mode != baseline and s.prompt_id in reference and s.token_ids != reference[s.prompt_id]]
 
 
-def summarise(samples: list[Sample], baseline: str) -> list[dict]:
+def summarise(samples: list[Sample], baseline: str, own_baseline: str | None = None) -> list[dict]:
+    """Per mode; speedups against `baseline`, and the median prompt's against `own_baseline` (specd's
+    own target-only decoding: what speculation itself adds) when that mode ran."""
     by_mode: dict[str, list[Sample]] = defaultdict(list)
     for sample in samples:
         by_mode[sample.mode].append(sample)
     base = by_mode[baseline]
     base_tps = _tokens_per_s(base)
     base_by_prompt = {s.prompt_id: s.tokens_per_s for s in base}
+    own_by_prompt = {s.prompt_id: s.tokens_per_s for s in by_mode.get(own_baseline, [])}
     bad = mismatches(samples, baseline)
     rows = []
     for mode, group in by_mode.items():
@@ -43,6 +46,8 @@ def summarise(samples: list[Sample], baseline: str) -> list[dict]:
         draft_ms = sum(s.draft_ms for s in group)
         per_prompt = [s.tokens_per_s / base_by_prompt[s.prompt_id] for s in group
                       if base_by_prompt.get(s.prompt_id)]
+        per_prompt_own = [s.tokens_per_s / own_by_prompt[s.prompt_id] for s in group
+                          if own_by_prompt.get(s.prompt_id)]
         gaps = [gap for s in group for gap in s.token_gaps_s]
         categories: dict[str, list[Sample]] = defaultdict(list)
         for s in group:
@@ -54,6 +59,7 @@ def summarise(samples: list[Sample], baseline: str) -> list[dict]:
             "tokens_per_s": tps,
             "speedup": tps / base_tps if base_tps else 0.0,
             "median_prompt_speedup": statistics.median(per_prompt) if per_prompt else 0.0,
+            "median_prompt_vs_own": statistics.median(per_prompt_own) if per_prompt_own else None,
             "acceptance_rate": sum(s.accepted for s in group) / drafted if drafted else None,
             "tokens_per_round": (sum(s.accepted for s in group) + rounds) / rounds if rounds else None,
             "ttft_ms_p50": 1e3 * percentile([s.ttft_s for s in group], 50),
@@ -63,6 +69,7 @@ def summarise(samples: list[Sample], baseline: str) -> list[dict]:
             # What a round costs once the first token is out: what speculation has to pay for.
             "ms_per_round": 1e3 * sum(s.seconds - s.ttft_s for s in group) / rounds if rounds else None,
             "draft_ms_per_round": draft_ms / rounds if rounds else None,
+            "early_verify_share": sum(s.early_verify_rounds for s in group) / rounds if rounds else None,
             "fallback_steps": sum(s.fallback_steps for s in group),
             "mismatches": sum(1 for m, _ in bad if m == mode),
             "speedup_by_category": {
@@ -88,12 +95,14 @@ def _fmt(value, digits: int = 2) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    header = ("| mode | tok/s | speedup vs (a) | median prompt speedup | acceptance | tokens/round | "
-              "TTFT p50 ms | ITL p50 ms | ITL p95 ms | draft hidden | fallbacks | greedy mismatches |")
-    lines = [header, "|" + "---|" * 12]
+    header = ("| mode | tok/s | speedup vs (a) | median prompt speedup | median prompt vs (e) | acceptance | "
+              "tokens/round | TTFT p50 ms | ITL p50 ms | ITL p95 ms | draft hidden | fallbacks | greedy mismatches |")
+    lines = [header, "|" + "---|" * 13]
     for r in rows:
+        own = r.get("median_prompt_vs_own")
         lines.append(
             f"| {r['mode']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r['median_prompt_speedup']:.2f}x | "
+            f"{'–' if own is None else f'{own:.2f}x'} | "
             f"{_fmt(r['acceptance_rate'])} | {_fmt(r['tokens_per_round'])} | {r['ttft_ms_p50']:.0f} | "
             f"{r['itl_ms_p50']:.1f} | {r['itl_ms_p95']:.1f} | {_fmt(r['hidden_draft_share'])} | "
             f"{r['fallback_steps']} | {r['mismatches']} |")
@@ -102,11 +111,12 @@ def markdown_table(rows: list[dict]) -> str:
 
 def round_table(rows: list[dict]) -> str:
     """Per specd mode: wall ms per round after the first token, tokens per round, draft-call ms per round."""
-    lines = ["| mode | ms per round | tokens per round | draft ms per round |", "|---|---|---|---|"]
+    lines = ["| mode | ms per round | tokens per round | draft ms per round | rounds verified without waiting |",
+             "|---|---|---|---|---|"]
     for r in rows:
         if r["ms_per_round"] is not None:
             lines.append(f"| {r['mode']} | {r['ms_per_round']:.1f} | {_fmt(r['tokens_per_round'])} | "
-                         f"{_fmt(r['draft_ms_per_round'], 1)} |")
+                         f"{_fmt(r['draft_ms_per_round'], 1)} | {_fmt(r.get('early_verify_share'))} |")
     return "\n".join(lines)
 
 

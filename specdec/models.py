@@ -72,7 +72,21 @@ def _smollm2_source() -> ModelSource:
     return ModelSource(directory, ggufs[0], "smollm2-135m")
 
 
-PRESETS = {"smollm2-135m": _smollm2_source}
+SHIPPED_DRAFTERS = Path(__file__).resolve().parents[1] / "drafters"  # compact drafters in the repository
+
+
+def _shipped_drafter(name: str):
+    def source() -> ModelSource:
+        directory = SHIPPED_DRAFTERS / name
+        if not (directory / "config.json").exists():
+            raise ModelLoadError(f"preset {name} is not in {SHIPPED_DRAFTERS}")
+        return ModelSource(directory, None, name)
+    return source
+
+
+# smollm2-135m-eagle: a one-layer feature drafter for smollm2-135m, bootstrapped by specd distill-eagle
+# (drafters/smollm2-135m-eagle/meta.json has its command and scores).
+PRESETS = {"smollm2-135m": _smollm2_source, "smollm2-135m-eagle": _shipped_drafter("smollm2-135m-eagle")}
 
 
 def resolve_source(spec: str) -> ModelSource:

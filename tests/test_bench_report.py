@@ -47,6 +47,17 @@ def test_summary_ratios_and_mismatch_detection():
     assert "| fast | 4.0 | 2.00x |" in markdown_table(list(rows.values()))
 
 
+def test_median_prompt_against_specds_own_target_only_decoding():
+    samples = [sample(BASE, "p1", [1, 2], 2.0), sample(BASE, "p2", [1, 2], 2.0),
+               sample("own", "p1", [1, 2], 1.0), sample("own", "p2", [1, 2], 0.5),
+               sample("spec", "p1", [1, 2], 0.8), sample("spec", "p2", [1, 2], 0.5)]
+    rows = {r["mode"]: r for r in summarise(samples, BASE, "own")}
+    assert rows["spec"]["median_prompt_vs_own"] == pytest.approx((1.25 + 1.0) / 2)
+    assert rows["spec"]["median_prompt_speedup"] == pytest.approx((2.5 + 4.0) / 2)
+    assert "| spec | 3.1 | 3.08x | 3.25x | 1.12x |" in markdown_table(list(rows.values()))
+    assert all(r["median_prompt_vs_own"] is None for r in summarise(samples, BASE))
+
+
 def test_results_section_is_replaced_in_place(tmp_path):
     path = tmp_path / "RESULTS.md"
     path.write_text("# Results\n\nHand-written notes.\n")
