@@ -138,7 +138,7 @@ class CoordinatorSettings(CommonSettings):
     max_draft_length: int = Field(16, ge=1, le=128)
     max_new_tokens_limit: int = Field(4096, ge=1)
     drafter_timeout_s: float = Field(2.0, gt=0, description="A draft slower than this falls back to the target.")
-    adaptive_draft_wait: bool = Field(True, description="Overlapped mode: an idle verifier waits for a draft only as "
+    adaptive_draft_wait: bool = Field(False, description="Overlapped mode: an idle verifier waits for a draft only as "
                                       "long as the measured costs say waiting pays, then verifies what exists.")
     drafter_retry_s: float = Field(5.0, gt=0, description="Wait before trying a failed drafter again.")
     max_concurrency_per_client: int = Field(16, ge=1)

@@ -71,9 +71,7 @@ def test_generate_cli_prints_json(smollm2_reference, tmp_path):
 def test_killing_the_drafter_mid_stream_keeps_the_answer(tiny_dirs, tmp_path):
     dirs = tiny_dirs["llama"]
     stack = LocalStack(dirs["target"], dirs["close"], threads_verifier=1, threads_drafter=1, log_dir=str(tmp_path),
-                       # Tiny models verify faster than they draft, so an adaptive wait would rarely speculate.
-                       coordinator_args=["--drafter-timeout-s", "1", "--drafter-retry-s", "30",
-                                         "--no-adaptive-draft-wait"])
+                       coordinator_args=["--drafter-timeout-s", "1", "--drafter-retry-s", "30"])
     try:
         address = stack.start(timeout_s=120)
         with SpecdClient(address) as client:

@@ -104,7 +104,7 @@ def test_a_verifier_that_waits_for_no_draft_keeps_the_stream_and_the_output(tiny
 
     monkeypatch.setattr(coordinator.server, "DraftWait", NoWait)
     dirs = tiny_dirs["qwen2"]
-    stack = InProcessStack(dirs["target"], dirs["target"])  # drafting for itself: every draft on the path is accepted
+    stack = InProcessStack(dirs["target"], dirs["target"], coordinator_overrides={"adaptive_draft_wait": True})  # drafting for itself: every draft on the path is accepted
     try:
         client = SpecdClient(stack.address)
         prompt = [3, 1, 4, 1, 5, 9, 2, 6]
@@ -142,8 +142,7 @@ def test_goodput_policy_stops_speculating_with_a_useless_drafter_and_keeps_a_per
     prompt, new_tokens = [5, 9, 2, 7], 48
     outcomes = {}
     for kind in ("unrelated", "target"):
-        # Plain waiting: tiny models verify faster than a draft call returns, and goodput is under test.
-        stack = InProcessStack(dirs["target"], dirs[kind], coordinator_overrides={"adaptive_draft_wait": False})
+        stack = InProcessStack(dirs["target"], dirs[kind])
         try:
             client = SpecdClient(stack.address)
             reference = client.generate(token_ids=prompt, max_new_tokens=new_tokens, mode="target_only").token_ids
