@@ -32,10 +32,8 @@ class DraftLengthPolicy:
         return self.length
 
     def lookahead(self) -> int:
-        """How far past the committed text the drafter may run (overlapped mode): at least the block,
-        a guess of the target's bonus token and one draft past it, so a fully accepted block whose
-        bonus was guessed right leaves the next block drafted."""
-        return min(max(2 * self.length, self.length + 2), self.max_length * 2)
+        """How far past the committed text the drafter may run (overlapped mode)."""
+        return min(2 * self.length, self.max_length * 2)
 
     def stop_rule(self) -> tuple[StopRule, float]:
         return StopRule.NONE, 0.0
