@@ -20,6 +20,12 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "specdec.v1.Verifier"
 
 
+def _ended_undelivered(call) -> bool:
+    """Whether a finished call's answer cannot have reached its caller: cancelled, or ended past its deadline."""
+    remaining = call.time_remaining()
+    return call.cancelled() or (remaining is not None and remaining <= 0)
+
+
 class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
     def __init__(self, core: VerifierCore):
         self.core = core
@@ -59,6 +65,9 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
             raise
         except Exception as err:  # noqa: BLE001 - abort_for re-raises what it cannot map
             await abort_for(context, err)
+        # A prefill that finishes as the deadline passes returns here, but its answer is dropped: the caller
+        # sees DEADLINE_EXCEEDED and never learns the session exists, so release it if the call ends past it.
+        context.add_done_callback(lambda call: _ended_undelivered(call) and self._release_after_pending(request.session_id))
         self._update_gauges()
         log.debug("session opened", extra={"fields": {"session_id": request.session_id, "committed_len": committed,
                                                       "compute_ms": round(ms, 2)}})
