@@ -233,8 +233,9 @@ class DraftWait:
     (`step_s`) and commits `acceptance` more tokens on average; a target-only step commits
     one token per `step_s`, and meanwhile the drafter keeps drafting for the next block.
     Waiting w for a draft therefore pays while acceptance * step_s > per_draft_s + w, and
-    the budget is acceptance * step_s - per_draft_s. One per coordinator and (mode, greedy),
-    like GoodputMemory: the costs belong to the target, the drafter and the load."""
+    the budget is acceptance * step_s - per_draft_s. One per coordinator for greedy requests and
+    one for sampled ones (only overlapped requests use it): the costs belong to the target, the
+    drafter and the load, not to one request."""
 
     decay: float = 0.9        # per recorded round: the last few dozen rounds count
     acceptance: float = 0.5   # first-draft acceptance, before any is measured

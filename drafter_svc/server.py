@@ -46,7 +46,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
 
     def _sync_and_step(self, request, hidden, sampling):
         """The session synced to the request and its first draft, in one hop to the compute thread
-        (each hop costs a thread wake-up and a GIL hand-off: a tenth of a one-token draft call)."""
+        (each hop costs a thread wake-up and a GIL hand-off)."""
         session = self.drafter.sync(request.session_id, request.base_len, list(request.tokens), request.request_id,
                                     hidden, request.committed_len)
         return session, self._step(session, sampling)

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
+from specdec.checkpoints import CONFIG_FILE, MODEL_FILE
+
 SHARED_KEY = "shared_with_target"  # config: {"target": spec, "tensors": {name: {"source", "rows", "sha256"}}}
-MODEL_FILE = "model.safetensors"
 
 
 def tensor_sha256(tensor: torch.Tensor) -> str:
@@ -69,7 +70,7 @@ def export_compact(checkpoint: Path, out: Path, target: str) -> dict:
     from safetensors.torch import load_file, save_file
 
     state = load_file(str(checkpoint / MODEL_FILE))
-    config = json.loads((checkpoint / "config.json").read_text())
+    config = json.loads((checkpoint / CONFIG_FILE).read_text())
     tensors = _target_tensors(target)
     head_name, head = tensors.head()
     shared = {}
@@ -87,7 +88,7 @@ def export_compact(checkpoint: Path, out: Path, target: str) -> dict:
             for name, t in state.items() if name not in shared}
     out.mkdir(parents=True, exist_ok=True)
     config[SHARED_KEY] = {"target": target, "tensors": shared}  # dtype stays: the model is built in it, then filled
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
     save_file(kept, str(out / MODEL_FILE))
     return {"kept": sorted(kept), "shared": sorted(shared)}
 
@@ -101,10 +102,15 @@ def load_state(directory: Path, config) -> dict[str, torch.Tensor]:
     spec = getattr(config, SHARED_KEY)
     state = load_file(str(directory / MODEL_FILE))
     tensors = _target_tensors(spec["target"])
+    checked: dict[str, torch.Tensor] = {}  # a tied embedding is the source of two entries: read and hash it once
     for name, entry in spec["tensors"].items():
-        tensor = tensors.get(entry["source"])
-        if tensor is None or tensor_sha256(tensor) != entry["sha256"]:
-            raise ModelLoadError(f"{directory} shares {entry['source']} with target {spec['target']!r}, whose "
-                                 "tensor is missing or differs from the one the drafter was trained with")
+        source = entry["source"]
+        if source not in checked:
+            tensor = tensors.get(source)
+            if tensor is None or tensor_sha256(tensor) != entry["sha256"]:
+                raise ModelLoadError(f"{directory} shares {source} with target {spec['target']!r}, whose "
+                                     "tensor is missing or differs from the one the drafter was trained with")
+            checked[source] = tensor
+        tensor = checked[source]
         state[name] = tensor[state[entry["rows"]]] if entry["rows"] else tensor
     return state

@@ -73,7 +73,7 @@ static inline __attribute__((always_inline)) void split_halves(__m512 v, __m256 
     out[0] = _mm512_castps512_ps256(v);
     out[1] = _mm512_extractf32x8_ps(v, 1);
 }
-/* Independent FMA chains per pass; with 32 registers two rows can take four outputs (Zen 4, 90
+/* Independent FMA chains per pass; with 32 registers two rows can take four outputs (Zen 5, 90
  * SmolLM2 linears: 1 row -20%, 2 rows -28%, 3-4 rows -30% against the AVX2 build). */
 #define OUTPUTS_PER_PASS(rows) ((rows) <= 2 ? 4 : 2)
 #else

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -23,7 +21,7 @@ def test_the_shipped_feature_drafter_agrees_with_the_bundled_target():
     assert is_feature_drafter(drafter.model) and drafter.fingerprint == target.fingerprint
     ModelRunner(drafter.model, torch.device("cpu"), small_gemm=True, quantise_to="q8_0")  # as the service serves it
     data = []
-    for prompt in read_prompts(Path(HERE / "prompts" / "suite.jsonl"), per_category=1):  # never trained on
+    for prompt in read_prompts(HERE / "prompts" / "suite.jsonl", per_category=1):  # never trained on
         [sample] = greedy_with_features(target.model, [encode_prompt(target.tokenizer, prompt.text)], 32,
                                         padding_id(target.tokenizer), set(target.eos_token_ids))
         data.append(FeatureSequence.of_sample(sample))
