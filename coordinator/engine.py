@@ -176,6 +176,7 @@ class Generation:
                 response = await self._verify(block)
                 self.req.policy.record_round(response.accepted + 1, time.perf_counter() - round_started)
                 new_tokens = self._apply(block, response)
+                self._draft_ahead()
                 if new_tokens:
                     if not self.stats.ttft_ms:
                         self.stats.ttft_ms = (time.perf_counter() - self._started) * 1e3
@@ -256,11 +257,8 @@ class Generation:
                 metrics.FALLBACK_STEPS.inc()
             return []
         overlapped = self.req.mode == "overlapped"
-        want = policy.min_ready(overlapped)
-        size = policy.block_size() if overlapped else want
-        horizon = max(policy.lookahead(), size) if overlapped else want
-        if not self._streaming() and not self.stream_exhausted and len(self.chain) < horizon:
-            self._start_stream(horizon - len(self.chain))
+        want, size, horizon = self._block_plan()
+        self._keep_drafting(horizon)
         budget = self.draft_wait.budget_s() if self.draft_wait is not None else None
         wait_until = time.monotonic() + budget if budget is not None else float("inf")
         while True:
@@ -286,6 +284,27 @@ class Generation:
                 await asyncio.wait_for(self.chain_event.wait(), min(stalled_at, wait_until) - now)
             except asyncio.TimeoutError:
                 pass
+
+    def _block_plan(self) -> tuple[int, int, int]:
+        """(draft tokens to wait for, block size, how far past the committed text to draft) this round."""
+        policy = self.req.policy
+        if self.req.mode != "overlapped":
+            want = policy.min_ready(False)
+            return want, want, want
+        size = policy.block_size()
+        return policy.min_ready(True), size, max(policy.lookahead(), size)
+
+    def _keep_drafting(self, horizon: int) -> None:
+        if not self._streaming() and not self.stream_exhausted and len(self.chain) < horizon:
+            self._start_stream(horizon - len(self.chain))
+
+    def _draft_ahead(self) -> None:
+        """Starts the next round's draft before the committed tokens go out to the caller, so the
+        drafter's work overlaps the coordinator's (detokenising, writing the chunk)."""
+        if (self.finish_reason or self.req.mode == "target_only" or self.req.policy.block_size() == 0
+                or self.drafter is None or not self.drafter.healthy):
+            return
+        self._keep_drafting(self._block_plan()[2])
 
     def _streaming(self) -> bool:
         return self.stream_task is not None and not self.stream_task.done()
