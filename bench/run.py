@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from bench.hf_eagle import eagle_assisted
 from bench.measure import Sample, run_hf, run_specd
 from bench.report import category_table, markdown_table, mismatches, plot, round_table, summarise, update_results_md
 from specdec.cli import LocalStack
@@ -76,7 +77,8 @@ def drafter_label(spec: str) -> str:
 
 
 def reads_target_features(spec: str) -> bool:
-    """Whether `spec` is a feature-level (EAGLE) drafter, which HF assisted generation cannot drive."""
+    """Whether `spec` is a feature-level (EAGLE) drafter, which HF assisted generation drives through
+    bench.hf_eagle rather than as an assistant model."""
     if spec == "ngram":
         return False
     from transformers import AutoConfig
@@ -93,9 +95,10 @@ def build_modes(drafters: list[str], policies: list[str], sequential_policy: str
     modes = [Mode(BASELINE, "hf"), Mode(OWN_BASELINE, "specd", drafters[0], "target_only", "static")]
     for spec in drafters:
         label = drafter_label(spec)
-        # HF has no prompt-lookup hybrid (its plain run is the model's (b)) and no feature-level drafting.
-        if not spec.endswith(LOOKUP_SUFFIX) and spec not in feature_drafters:
-            modes.append(Mode(f"(b) hf assisted [{label}]", "hf-assisted", spec))
+        # HF has no prompt-lookup hybrid (its plain run is the model's (b)).
+        if not spec.endswith(LOOKUP_SUFFIX):
+            modes.append(Mode(f"(b) hf assisted [{label}]", "hf-eagle" if spec in feature_drafters else "hf-assisted",
+                              spec))
         modes.append(Mode(f"(c) specd sequential [{label}, {sequential_policy}]", "specd", spec, "sequential",
                           sequential_policy))
         for policy in policies:
@@ -130,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-category", type=int, default=None, help="prompts per category (default: all)")
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--prompt-lookup-tokens", type=int, default=10, help="HF prompt_lookup_num_tokens for (b)")
+    parser.add_argument("--eagle-draft-tokens", type=int, default=1,
+                        help="draft length of (b) with a feature-level drafter (static, like the specd rows at :1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each specd model service and of HF")
     parser.add_argument("--out", default=None, help="directory for results.json and speedup.png")
     parser.add_argument("--results-md", default=None, help="Markdown file whose bench section is replaced")
@@ -150,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     target = load_model(args.target)
     tokenizer = target.tokenizer
     assistants = {spec: load_model(spec, tokenizer_from=args.target).model for spec in drafters
-                  if spec != "ngram" and not spec.endswith(LOOKUP_SUFFIX) and spec not in feature_drafters}
+                  if spec != "ngram" and not spec.endswith(LOOKUP_SUFFIX)}
     stacks, clients = {}, {}
     log_dir = tempfile.mkdtemp(prefix="specd-bench-")
     try:
@@ -174,6 +179,14 @@ def main(argv: list[str] | None = None) -> int:
                                   prompt_lookup=args.prompt_lookup_tokens)
                 return run_hf(mode.name, target.model, ids, tokens, prompt.id, prompt.category,
                               assistant=assistants[mode.drafter])
+            if mode.kind == "hf-eagle":
+                with eagle_assisted(target.model, assistants[mode.drafter], args.eagle_draft_tokens) as made:
+                    sample = run_hf(mode.name, target.model, ids, tokens, prompt.id, prompt.category,
+                                    assistant=assistants[mode.drafter])
+                drafter = made[0]
+                sample.drafted, sample.accepted, sample.rounds = drafter.drafted, drafter.accepted, drafter.rounds
+                sample.draft_ms = drafter.draft_s * 1e3
+                return sample
             policy, _, length = mode.policy.partition(":")  # NAME[:DRAFT_LENGTH]
             return run_specd(mode.name, clients[mode.drafter], ids, tokens, prompt.id, prompt.category,
                              mode.pipeline, policy, int(length or 0))

@@ -268,3 +268,30 @@ def test_a_coordinator_started_before_its_feature_drafter_learns_it_reads_featur
         assert drafted > 0
     finally:
         stack.close()
+
+
+@pytest.mark.parametrize("num_tokens", [1, 3])
+def test_hf_assisted_generation_drives_a_feature_drafter_to_the_targets_greedy_output(num_tokens, tiny_dirs, eagle_dirs):
+    """The bench's same-drafter HF row: transformers' assisted loop with specd's EAGLE drafter."""
+    from bench.hf_eagle import EagleCandidateGenerator, eagle_assisted
+
+    target = load_model(tiny_dirs["llama"]["target"]).model
+    drafter = load_model(eagle_dirs["llama"]).model
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad(), eagle_assisted(target, drafter, num_tokens) as made:
+        out = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                              assistant_model=drafter, pad_token_id=0)
+    assert out[0, len(PROMPT):].tolist() == hf_greedy(tiny_dirs["llama"]["target"], PROMPT, 12)
+    generator = made[0]
+    assert generator.rounds > 0 and 0 <= generator.accepted <= generator.drafted <= num_tokens * generator.rounds
+    assert "_get_candidate_generator" not in vars(target)  # the target's own method is back
+
+    # Its drafts are the drafter's own greedy drafts from the target's features.
+    first = [*PROMPT, 7]
+    features = _features(target, first)
+    direct = EagleCandidateGenerator(drafter, num_tokens, max_length=64)
+    prompt_outputs = target(input_ids=torch.tensor([PROMPT]), output_hidden_states=True)
+    with torch.no_grad():
+        candidates, logits = direct.get_candidates(torch.tensor([first]), model_outputs=prompt_outputs)
+    assert candidates[0, len(first):].tolist() == _fresh_drafts(drafter, first, features, num_tokens)
+    assert logits.shape == (1, num_tokens, target.config.vocab_size)
