@@ -8,6 +8,7 @@ logits around; rolling back is cropping both.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -136,6 +137,11 @@ class SessionStore:
             return sum(s.kv_bytes() for s in self._sessions.values())
 
 
+# transformers' SDPA path copies each group of KV heads (repeat_kv) whenever attention has a mask, as a
+# verify of several rows does; with this set it lets torch read the grouped heads in place.
+SDPA_GQA_ENV = "TRANSFORMERS_SDPA_FORCE_GQA"
+
+
 class ModelRunner:
     """Runs the model over sessions. Stateless apart from the model itself.
 
@@ -152,6 +158,9 @@ class ModelRunner:
 
         self.model = model
         self.device = device
+        if device.type == "cpu":
+            # torch's CPU kernel gives the same bits either way (tests/test_services.py checks), without the copy.
+            os.environ.setdefault(SDPA_GQA_ENV, "1")
         # Decode and verify steps feed a few rows; the kernel keeps them memory-bound and batch-invariant.
         self.small_gemm_layers = kernel.install(model) if small_gemm and device.type == "cpu" else 0
         # Weights de-quantised from a GGUF are read in its blocks: a fifth of the bytes, the same values.
