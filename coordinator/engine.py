@@ -27,7 +27,7 @@ from typing import AsyncIterator, Callable
 import grpc
 
 from coordinator.backends import TRANSPORT_ERRORS, Backend, BackendPool
-from coordinator.policies import DraftLengthPolicy, DraftWait
+from coordinator.policies import DraftLengthPolicy, DraftWait, PostVerify
 from specdec import metrics
 from specdec.convert import sampling_to_proto
 from specdec.sampling import SamplingParams
@@ -127,13 +127,15 @@ class Generation:
     def __init__(self, request: GenerationRequest, verifiers: BackendPool, drafters: BackendPool,
                  metadata: list[tuple[str, str]], drafter_timeout_s: float, drafter_retry_s: float,
                  trace_sink: Callable[[VerifiedBlock], None] | None = None, target_version: str = "",
-                 trace_top_k: int = 0, target_hidden: bool = False, draft_wait: DraftWait | None = None):
+                 trace_top_k: int = 0, target_hidden: bool = False, draft_wait: DraftWait | None = None,
+                 post_verify: PostVerify | bool = True):
         self.req = request
         self.verifiers, self.drafters = verifiers, drafters
         self.metadata = metadata
         self.drafter_timeout_s, self.drafter_retry_s = drafter_timeout_s, drafter_retry_s
         self.trace_sink, self.target_version, self.trace_top_k = trace_sink, target_version, trace_top_k
         self.draft_wait = draft_wait if request.mode == "overlapped" else None
+        self.post_verify = post_verify  # overlapped mode: draft past the block being verified (True, False, or measured)
         self.session_id = f"{request.request_id}-{uuid.uuid4().hex[:8]}"
         self.committed: list[int] = list(request.prompt_ids)
         self.stats = GenerationStats(prompt_tokens=len(request.prompt_ids), policy=request.policy.name,
@@ -174,7 +176,10 @@ class Generation:
                 round_started = time.perf_counter()
                 block = await self._gather_block()
                 response = await self._verify(block)
-                self.req.policy.record_round(response.accepted + 1, time.perf_counter() - round_started)
+                round_s = time.perf_counter() - round_started
+                self.req.policy.record_round(response.accepted + 1, round_s)
+                if self.req.mode == "overlapped" and isinstance(self.post_verify, PostVerify):
+                    self.post_verify.record(response.accepted + 1, round_s)
                 new_tokens = self._apply(block, response)
                 self._draft_ahead()
                 if new_tokens:
@@ -292,7 +297,8 @@ class Generation:
             want = policy.min_ready(False)
             return want, want, want
         size = policy.block_size()
-        return policy.min_ready(True), size, max(policy.lookahead(), size)
+        post_verify = self.post_verify.enabled if isinstance(self.post_verify, PostVerify) else self.post_verify
+        return policy.min_ready(True), size, max(policy.lookahead(), size) if post_verify else size
 
     def _keep_drafting(self, horizon: int) -> None:
         if not self._streaming() and not self.stream_exhausted and len(self.chain) < horizon:

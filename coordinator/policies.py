@@ -8,7 +8,8 @@ A policy answers three questions every round:
 After each verification `update` sees how many were sent and accepted, and
 `record_round` how many tokens the round committed in how much wall time.
 A block size of 0 means a target-only round. In overlapped mode `DraftWait` caps how long
-the verifier waits for `min_ready`: past that budget it verifies what exists.
+the verifier waits for `min_ready`: past that budget it verifies what exists, and
+`PostVerify` decides whether drafting runs on past the block while it is verified.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ class DraftLengthPolicy:
         return self.length
 
     def lookahead(self) -> int:
-        """How far past the committed text the drafter may run (overlapped mode)."""
-        return min(2 * self.length, self.max_length * 2)
+        """How far past the committed text the drafter may run (overlapped mode): a whole next block
+        past this one and the target's bonus token, which post-verify drafts must first match."""
+        return min(2 * self.length + 1, self.max_length * 2)
 
     def stop_rule(self) -> tuple[StopRule, float]:
         return StopRule.NONE, 0.0
@@ -262,6 +264,40 @@ class DraftWait:
 
     def _blend(self, old: float, new: float) -> float:
         return self.decay * old + (1 - self.decay) * new
+
+
+@dataclass
+class PostVerify:
+    """Whether overlapped requests keep drafting past the block being verified (PEARL's post-verify),
+    decided by measured goodput, one per coordinator.
+
+    Post-verify drafts are used only when the whole block is accepted and the next draft is the
+    target's bonus token; meanwhile the drafter works beside the verifier, which is free on its own
+    accelerator but slows the verify where both share cores and memory bandwidth. Rounds run in
+    phases of `phase_rounds` with it on or off; committed tokens per second of each (decayed across
+    phases) pick the next phase's choice, and every `probe_every`-th phase re-measures the loser."""
+
+    decay: float = 0.98        # per round recorded: the last few hundred rounds count
+    phase_rounds: int = 16
+    probe_every: int = 4
+    enabled: bool = True
+    rounds_in_phase: int = 0
+    phases: int = 0
+    observed: dict = field(default_factory=lambda: {True: [0.0, 0.0, 0.0], False: [0.0, 0.0, 0.0]})
+
+    def record(self, committed: int, seconds: float) -> None:
+        """One overlapped round, run with the current choice."""
+        _decayed_add(self.observed[self.enabled], self.decay, committed, seconds)
+        self.rounds_in_phase += 1
+        if self.rounds_in_phase < self.phase_rounds:
+            return
+        self.rounds_in_phase = 0
+        self.phases += 1
+        if self.observed[not self.enabled][2] == 0:
+            self.enabled = not self.enabled  # the other choice is still unmeasured
+            return
+        better = _goodput(self.observed[True]) >= _goodput(self.observed[False])
+        self.enabled = (not better) if self.phases % self.probe_every == 0 else better
 
 
 POLICIES: dict[str, type[DraftLengthPolicy]] = {

@@ -15,7 +15,7 @@ import grpc
 
 from coordinator.backends import BackendPool
 from coordinator.engine import Generation, GenerationRequest, GenerationStats, UpstreamError, VerifiedBlock
-from coordinator.policies import DraftWait, GoodputMemory, make_policy
+from coordinator.policies import DraftWait, GoodputMemory, PostVerify, make_policy
 from coordinator.text import TextStream
 from coordinator.tracing import TraceSink
 from specdec import metrics
@@ -62,6 +62,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         # Goodput evidence shared by requests alike in cost: (pipeline mode, greedy or sampled).
         self.goodput_memory: dict[tuple[str, bool], GoodputMemory] = defaultdict(GoodputMemory)
         self.draft_waits: dict[bool, DraftWait] = defaultdict(DraftWait)  # by greedy or sampled
+        self.post_verifies: dict[bool, PostVerify] = defaultdict(PostVerify)  # by greedy or sampled
 
     # -- request parsing ----------------------------------------------------------------------------
 
@@ -217,7 +218,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                           self.settings.drafter_timeout_s, self.settings.drafter_retry_s, self.trace_sink,
                           self.target_info.model_version, self.settings.trace_top_k if self.trace_sink else 0,
                           bool(self.drafter_reads_hidden),
-                          self.draft_waits[parsed.sampling.greedy] if self.settings.adaptive_draft_wait else None)
+                          self.draft_waits[parsed.sampling.greedy] if self.settings.adaptive_draft_wait else None,
+                          self.post_verifies[parsed.sampling.greedy] if self.settings.post_verify == "auto"
+                          else self.settings.post_verify == "on")
 
     async def _probe_drafter_kind(self) -> None:
         """Asks a drafter that was down at start-up what it reads, at most once per drafter_retry_s."""

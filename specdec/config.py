@@ -140,6 +140,9 @@ class CoordinatorSettings(CommonSettings):
     drafter_timeout_s: float = Field(2.0, gt=0, description="A draft slower than this falls back to the target.")
     adaptive_draft_wait: bool = Field(False, description="Overlapped mode: an idle verifier waits for a draft only as "
                                       "long as the measured costs say waiting pays, then verifies what exists.")
+    post_verify: Literal["auto", "on", "off"] = Field(
+        "auto", description="Overlapped mode: keep drafting past the block being verified (PEARL's post-verify); "
+                            "auto measures whether it pays (it does not where drafter and verifier share cores).")
     drafter_retry_s: float = Field(5.0, gt=0, description="Wait before trying a failed drafter again.")
     max_concurrency_per_client: int = Field(16, ge=1)
     max_concurrency: int = Field(64, ge=1)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from coordinator.policies import POLICIES, DraftWait, GoodputMemory, make_policy
+from coordinator.policies import POLICIES, DraftWait, GoodputMemory, PostVerify, make_policy
 from specdec.stopping import (DraftStep, StopRule, adaedl_acceptance_lower_bound, probability_some_rejected,
                               should_stop)
 
@@ -72,6 +72,32 @@ def test_draft_wait_budget_follows_acceptance_and_costs():
     for _ in range(50):                    # the verifier gets slower (load): a step is now 40 ms
         wait.record(0, 0, 0.040)
     assert wait.budget_s() > 0.012
+
+
+def test_post_verify_measures_both_choices_keeps_the_faster_and_probes_the_other():
+    choice = PostVerify(decay=1.0, phase_rounds=4, probe_every=3)
+    seconds = {True: 0.030, False: 0.020}  # drafting beside the verifier slows each round here
+    history = []
+    for _ in range(40):
+        history.append(choice.enabled)
+        choice.record(1, seconds[choice.enabled])
+    phases = history[::4]
+    assert phases[:2] == [True, False]  # on first, then the unmeasured other choice
+    assert phases[2:] == [False, True, False, False, True, False, False, True]  # every third phase a probe
+
+
+def test_post_verify_follows_a_change_in_costs():
+    choice = PostVerify(decay=0.9, phase_rounds=4, probe_every=4)
+    for _ in range(40):
+        choice.record(1, 0.030 if choice.enabled else 0.020)
+    assert not choice.enabled or choice.phases % choice.probe_every == 0  # off, or probing on
+    history = []
+    for _ in range(80):  # the drafter moved to its own accelerator: post-verify drafts now commit more
+        history.append(choice.enabled)
+        choice.record(2 if choice.enabled else 1, 0.020)
+    late = history[40::4]  # one entry per phase, once the old rounds have faded
+    assert late.count(True) >= len(late) // 2 + 1
+    assert all(late[i + 1] for i in range(len(late) - 1) if not late[i])  # off only for single probe phases
 
 
 def test_every_policy_is_registered():

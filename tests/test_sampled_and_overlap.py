@@ -89,6 +89,38 @@ def test_overlap_hides_draft_time_and_discards_stale_drafts(tiny_dirs):
     assert overlapped.stats["new_tokens"] == 48             # ... and none leaked into the output
 
 
+def test_post_verify_off_drafts_only_the_block_and_on_drafts_past_it(tiny_dirs, monkeypatch):
+    """Overlapped static blocks: with post-verify off the drafter is asked for the block only, as in
+    sequential mode; on, for a block past the bonus token too. The output is the same."""
+    from drafter_svc.server import DrafterServicer
+
+    asked = []
+    draft = DrafterServicer.Draft
+
+    async def recording_draft(self, request, context):
+        asked.append(request.max_tokens)
+        async for message in draft(self, request, context):
+            yield message
+
+    monkeypatch.setattr(DrafterServicer, "Draft", recording_draft)
+    dirs = tiny_dirs["llama"]
+    prompt = [9, 8, 7, 6, 5, 4, 3, 2, 1]
+    results, longest = {}, {}
+    for choice in ("off", "on"):
+        stack = InProcessStack(dirs["target"], dirs["close"], coordinator_overrides={"post_verify": choice})
+        asked.clear()
+        try:
+            results[choice] = SpecdClient(stack.address).generate(token_ids=prompt, max_new_tokens=40,
+                                                                  mode="overlapped", policy="static", draft_length=2)
+        finally:
+            stack.close()
+        longest[choice] = max(asked)
+    assert results["off"].token_ids == results["on"].token_ids
+    assert longest == {"off": 2, "on": 2 * 2 + 1}
+    assert results["off"].stats["fallback_steps"] == results["on"].stats["fallback_steps"] == 0
+    assert results["on"].stats["hidden_draft_ms"] > 0
+
+
 def test_a_verifier_that_waits_for_no_draft_keeps_the_stream_and_the_output(tiny_dirs, monkeypatch):
     """With a zero wait budget on every other round, those rounds verify what the stream has so far,
     often nothing; the stream keeps drafting across them and the next blocks use its tokens."""
