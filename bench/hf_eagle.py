@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from itertools import islice
 
 import torch
 from transformers.generation.candidate_generator import CandidateGenerator
 
 from specdec.accept_head import lm_head_inputs
-from specdec.eagle import feed_rows
+from specdec.eagle import feed_rows, greedy_drafts
 from specdec.kv import crop_cache
 
 
@@ -55,13 +56,7 @@ class EagleCandidateGenerator(CandidateGenerator):
         logits, predicted, self.cache = feed_rows(self.drafter, self.cache, ids[self.true_rows + 1:],
                                                   self.features[self.true_rows:], keep_logits=1)
         self.true_rows = length - 1
-        drafts, draft_logits = [], []
-        for step in range(count):
-            token = logits[-1].argmax()
-            drafts.append(token)
-            draft_logits.append(logits[-1])
-            if step + 1 < count:  # past the verified text the drafter reads its own predicted feature
-                logits, predicted, self.cache = feed_rows(self.drafter, self.cache, token.view(1), predicted[-1:])
+        drafts, draft_logits = zip(*islice(greedy_drafts(self.drafter, self.cache, logits, predicted), count))
         self.drafted += count
         self.rounds += 1
         self.draft_s += time.perf_counter() - started

@@ -20,6 +20,8 @@ KV caches, cropping, the small-batch kernel and checkpoints all work unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -60,3 +62,17 @@ def feed_rows(drafter: nn.Module, cache, next_ids: torch.Tensor, features: torch
     extra = {"logits_to_keep": keep_logits} if keep_logits else {}
     out = drafter(inputs_embeds=inputs, past_key_values=cache, use_cache=True, output_hidden_states=True, **extra)
     return out.logits[0], lm_head_inputs(out)[0], out.past_key_values
+
+
+def greedy_drafts(drafter: nn.Module, cache, logits: torch.Tensor,
+                  predicted: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Greedy drafts past the verified text, where the drafter reads its own predicted features.
+
+    logits [n, V] and predicted [n, H] are the last `feed_rows` output; yields (token [], its draft
+    logits [V]) without end. Each token after the first feeds one row to `cache` (a DynamicCache,
+    grown in place), only when the caller asks for it.
+    """
+    while True:
+        token = logits[-1].argmax()
+        yield token, logits[-1]
+        logits, predicted, cache = feed_rows(drafter, cache, token.view(1), predicted[-1:])

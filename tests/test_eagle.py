@@ -4,6 +4,7 @@ the coordinator's plumbing, and training."""
 from __future__ import annotations
 
 import time
+from itertools import islice
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from drafter_svc.drafters import FeatureDrafter
 from specdec.client import SpecdClient
 from specdec.convert import hidden_from_proto, hidden_to_proto
 from specdec.accept_head import lm_head_inputs
-from specdec.eagle import feed_rows, is_feature_drafter
+from specdec.eagle import feed_rows, greedy_drafts, is_feature_drafter
 from specdec.errors import InvalidRequest
 from specdec.models import load_model
 from specdec.sampling import SamplingParams
@@ -45,12 +46,7 @@ def _fresh_drafts(drafter, ids: list[int], features: torch.Tensor, count: int) -
     """Greedy drafts recomputed from nothing: true rows, then the drafter's own features."""
     with torch.no_grad():
         logits, predicted, cache = feed_rows(drafter, None, torch.tensor(ids[1:]), features[:len(ids) - 1])
-        drafts = []
-        for _ in range(count):
-            drafts.append(int(logits[-1].argmax()))
-            logits, out, cache = feed_rows(drafter, cache, torch.tensor([drafts[-1]]), predicted[-1:])
-            predicted = out
-    return drafts
+        return [int(token) for token, _ in islice(greedy_drafts(drafter, cache, logits, predicted), count)]
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from specdec.accept_head import lm_head_inputs
-from specdec.eagle import FUSE_ATTR, add_fuse, feed_rows, fused_inputs
+from specdec.eagle import FUSE_ATTR, add_fuse, feed_rows, fused_inputs, greedy_drafts
 from specdec.kv import crop_cache
 from specdec.traces import TraceRecord
 from trainer.bootstrap import init_drafter_from_target
@@ -201,16 +201,11 @@ def draft_acceptance(drafter, data: list[FeatureSequence], block: int = 4) -> di
         logits, predicted, cache = feed_rows(drafter, None, ids[1:start], seq.features[:start - 1].float(), keep_logits=1)
         for committed in range(start, len(seq.ids)):
             rows = cache.get_seq_length()
-            draft_logits, feature = logits[-1], predicted[-1]
             accepted = 0
-            for slot in range(block):
-                token = int(draft_logits.argmax())
-                if committed + slot >= len(seq.ids) or token != seq.ids[committed + slot]:
+            for slot, (token, _) in zip(range(block), greedy_drafts(drafter, cache, logits, predicted)):
+                if committed + slot >= len(seq.ids) or int(token) != seq.ids[committed + slot]:
                     break
                 accepted += 1
-                if slot + 1 < block:
-                    out_logits, out_features, cache = feed_rows(drafter, cache, torch.tensor([token]), feature[None])
-                    draft_logits, feature = out_logits[-1], out_features[-1]
             accepted_total += accepted
             first_hits += accepted > 0
             blocks += 1
