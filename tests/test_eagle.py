@@ -291,3 +291,38 @@ def test_hf_assisted_generation_drives_a_feature_drafter_to_the_targets_greedy_o
         candidates, logits = direct.get_candidates(torch.tensor([first]), model_outputs=prompt_outputs)
     assert candidates[0, len(first):].tolist() == _fresh_drafts(drafter, first, features, num_tokens)
     assert logits.shape == (1, num_tokens, target.config.vocab_size)
+
+
+def test_refining_a_served_feature_drafter_promotes_only_versions_that_accept_more(tmp_path, tiny_dirs, monkeypatch):
+    """Online rounds for a feature drafter: fine-tune the current version on recent traffic, promote it
+    only if the newest requests are accepted more. The tiny target is chaotic, so the traffic repeats
+    itself (new request ids, the same texts), as a domain does, and the held-out requests are repeats."""
+    from specdec.checkpoints import CheckpointStore
+    from specdec.traces import TEACHER_DRAFTER_VERSION, TraceRecord
+    from trainer.eagle import refine_feature_drafter
+
+    target = load_model(tiny_dirs["llama"]["target"]).model
+    torch.manual_seed(0)
+    prompts = [torch.randint(0, 256, (6,)).tolist() for _ in range(12)]
+    continuations = [s.continuation for s in greedy_with_features(target, prompts, 24, pad_id=0, eos_ids=set())]
+    records = [TraceRecord(request_id=f"r{i}", drafter_version=TEACHER_DRAFTER_VERSION, context_ids=prompts[i % 12],
+                           draft_tokens=continuations[i % 12], accepted=24) for i in range(18)]
+    store = CheckpointStore(tmp_path / "store")
+    base = store.publish(init_from_target(target), meta={"kind": "eagle"})
+    store.promote(base, "base")
+
+    report = refine_feature_drafter(target, records, store, holdout=4, epochs=150, lr=3e-3, batch_size=8, noise=0.0)
+    assert report["promoted"] and store.current() == report["version"] != base
+    assert report["holdout_after"]["mean_accepted"] > report["holdout_before"]["mean_accepted"] + 0.15, report
+    assert store.meta(report["version"])["parent_version"] == base and is_feature_drafter(store.load().model)
+
+    def spoil(drafter, data, **_):  # a round whose training goes wrong
+        with torch.no_grad():
+            for param in drafter.model.layers.parameters():
+                param.mul_(-3.0)
+        return {"steps": 1}
+
+    monkeypatch.setattr("trainer.eagle.train_feature_drafter", spoil)
+    worse = refine_feature_drafter(target, records, store, holdout=4)
+    assert not worse["promoted"] and store.current() == report["version"]
+    assert store.status(worse["version"]) == "reject"

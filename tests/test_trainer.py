@@ -824,7 +824,19 @@ def test_specd_self_prompts_feed_distill_eagle_without_a_second_target_pass(tmp_
         assert report["requests"] == 16 and report["train_requests"] == 12 and report["steps"] == 3
         assert report["features_computed"] == 0  # every request's features came from its generation
         assert client.xlen(STREAM) > 0  # token drafters can learn from the same teacher traces
-        assert CheckpointStore(tmp_path / "ck").current() == report["version"]
+        store = CheckpointStore(tmp_path / "ck")
+        assert store.current() == report["version"]
+        # Online rounds on the same traces, into a new store that starts from that drafter.
+        result = subprocess.run([sys.executable, "-m", "specdec.cli", "refine-eagle", *common,
+                                 "--checkpoint-dir", str(tmp_path / "online"), "--base", str(store.path(store.current())),
+                                 "--holdout", "4", "--epochs", "1", "--batch-size", "4", "--rounds", "2",
+                                 "--every-s", "0"], cwd=REPO, capture_output=True, text=True, timeout=180, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        rounds = [json.loads(line) for line in result.stdout.strip().splitlines()]
+        assert [r["version"] for r in rounds] == [2, 3] and rounds[0]["parent_version"] == 1
+        assert rounds[1]["parent_version"] == (2 if rounds[0]["promoted"] else 1)  # each round refines CURRENT
+        current = CheckpointStore(tmp_path / "online").current()
+        assert current == (3 if rounds[1]["promoted"] else rounds[1]["parent_version"])
     finally:
         shutdown_redis(client)
 

@@ -1,5 +1,5 @@
-"""`specd train`, `specd distill`, `specd distill-eagle`, `specd self-prompts`, `specd prune-head` and
-`specd checkpoints` (added to the main CLI by add_subcommands)."""
+"""`specd train`, `specd distill`, `specd distill-eagle`, `specd refine-eagle`, `specd self-prompts`,
+`specd prune-head` and `specd checkpoints` (added to the main CLI by add_subcommands)."""
 
 from __future__ import annotations
 
@@ -151,6 +151,46 @@ def distill_eagle_command(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps(report))
     return 0
+
+
+def refine_eagle_command(args: argparse.Namespace) -> int:
+    import time
+
+    from specdec import redisutil
+    from specdec.checkpoints import CheckpointError, CheckpointStore
+    from specdec.logs import setup_logging
+    from specdec.models import configure_threads, load_model
+    from trainer.eagle import refine_feature_drafter
+    from trainer.prune_head import recent_traces
+
+    setup_logging("trainer", "info", False)
+    configure_threads(args.threads)
+    client = redisutil.connect(args.redis_url)
+    target = load_model(args.target)
+    store = CheckpointStore(args.checkpoint_dir, redis_client=client)
+    if store.current() is None:  # start from the drafter being served
+        base = load_model(args.base, tokenizer_from=args.target)
+        version = store.publish(base.model, meta={"consumer": "refine-eagle", "kind": "eagle", "source": args.base,
+                                                  "tokenizer_fingerprint": base.fingerprint,
+                                                  "target_version": target.version})
+        store.promote(version, f"the base drafter {args.base}")
+    rounds = 0
+    while True:
+        records = recent_traces(client, args.stream, args.traces)
+        try:
+            report = refine_feature_drafter(target.model, records, store, holdout=args.holdout,
+                                            target_version=target.version, epochs=args.epochs, lr=args.lr,
+                                            batch_size=args.batch_size, time_limit_s=args.time_limit_s)
+            print(json.dumps(report), flush=True)
+        except ValueError as err:  # too little traffic yet
+            log.info("refine-eagle: %s; waiting", err)
+        except CheckpointError as err:
+            print(f"specd refine-eagle: {err}", file=sys.stderr)
+            return 1
+        rounds += 1
+        if args.rounds and rounds >= args.rounds:
+            return 0
+        time.sleep(args.every_s)
 
 
 def _teacher_records(target, prompt_files: list[str], client, stream: str, max_new_tokens: int,
@@ -314,6 +354,25 @@ def add_subcommands(subparsers) -> None:
     eagle.add_argument("--threads", type=int, default=2)
     eagle.add_argument("--promote", action="store_true", help="make the new version CURRENT")
     eagle.set_defaults(handler=distill_eagle_command)
+
+    refine = subparsers.add_parser("refine-eagle", help="keep fine-tuning a served EAGLE drafter on recent traces, "
+                                                        "promoting only versions that accept more")
+    refine.add_argument("--target", default="smollm2-135m")
+    refine.add_argument("--checkpoint-dir", required=True, help="the store the drafter service follows")
+    refine.add_argument("--base", default="smollm2-135m-eagle",
+                        help="drafter to start from when the store has no CURRENT version")
+    refine.add_argument("--redis-url", default="embedded", help="where the trace stream lives")
+    refine.add_argument("--stream", default=DEFAULT_STREAM)
+    refine.add_argument("--traces", type=int, default=2_000, help="newest traces each round learns from")
+    refine.add_argument("--holdout", type=int, default=20, help="newest requests each round's gate scores on")
+    refine.add_argument("--epochs", type=float, default=2.0)
+    refine.add_argument("--lr", type=float, default=3e-4)
+    refine.add_argument("--batch-size", type=int, default=8)
+    refine.add_argument("--time-limit-s", type=float, default=None, help="stop each round's training after this long")
+    refine.add_argument("--every-s", type=float, default=60.0, help="pause between rounds")
+    refine.add_argument("--rounds", type=int, default=0, help="stop after this many rounds (0: run until stopped)")
+    refine.add_argument("--threads", type=int, default=1)
+    refine.set_defaults(handler=refine_eagle_command)
 
     selfp = subparsers.add_parser("self-prompts", help="write a prompt file of requests the target writes itself")
     selfp.add_argument("--target", default="smollm2-135m")

@@ -217,6 +217,55 @@ def draft_acceptance(drafter, data: list[FeatureSequence], block: int = 4) -> di
             "first_token_acceptance": first_hits / max(1, blocks)}
 
 
+def _split_features(target, records: list[TraceRecord], holdout: int, seed: int,
+                    known_features: dict[str, FeatureSequence] | None) -> tuple[list, list, dict]:
+    """(held-out sequences: the newest `holdout` requests, shuffled training sequences, counts) of the
+    requests in `records`, with the target's features (computed where `known_features` lacks them)."""
+    sequences = committed_sequences(records)
+    if len(sequences) <= holdout:
+        raise ValueError(f"{len(sequences)} requests in the traces; need more than the {holdout} held out")
+    known = {rid: seq for rid, seq in (known_features or {}).items()
+             if rid in sequences and seq.ids == sequences[rid][0]}
+    missing = [rid for rid in sequences if rid not in known]
+    known.update(zip(missing, collect_features(target, [sequences[rid] for rid in missing])))
+    data = [known[rid] for rid in sequences]
+    held, train = data[-holdout:], data[:-holdout]
+    random.Random(seed).shuffle(train)
+    return held, train, {"requests": len(sequences), "features_computed": len(missing),
+                         "train_requests": len(train), "holdout_requests": len(held)}
+
+
+def refine_feature_drafter(target, records: list[TraceRecord], store, holdout: int = 40, seed: int = 0,
+                           target_version: str = "", **train_options) -> dict:
+    """One online round for a served feature drafter: fine-tunes the store's current version on the
+    requests in `records` (the recent traffic) and promotes the result only if it accepts more of the
+    newest `holdout` requests than the current version does; otherwise it is published and rejected.
+    Drafters following the store swap to a promoted version between rounds."""
+    current = store.current()
+    if current is None:
+        raise ValueError(f"{store.root} has no current drafter to refine")
+    held, train, report = _split_features(target, records, holdout, seed, None)
+    base = store.load(current)
+    drafter = base.model
+    before = draft_acceptance(drafter, held)
+    training = train_feature_drafter(drafter, train, seed=seed, **train_options)
+    after = draft_acceptance(drafter, held)
+    report.update(holdout_before=before, holdout_after=after, **training)
+    inherited = {key: base.meta[key] for key in ("kind", "head_vocab", "tokenizer_fingerprint") if key in base.meta}
+    version = store.publish(drafter, meta={**inherited, "consumer": "refine-eagle", "parent_version": current,
+                                           "target_version": target_version or base.meta.get("target_version", ""),
+                                           **report})
+    gate = {"mean_accepted_before": before["mean_accepted"], "mean_accepted_after": after["mean_accepted"]}
+    if after["mean_accepted"] > before["mean_accepted"]:
+        store.promote(version, f"accepts more of the newest {len(held)} requests than v{current}", gate)
+    else:
+        store.reject(version, f"accepts no more of the newest {len(held)} requests than v{current}", gate)
+    report.update(version=version, parent_version=current, promoted=store.current() == version)
+    log.info("feature drafter v%d from v%d: held-out accepted length %.3f -> %.3f (%s)", version, current,
+             before["mean_accepted"], after["mean_accepted"], "promoted" if report["promoted"] else "rejected")
+    return report
+
+
 def distill_feature_drafter(target, records: list[TraceRecord], store, head_vocab: int = 0, holdout: int = 40,
                             promote: bool = False, seed: int = 0, target_version: str = "",
                             tokenizer_fingerprint: str = "",
@@ -232,16 +281,7 @@ def distill_feature_drafter(target, records: list[TraceRecord], store, head_voca
     from specdec.vocab_head import install_subset_head, rank_tokens
     from trainer.prune_head import emitted_token_counts
 
-    sequences = committed_sequences(records)
-    if len(sequences) <= holdout:
-        raise ValueError(f"{len(sequences)} requests in the traces; need more than the {holdout} held out")
-    known = {rid: seq for rid, seq in (known_features or {}).items()
-             if rid in sequences and seq.ids == sequences[rid][0]}
-    missing = [rid for rid in sequences if rid not in known]
-    known.update(zip(missing, collect_features(target, [sequences[rid] for rid in missing])))
-    data = [known[rid] for rid in sequences]
-    held, train = data[-holdout:], data[:-holdout]
-    random.Random(seed).shuffle(train)
+    held, train, report = _split_features(target, records, holdout, seed, known_features)
     drafter = init_from_target(target)
     vocab_size = int(target.config.vocab_size)
     if head_vocab and head_vocab < vocab_size:
@@ -249,9 +289,7 @@ def distill_feature_drafter(target, records: list[TraceRecord], store, head_voca
     before = draft_acceptance(drafter, held)
     training = train_feature_drafter(drafter, train, seed=seed, **train_options)
     after = draft_acceptance(drafter, held)
-    report = {"requests": len(sequences), "features_computed": len(missing), "train_requests": len(train),
-              "holdout_requests": len(held),
-              "holdout_before": before, "holdout_after": after, **training}
+    report.update(holdout_before=before, holdout_after=after, **training)
     version = store.publish(drafter, meta={"consumer": "distill-eagle", "kind": "eagle", "head_vocab": head_vocab,
                                            "target_version": target_version,
                                            "tokenizer_fingerprint": tokenizer_fingerprint, **report})
