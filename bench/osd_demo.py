@@ -28,6 +28,7 @@ from specdec import redisutil
 from specdec.checkpoints import CheckpointStore
 from specdec.cli import LocalStack, exit_on_sigterm
 from specdec.client import SpecdClient
+from trainer.eagle import ensure_base_version
 
 HERE = Path(__file__).resolve().parent
 PROMPTS = HERE.parent / "trainer" / "prompts"
@@ -123,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", default="smollm2-135m")
     parser.add_argument("--checkpoint-dir", default="", help="store to start from (default: a fresh one)")
     parser.add_argument("--drafter-layers", type=int, default=4, help="layers of a target-initialised drafter")
+    parser.add_argument("--eagle", default="", help="start from this EAGLE drafter (a preset or directory) and "
+                                                    "train it with `specd refine-eagle` instead of `specd train`")
+    parser.add_argument("--refine-every-s", type=float, default=20.0, help="pause between refine-eagle rounds")
+    parser.add_argument("--refine-traces", type=int, default=1_000, help="newest traces a refine-eagle round reads")
+    parser.add_argument("--refine-holdout", type=int, default=12, help="newest requests a refine-eagle gate scores")
+    parser.add_argument("--refine-epochs", type=float, default=2.0)
     parser.add_argument("--domains", default="domain_a,domain_b")
     parser.add_argument("--requests-per-domain", type=int, default=200)
     parser.add_argument("--max-new-tokens", type=int, default=48)
@@ -152,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     redis_client = redisutil.connect("embedded", state_directory=workdir / "redis")
     redis_url = redisutil.url_of(redis_client)
     store = CheckpointStore(args.checkpoint_dir or workdir / "checkpoints", redis_client=redis_client)
-    first_version = ensure_initial_drafter(store, args.target, args.drafter_layers)
+    first_version = (ensure_base_version(store, args.eagle, args.target) if args.eagle
+                     else ensure_initial_drafter(store, args.target, args.drafter_layers))
     domains = [d for d in args.domains.split(",") if d]
     prompts = {d: read_domain(PROMPTS / f"{d}.jsonl") for d in domains}
 
@@ -162,13 +170,18 @@ def main(argv: list[str] | None = None) -> int:
                                      "--swap-poll-s", "1"],
                        coordinator_args=["--redis-url", redis_url, "--trace-sample-rate", "1.0"])
     trainer_log = open(workdir / "trainer.log", "ab")
-    trainer = subprocess.Popen(
-        [sys.executable, "-m", "specdec.cli", "train", "--target", args.target, "--redis-url", redis_url,
+    trainer_command = (
+        ["refine-eagle", "--target", args.target, "--redis-url", redis_url, "--checkpoint-dir", str(store.root),
+         "--traces", str(args.refine_traces), "--holdout", str(args.refine_holdout),
+         "--epochs", str(args.refine_epochs), "--lr", str(args.lr), "--batch-size", str(args.batch_size),
+         "--every-s", str(args.refine_every_s), "--threads", "1"] if args.eagle else
+        ["train", "--target", args.target, "--redis-url", redis_url,
          "--checkpoint-dir", str(store.root), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
          "--publish-every", str(args.publish_every), "--loss", args.loss, "--threads", "1", "--metrics-port", "0",
          "--holdout-fraction", str(args.holdout_fraction), "--holdout-half-life", str(args.holdout_half_life),
-         "--max-trace-age-s", str(args.max_trace_age_s), "--ema-decay", str(args.ema_decay)],
-        stdout=trainer_log, stderr=trainer_log, start_new_session=True)
+         "--max-trace-age-s", str(args.max_trace_age_s), "--ema-decay", str(args.ema_decay)])
+    trainer = subprocess.Popen([sys.executable, "-m", "specdec.cli", *trainer_command],
+                               stdout=trainer_log, stderr=trainer_log, start_new_session=True)
     points: list[Point] = []
     started_ms = int(time.time() * 1000)
     print(f"osd-demo: logs and state in {workdir}", file=sys.stderr, flush=True)
@@ -217,17 +230,25 @@ def main(argv: list[str] | None = None) -> int:
         image = Path(out / "osd.png").resolve().relative_to(results_md.resolve().parent)
         promoted = sum(1 for d in decisions if d["action"] == "promote")
         rejected = sum(1 for d in decisions if d["action"] == "reject")
-        steps = max((d.get("metrics", {}).get("steps", 0) for d in decisions), default=0)
+        if args.eagle:
+            title, name = "Online learning with the EAGLE drafter", "osd-eagle"
+            trainer_text = (f"trainer: `specd refine-eagle` rounds {args.refine_every_s:g} s apart on the newest "
+                            f"{args.refine_traces} traces, {args.refine_epochs:g} epochs at lr {args.lr}, batch "
+                            f"{args.batch_size}, gate on the newest {args.refine_holdout} requests")
+        else:
+            steps = max((d.get("metrics", {}).get("steps", 0) for d in decisions), default=0)
+            title, name = "Online learning: domain shift", "osd"
+            trainer_text = (f"trainer: {args.loss}, batch {args.batch_size}, lr {args.lr}, gate every "
+                            f"{args.publish_every} steps on {args.holdout_fraction:.0%} held-out requests, recency "
+                            f"half-life {args.holdout_half_life} traces, traces older than {args.max_trace_age_s:.0f} s "
+                            f"skipped; weight average decay {args.ema_decay:g}; {steps} trainer steps")
         update_results_md(results_md, "\n\n".join([
-            f"## Online learning: domain shift (generated by `{command}`)",
-            f"- Date: {date}; target {args.target}; drafter starts as v{first_version}; greedy, "
-            f"{args.max_new_tokens} new tokens, policy {args.policy} k={args.draft_length}; "
-            f"trainer: {args.loss}, batch {args.batch_size}, lr {args.lr}, gate every {args.publish_every} steps "
-            f"on {args.holdout_fraction:.0%} held-out requests, recency half-life {args.holdout_half_life} traces, "
-            f"traces older than {args.max_trace_age_s:.0f} s skipped; weight average decay {args.ema_decay:g}; "
-            f"{args.request_gap_s:g} s idle after each request; "
-            f"{promoted} checkpoints promoted, {rejected} rejected, {steps} trainer steps.",
-            "\n".join(table), f"![osd]({image})"]), name="osd")
+            f"## {title} (generated by `{command}`)",
+            f"- Date: {date}; target {args.target}; drafter starts as v{first_version}"
+            f"{f' ({args.eagle})' if args.eagle else ''}; greedy, {args.max_new_tokens} new tokens, policy "
+            f"{args.policy} k={args.draft_length}; {trainer_text}; {args.request_gap_s:g} s idle after each request; "
+            f"{promoted} checkpoints promoted, {rejected} rejected.",
+            "\n".join(table), f"![osd]({image})"]), name=name)
     return 0
 
 

@@ -160,7 +160,7 @@ def refine_eagle_command(args: argparse.Namespace) -> int:
     from specdec.checkpoints import CheckpointError, CheckpointStore
     from specdec.logs import setup_logging
     from specdec.models import configure_threads, load_model
-    from trainer.eagle import refine_feature_drafter
+    from trainer.eagle import ensure_base_version, refine_feature_drafter
     from trainer.prune_head import recent_traces
 
     setup_logging("trainer", "info", False)
@@ -168,12 +168,7 @@ def refine_eagle_command(args: argparse.Namespace) -> int:
     client = redisutil.connect(args.redis_url)
     target = load_model(args.target)
     store = CheckpointStore(args.checkpoint_dir, redis_client=client)
-    if store.current() is None:  # start from the drafter being served
-        base = load_model(args.base, tokenizer_from=args.target)
-        version = store.publish(base.model, meta={"consumer": "refine-eagle", "kind": "eagle", "source": args.base,
-                                                  "tokenizer_fingerprint": base.fingerprint,
-                                                  "target_version": target.version})
-        store.promote(version, f"the base drafter {args.base}")
+    ensure_base_version(store, args.base, args.target)  # start from the drafter being served
     rounds = 0
     while True:
         records = recent_traces(client, args.stream, args.traces)

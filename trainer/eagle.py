@@ -235,6 +235,21 @@ def _split_features(target, records: list[TraceRecord], holdout: int, seed: int,
                          "train_requests": len(train), "holdout_requests": len(held)}
 
 
+def ensure_base_version(store, base: str, target: str) -> int:
+    """The store's current version; an empty store first gets the feature drafter `base` (a preset or
+    directory, completed from `target` if compact) as its first, promoted version."""
+    current = store.current()
+    if current is not None:
+        return current
+    from specdec.models import load_model
+
+    loaded = load_model(base, tokenizer_from=target)
+    version = store.publish(loaded.model, meta={"consumer": "refine-eagle", "kind": "eagle", "source": base,
+                                                "tokenizer_fingerprint": loaded.fingerprint})
+    store.promote(version, f"the base drafter {base}")
+    return version
+
+
 def refine_feature_drafter(target, records: list[TraceRecord], store, holdout: int = 40, seed: int = 0,
                            target_version: str = "", **train_options) -> dict:
     """One online round for a served feature drafter: fine-tunes the store's current version on the
