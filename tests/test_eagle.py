@@ -311,8 +311,11 @@ def test_refining_a_served_feature_drafter_promotes_only_versions_that_accept_mo
     base = store.publish(init_from_target(target), meta={"kind": "eagle"})
     store.promote(base, "base")
 
-    report = refine_feature_drafter(target, records, store, holdout=4, epochs=150, lr=3e-3, batch_size=8, noise=0.0)
+    cache = {}
+    report = refine_feature_drafter(target, records, store, holdout=4, feature_cache=cache, epochs=150, lr=3e-3,
+                                    batch_size=8, noise=0.0)
     assert report["promoted"] and store.current() == report["version"] != base
+    assert report["features_computed"] == 18 and set(cache) == {f"r{i}" for i in range(18)}
     assert report["holdout_after"]["mean_accepted"] > report["holdout_before"]["mean_accepted"] + 0.15, report
     assert store.meta(report["version"])["parent_version"] == base and is_feature_drafter(store.load().model)
 
@@ -323,6 +326,7 @@ def test_refining_a_served_feature_drafter_promotes_only_versions_that_accept_mo
         return {"steps": 1}
 
     monkeypatch.setattr("trainer.eagle.train_feature_drafter", spoil)
-    worse = refine_feature_drafter(target, records, store, holdout=4)
+    worse = refine_feature_drafter(target, records[2:], store, holdout=4, feature_cache=cache)
+    assert worse["features_computed"] == 0 and set(cache) == {f"r{i}" for i in range(2, 18)}  # seen before
     assert not worse["promoted"] and store.current() == report["version"]
     assert store.status(worse["version"]) == "reject"

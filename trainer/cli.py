@@ -169,12 +169,13 @@ def refine_eagle_command(args: argparse.Namespace) -> int:
     target = load_model(args.target)
     store = CheckpointStore(args.checkpoint_dir, redis_client=client)
     ensure_base_version(store, args.base, args.target)  # start from the drafter being served
-    rounds = 0
+    rounds, features = 0, {}
     while True:
         records = recent_traces(client, args.stream, args.traces)
         try:
             report = refine_feature_drafter(target.model, records, store, holdout=args.holdout,
-                                            target_version=target.version, epochs=args.epochs, lr=args.lr,
+                                            target_version=target.version, feature_cache=features,
+                                            epochs=args.epochs, lr=args.lr,
                                             batch_size=args.batch_size, time_limit_s=args.time_limit_s)
             print(json.dumps(report), flush=True)
         except ValueError as err:  # too little traffic yet

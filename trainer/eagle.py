@@ -218,9 +218,10 @@ def draft_acceptance(drafter, data: list[FeatureSequence], block: int = 4) -> di
 
 
 def _split_features(target, records: list[TraceRecord], holdout: int, seed: int,
-                    known_features: dict[str, FeatureSequence] | None) -> tuple[list, list, dict]:
-    """(held-out sequences: the newest `holdout` requests, shuffled training sequences, counts) of the
-    requests in `records`, with the target's features (computed where `known_features` lacks them)."""
+                    known_features: dict[str, FeatureSequence] | None) -> tuple[list, list, dict, dict]:
+    """(held-out sequences: the newest `holdout` requests, shuffled training sequences, counts, every
+    request's sequence by id) of the requests in `records`, with the target's features (computed
+    where `known_features` lacks them)."""
     sequences = committed_sequences(records)
     if len(sequences) <= holdout:
         raise ValueError(f"{len(sequences)} requests in the traces; need more than the {holdout} held out")
@@ -232,7 +233,7 @@ def _split_features(target, records: list[TraceRecord], holdout: int, seed: int,
     held, train = data[-holdout:], data[:-holdout]
     random.Random(seed).shuffle(train)
     return held, train, {"requests": len(sequences), "features_computed": len(missing),
-                         "train_requests": len(train), "holdout_requests": len(held)}
+                         "train_requests": len(train), "holdout_requests": len(held)}, known
 
 
 def ensure_base_version(store, base: str, target: str) -> int:
@@ -251,15 +252,21 @@ def ensure_base_version(store, base: str, target: str) -> int:
 
 
 def refine_feature_drafter(target, records: list[TraceRecord], store, holdout: int = 40, seed: int = 0,
-                           target_version: str = "", **train_options) -> dict:
+                           target_version: str = "", feature_cache: dict[str, FeatureSequence] | None = None,
+                           **train_options) -> dict:
     """One online round for a served feature drafter: fine-tunes the store's current version on the
     requests in `records` (the recent traffic) and promotes the result only if it accepts more of the
     newest `holdout` requests than the current version does; otherwise it is published and rejected.
-    Drafters following the store swap to a promoted version between rounds."""
+    Drafters following the store swap to a promoted version between rounds. `feature_cache` (request
+    id -> sequence), kept across rounds, spares the target a pass over requests it has seen; it is
+    left holding this round's requests only."""
     current = store.current()
     if current is None:
         raise ValueError(f"{store.root} has no current drafter to refine")
-    held, train, report = _split_features(target, records, holdout, seed, None)
+    held, train, report, features = _split_features(target, records, holdout, seed, feature_cache)
+    if feature_cache is not None:
+        feature_cache.clear()
+        feature_cache.update(features)
     base = store.load(current)
     drafter = base.model
     before = draft_acceptance(drafter, held)
@@ -296,7 +303,7 @@ def distill_feature_drafter(target, records: list[TraceRecord], store, head_voca
     from specdec.vocab_head import install_subset_head, rank_tokens
     from trainer.prune_head import emitted_token_counts
 
-    held, train, report = _split_features(target, records, holdout, seed, known_features)
+    held, train, report, _ = _split_features(target, records, holdout, seed, known_features)
     drafter = init_from_target(target)
     vocab_size = int(target.config.vocab_size)
     if head_vocab and head_vocab < vocab_size:
