@@ -178,8 +178,8 @@ class Generation:
                 response = await self._verify(block)
                 round_s = time.perf_counter() - round_started
                 self.req.policy.record_round(response.accepted + 1, round_s)
-                if self.req.mode == "overlapped" and isinstance(self.post_verify, PostVerify):
-                    self.post_verify.record(response.accepted + 1, round_s)
+                if block and self.req.mode == "overlapped" and isinstance(self.post_verify, PostVerify):
+                    self.post_verify.record(response.accepted + 1, round_s)  # rounds that drafted only
                 new_tokens = self._apply(block, response)
                 self._draft_ahead()
                 if new_tokens:
