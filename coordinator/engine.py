@@ -269,8 +269,8 @@ class Generation:
         while True:
             stream_done = not self._streaming()
             if len(self.chain) >= want or (stream_done and self.chain):
-                if overlapped and stream_done and not self.stream_exhausted and len(self.chain) < horizon:
-                    self._start_stream(horizon - len(self.chain))  # keep drafting while the target verifies
+                if overlapped:
+                    self._keep_drafting(horizon)  # keep drafting while the target verifies
                 return self.chain[:size]
             if stream_done:
                 if self.stream_error is not None:
