@@ -178,8 +178,8 @@ class Generation:
                 response = await self._verify(block)
                 round_s = time.perf_counter() - round_started
                 self.req.policy.record_round(response.accepted + 1, round_s)
-                if block and self.req.mode == "overlapped" and isinstance(self.post_verify, PostVerify):
-                    self.post_verify.record(response.accepted + 1, round_s)  # rounds that drafted only
+                if block and self._post_verify_matters():
+                    self.post_verify.record(response.accepted + 1, round_s)
                 new_tokens = self._apply(block, response)
                 self._draft_ahead()
                 if new_tokens:
@@ -299,6 +299,13 @@ class Generation:
         size = policy.block_size()
         post_verify = self.post_verify.enabled if isinstance(self.post_verify, PostVerify) else self.post_verify
         return policy.min_ready(True), size, max(policy.lookahead(), size) if post_verify else size
+
+    def _post_verify_matters(self) -> bool:
+        """Whether this request's rounds measure the post-verify choice: overlapped, measured, and a
+        policy whose blocks stop short of its lookahead (pearl and adaedl draft whole blocks either way)."""
+        policy = self.req.policy
+        return (self.req.mode == "overlapped" and isinstance(self.post_verify, PostVerify)
+                and policy.lookahead() > policy.block_size())
 
     def _keep_drafting(self, horizon: int) -> None:
         if not self._streaming() and not self.stream_exhausted and len(self.chain) < horizon:
