@@ -10,7 +10,6 @@ from pathlib import Path
 from bench.measure import Sample
 
 
-
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile; 0.0 for no values."""
     if not values:
@@ -160,19 +159,6 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def update_results_md(path: Path, section: str, name: str = "bench") -> None:
-    """Replaces the generated section `name` between its markers, keeping hand-written text around it."""
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    block = f"{begin}\n{section.strip()}\n{end}"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:

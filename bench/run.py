@@ -29,8 +29,9 @@ import torch
 
 from bench.hf_eagle import eagle_assisted
 from bench.measure import Sample, run_hf, run_specd
-from bench.report import category_table, markdown_table, mismatches, plot, round_table, summarise, update_results_md
-from specdec.cli import LocalStack
+from bench.report import category_table, markdown_table, mismatches, plot, round_table, summarise
+from specd.results import update_results_md
+from specd.stack import LocalStack
 from specdec.client import SpecdClient
 from specdec.models import load_model
 
@@ -83,8 +84,9 @@ def reads_target_features(spec: str) -> bool:
         return False
     from transformers import AutoConfig
 
+    from specdec.conversion import materialise
     from specdec.eagle import is_feature_drafter
-    from specdec.models import materialise, resolve_source
+    from specdec.sources import resolve_source
 
     return is_feature_drafter(AutoConfig.from_pretrained(materialise(resolve_source(spec.removesuffix(LOOKUP_SUFFIX)))))
 

@@ -21,17 +21,16 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 import grpc
+from specdec.v1 import common_pb2, drafter_pb2, verifier_pb2
 
 from coordinator.backends import TRANSPORT_ERRORS, Backend, BackendPool
 from coordinator.policies import DraftLengthPolicy, DraftWait, PostVerify
 from specdec import metrics
-from specdec.convert import sampling_to_proto
-from specdec.sampling import SamplingParams
-from specdec.v1 import common_pb2, drafter_pb2, verifier_pb2
+from specdec.sampling_params import SamplingParams, sampling_to_proto
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,10 @@ import uuid
 from collections import defaultdict
 
 import grpc
+from specdec.v1 import drafter_pb2_grpc, generation_pb2, generation_pb2_grpc, verifier_pb2, verifier_pb2_grpc
 
 from coordinator.backends import BackendPool
-from coordinator.engine import Generation, GenerationRequest, GenerationStats, UpstreamError, VerifiedBlock
+from coordinator.engine import Generation, GenerationRequest, GenerationStats, UpstreamError
 from coordinator.policies import DraftWait, GoodputMemory, PostVerify, make_policy
 from coordinator.text import TextStream
 from coordinator.tracing import TraceSink
@@ -22,11 +23,18 @@ from specdec import metrics
 from specdec.config import CoordinatorSettings
 from specdec.errors import InvalidRequest
 from specdec.logs import client_id_var, request_id_var
-from specdec.models import load_tokenizer
-from specdec.sampling import SamplingParams, validate_sampling
+from specdec.rpc import (
+    REQUEST_ID_HEADER,
+    RunningServer,
+    channel_credentials,
+    clean_request_id,
+    message_options,
+    serve_until_signalled,
+    start_server,
+)
+from specdec.sampling_params import SamplingParams, validate_sampling
+from specdec.sources import load_tokenizer
 from specdec.traces import TracePublisher
-from specdec.server import REQUEST_ID_HEADER, RunningServer, clean_request_id, channel_credentials, message_options, serve_until_signalled, start_server
-from specdec.v1 import drafter_pb2_grpc, generation_pb2, generation_pb2_grpc, verifier_pb2, verifier_pb2_grpc
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "specdec.v1.Generation"

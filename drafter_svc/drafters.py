@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 import torch
 
 from specdec.eagle import feed_rows, is_feature_drafter
-from specdec.errors import InvalidRequest
-from specdec.kv import KVSession, ModelRunner, SessionNotFound, SessionStore, crop_cache
+from specdec.errors import InvalidRequest, SessionNotFound
+from specdec.kv import KVSession, ModelRunner, SessionStore, crop_cache
 from specdec.models import LoadedModel
-from specdec.sampling import DRAFT, DraftDist, SamplingParams, entropy, sample_index, truncate_support, uniform, warp_logits
+from specdec.sampling import DRAFT, DraftDist, entropy, sample_index, truncate_support, uniform, warp_logits
+from specdec.sampling_params import SamplingParams
 from specdec.stopping import DraftStep, entropy_with_acceptance_bound
 
 COMMITTED_LEN = "committed_len"  # session.extra: context tokens the target has committed

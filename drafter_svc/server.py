@@ -7,20 +7,22 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from specdec import metrics
-from specdec.config import DrafterSettings
-from specdec.convert import dist_to_proto, hidden_from_proto, sampling_from_proto
-from specdec.eagle import is_feature_drafter
-from specdec.errors import InvalidRequest
-from specdec.models import (check_pair, configure_threads, load_model, load_tokenizer, materialise, resolve_source,
-                            tokenizer_fingerprint)
-from specdec.server import RunningServer, abort_for, serve_until_signalled, start_server
-from specdec.stopping import StopRule, should_stop
 from specdec.v1 import drafter_pb2, drafter_pb2_grpc, verifier_pb2
+
 from drafter_svc.drafters import Drafter, FeatureDrafter, ModelDrafter, NgramDrafter, PromptLookup
 from drafter_svc.hot_swap import CheckpointWatcher
+from specdec import metrics
 from specdec.checkpoints import CheckpointStore
-from verifier_svc.server import expire_sessions_forever
+from specdec.config import DrafterSettings
+from specdec.conversion import materialise
+from specdec.convert import dist_to_proto, hidden_from_proto
+from specdec.eagle import is_feature_drafter
+from specdec.errors import InvalidRequest
+from specdec.models import check_pair, configure_threads, load_model, tokenizer_fingerprint
+from specdec.rpc import RunningServer, abort_for, expire_sessions_forever, serve_until_signalled, start_server
+from specdec.sampling_params import sampling_from_proto
+from specdec.sources import load_tokenizer, resolve_source
+from specdec.stopping import StopRule, should_stop
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "specdec.v1.Drafter"

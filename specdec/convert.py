@@ -1,4 +1,4 @@
-"""Conversions between protobuf messages and the cores' dataclasses."""
+"""Conversions between protobuf messages and tensors (draft distributions, hidden states)."""
 
 from __future__ import annotations
 
@@ -6,20 +6,8 @@ import numpy as np
 import torch
 
 from specdec.errors import InvalidRequest
-from specdec.sampling import DraftDist, SamplingParams, validate_sampling
+from specdec.sampling import DraftDist
 from specdec.v1 import common_pb2
-
-
-def sampling_from_proto(message: common_pb2.SamplingParams) -> SamplingParams:
-    problem = validate_sampling(message.temperature, message.top_p or 1.0, message.top_k)
-    if problem:
-        raise InvalidRequest(problem)
-    return SamplingParams(message.temperature, message.top_p or 1.0, message.top_k, message.seed)
-
-
-def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
-    return common_pb2.SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-                                     seed=params.seed, has_seed=True)
 
 
 def dist_to_proto(dist: DraftDist | None) -> common_pb2.DraftProbs | None:

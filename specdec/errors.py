@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import grpc
 
-from specdec.kv import CapacityExhausted, SessionNotFound
+
+class SessionError(Exception):
+    """A session-store failure."""
+
+
+class SessionNotFound(SessionError):
+    pass
+
+
+class CapacityExhausted(SessionError):
+    pass
 
 
 class InvalidRequest(ValueError):

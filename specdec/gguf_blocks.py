@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from specdec.models import CACHE_DIR, file_cache_key
 from specdec.small_gemm import BLOCK_SIZE, CODE_BYTES, BlockWeight, SmallBatchLinear, block_kernels_available
+from specdec.sources import CACHE_DIR, file_cache_key
 from specdec.vocab_head import SubsetLMHead
 
 log = logging.getLogger(__name__)

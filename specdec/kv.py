@@ -17,18 +17,7 @@ from pathlib import Path
 import torch
 
 from specdec.accept_head import lm_head_inputs
-
-
-class SessionError(Exception):
-    """Base for errors that map onto a gRPC status."""
-
-
-class SessionNotFound(SessionError):
-    pass
-
-
-class CapacityExhausted(SessionError):
-    pass
+from specdec.errors import CapacityExhausted, SessionNotFound
 
 
 @dataclass

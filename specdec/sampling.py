@@ -11,38 +11,16 @@ every committed decision driven by fresh randomness.
 from __future__ import annotations
 
 import hashlib
-import math
 import struct
 from dataclasses import dataclass
 
 import torch
 
+from specdec.sampling_params import SamplingParams
+
 DRAFT = b"draft"
 ACCEPT = b"accept"
 RESAMPLE = b"resample"
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.0   # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-
-def validate_sampling(temperature: float, top_p: float, top_k: int) -> str | None:
-    """Returns a readable reason when the parameters are invalid, else None."""
-    if math.isnan(temperature) or math.isinf(temperature) or temperature < 0:
-        return f"temperature must be a finite number >= 0, got {temperature}"
-    if math.isnan(top_p) or not 0.0 < top_p <= 1.0:
-        return f"top_p must be in (0, 1], got {top_p}"
-    if top_k < 0:
-        return f"top_k must be >= 0, got {top_k}"
-    return None
 
 
 def uniform(seed: int, position: int, purpose: bytes) -> float:

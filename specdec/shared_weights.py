@@ -59,7 +59,8 @@ class _TargetTensors:
 
 
 def _target_tensors(target: str) -> _TargetTensors:
-    from specdec.models import materialise, resolve_source
+    from specdec.conversion import materialise
+    from specdec.sources import resolve_source
 
     return _TargetTensors(materialise(resolve_source(target)))
 
@@ -97,7 +98,7 @@ def load_state(directory: Path, config) -> dict[str, torch.Tensor]:
     """The full state dict of a compact checkpoint: its own tensors plus the target's shared ones."""
     from safetensors.torch import load_file
 
-    from specdec.models import ModelLoadError
+    from specdec.sources import ModelLoadError
 
     spec = getattr(config, SHARED_KEY)
     state = load_file(str(directory / MODEL_FILE))

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from specdec.models import CACHE_DIR
+from specdec.sources import CACHE_DIR
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from bench.measure import Sample, amortised_gaps
-from bench.report import markdown_table, mismatches, percentile, round_table, summarise, update_results_md
+from bench.report import markdown_table, mismatches, percentile, round_table, summarise
+from specd.results import update_results_md
 
 BASE = "(a)"
 

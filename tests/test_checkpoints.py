@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_config, tiny_model
+
 from specdec import redisutil
 from specdec.accept_head import AcceptHead
 from specdec.checkpoints import (
@@ -203,7 +203,7 @@ def test_cli_rollback_moves_current_back_and_notifies_redis(tmp_path, redis_clie
     url = redisutil.url_of(redis_client)
 
     # `specd checkpoints rollback` as operators run it: a separate process.
-    result = subprocess.run([sys.executable, "-m", "specdec.cli", "checkpoints", "rollback",
+    result = subprocess.run([sys.executable, "-m", "specd.cli", "checkpoints", "rollback",
                              "--checkpoint-dir", str(tmp_path / "ck"), "--version", "v1",
                              "--reason", "v3 regressed in production", "--redis-url", url],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -218,7 +218,7 @@ def test_cli_rollback_moves_current_back_and_notifies_redis(tmp_path, redis_clie
     assert decision["reason"] == "v3 regressed in production" and decision["metrics"]["previous"] == 3
 
     # In-process from here: the same parser and handler, without another interpreter start.
-    from specdec.cli import main
+    from specd.cli import main
 
     assert main(["checkpoints", "list", "--checkpoint-dir", str(tmp_path / "ck"), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -250,7 +250,8 @@ def test_published_files_are_readable_by_other_users(tmp_path):
 def test_compact_export_leaves_out_the_targets_tensors_and_loads_only_with_that_target(tmp_path, tiny_dirs):
     from safetensors.torch import load_file, save_file
 
-    from specdec.models import ModelLoadError, load_model
+    from specdec.models import load_model
+    from specdec.sources import ModelLoadError
     from specdec.vocab_head import install_subset_head
     from trainer.eagle import init_from_target
 
@@ -262,7 +263,7 @@ def test_compact_export_leaves_out_the_targets_tensors_and_loads_only_with_that_
     store = CheckpointStore(tmp_path / "ck")
     version = store.publish(drafter, {"kind": "eagle"})
     out = tmp_path / "compact"
-    run = subprocess.run([sys.executable, "-m", "specdec.cli", "checkpoints", "export", "--checkpoint-dir",
+    run = subprocess.run([sys.executable, "-m", "specd.cli", "checkpoints", "export", "--checkpoint-dir",
                           str(tmp_path / "ck"), "--version", str(version), "--target", str(target_dir),
                           "--out", str(out)], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert run.returncode == 0, run.stderr

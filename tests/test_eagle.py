@@ -8,16 +8,16 @@ from itertools import islice
 
 import pytest
 import torch
-
 from conftest import InProcessStack, hf_greedy, save
+
 from drafter_svc.drafters import FeatureDrafter
+from specdec.accept_head import lm_head_inputs
 from specdec.client import SpecdClient
 from specdec.convert import hidden_from_proto, hidden_to_proto
-from specdec.accept_head import lm_head_inputs
 from specdec.eagle import feed_rows, greedy_drafts, is_feature_drafter
 from specdec.errors import InvalidRequest
 from specdec.models import load_model
-from specdec.sampling import SamplingParams
+from specdec.sampling_params import SamplingParams
 from trainer.bootstrap import greedy_with_features
 from trainer.eagle import collect_features, draft_acceptance, init_from_target, train_feature_drafter
 from verifier_svc.verifier import VerifierCore
@@ -240,7 +240,7 @@ def grpc_channel(port: int):
 def test_a_coordinator_started_before_its_feature_drafter_learns_it_reads_features(tiny_dirs, eagle_dirs,
                                                                                     monkeypatch):
     from drafter_svc.server import start as start_drafter
-    from specdec.cli import free_port
+    from specd.stack import free_port
     from specdec.config import load_settings
 
     monkeypatch.setenv("SPECD_BACKEND_WAIT_S", "1")  # the drafter is not up yet: start without its Info

@@ -7,8 +7,8 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from specdec import gguf_blocks, small_gemm
 from specdec.kv import ModelRunner
 from specdec.models import load_model

@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
-
 from conftest import InProcessStack, hf_greedy
+
 from specdec.client import SpecdClient
 
 ARCHS = ["llama", "qwen2", "gpt2"]

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import time
 
-import pytest
+from conftest import InProcessStack, hf_greedy, perturbed
 from transformers import AutoModelForCausalLM
 
-from conftest import InProcessStack, hf_greedy, perturbed
 from specdec import redisutil
 from specdec.checkpoints import CheckpointStore
 from specdec.client import SpecdClient

@@ -7,8 +7,7 @@ import math
 import pytest
 
 from coordinator.policies import POLICIES, DraftWait, GoodputMemory, PostVerify, make_policy
-from specdec.stopping import (DraftStep, StopRule, adaedl_acceptance_lower_bound, probability_some_rejected,
-                              should_stop)
+from specdec.stopping import DraftStep, StopRule, adaedl_acceptance_lower_bound, probability_some_rejected, should_stop
 
 
 def test_static_never_changes():

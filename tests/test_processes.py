@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from specdec.cli import LocalStack
+from specd.stack import LocalStack
 from specdec.client import SpecdClient
 
 PROMPTS = [
@@ -57,7 +57,7 @@ def test_generate_cli_prints_json(smollm2_reference, tmp_path):
     stack = LocalStack("smollm2-135m", "ngram", threads_verifier=1, threads_drafter=1, log_dir=str(tmp_path))
     try:
         address = stack.start(timeout_s=300)
-        out = subprocess.run([sys.executable, "-m", "specdec.cli", "generate", "--addr", address, "--prompt", PROMPTS[0],
+        out = subprocess.run([sys.executable, "-m", "specd.cli", "generate", "--addr", address, "--prompt", PROMPTS[0],
                               "--max-new-tokens", "32", "--temperature", "0", "--json"],
                              capture_output=True, text=True, timeout=120, check=True)
     finally:
@@ -114,7 +114,7 @@ def test_sigterm_lets_an_in_flight_stream_finish(tiny_dirs, tmp_path):
 
 def test_sigterm_to_specd_up_stops_its_services(tiny_dirs, tmp_path):
     dirs = tiny_dirs["llama"]
-    up = subprocess.Popen([sys.executable, "-m", "specdec.cli", "up", "--target", dirs["target"], "--drafter", dirs["close"],
+    up = subprocess.Popen([sys.executable, "-m", "specd.cli", "up", "--target", dirs["target"], "--drafter", dirs["close"],
                            "--threads-verifier", "1", "--threads-drafter", "1", "--log-dir", str(tmp_path)],
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:

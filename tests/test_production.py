@@ -19,17 +19,17 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from conftest import InProcessStack
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
+from specdec.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc, generation_pb2_grpc, verifier_pb2, verifier_pb2_grpc
 
-from conftest import InProcessStack
-from specdec.cli import check_health
+from specd.stack import check_health
 from specdec.client import SpecdClient, build_request
 from specdec.config import SETTINGS_BY_ROLE, load_settings
 from specdec.logs import JsonFormatter
-from specdec.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc, generation_pb2_grpc, verifier_pb2, verifier_pb2_grpc
 
 torch.set_num_threads(1)
 
@@ -100,7 +100,7 @@ def _value(samples: dict, name: str, **labels) -> float:
 class _LogCapture(logging.Handler):
     """Formats records with the services' JSON formatter as they are emitted (the request id is a context var)."""
 
-    LOGGERS = ("specdec.server", "coordinator.server", "verifier_svc.server", "drafter_svc.server")
+    LOGGERS = ("specdec.rpc", "coordinator.server", "verifier_svc.server", "drafter_svc.server")
 
     def __init__(self):
         super().__init__(logging.DEBUG)
@@ -598,7 +598,7 @@ def test_invalid_config_fails_fast_at_startup(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPECD_")}
     started = time.monotonic()
     processes = {
-        name: subprocess.Popen([sys.executable, "-m", "specdec.cli", "serve", "coordinator", *argv], cwd=ROOT,
+        name: subprocess.Popen([sys.executable, "-m", "specd.cli", "serve", "coordinator", *argv], cwd=ROOT,
                                env={**env, **extra}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for name, (argv, extra, _, _) in cases.items()}
     try:

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import threading
-import time
-
 import numpy as np
 import pytest
 import torch
+from conftest import InProcessStack, perturbed, save, tiny_model
 from scipy.stats import chisquare
 
-from conftest import InProcessStack, perturbed, save, tiny_model
 from specdec.client import SpecdClient
-from specdec.sampling import SamplingParams, warp_logits
+from specdec.sampling import warp_logits
+from specdec.sampling_params import SamplingParams
 
 VOCAB = 8
 

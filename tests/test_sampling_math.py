@@ -7,13 +7,20 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from specdec.sampling import (DraftDist, SamplingParams, sample_index, truncate_support, uniform, verify_greedy,
-                              verify_speculative, warp_logits)
+from specdec.sampling import (
+    DraftDist,
+    sample_index,
+    truncate_support,
+    uniform,
+    verify_greedy,
+    verify_speculative,
+    warp_logits,
+)
+from specdec.sampling_params import SamplingParams
 
 
 def test_warp_matches_hf_sampling_warpers():
-    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
-                                                        TopPLogitsWarper)
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     torch.manual_seed(0)
     logits = torch.randn(4, 50) * 3

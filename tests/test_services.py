@@ -7,15 +7,15 @@ import os
 import grpc
 import pytest
 import torch
+from conftest import InProcessStack
+from specdec.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc, verifier_pb2, verifier_pb2_grpc
 from transformers import AutoModelForCausalLM
 
-from conftest import InProcessStack
 from drafter_svc.drafters import ModelDrafter, PromptLookup
-from specdec.models import load_model
-from specdec.sampling import SamplingParams
-from verifier_svc.verifier import VerifierCore
-from specdec.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc, generation_pb2, verifier_pb2, verifier_pb2_grpc
 from specdec.client import SpecdClient
+from specdec.models import load_model
+from specdec.sampling_params import SamplingParams
+from verifier_svc.verifier import VerifierCore
 
 GREEDY = common_pb2.SamplingParams(temperature=0.0)
 
@@ -259,10 +259,11 @@ def test_capacity_bound_gives_resource_exhausted(tiny_dirs):
 
 
 def test_mismatched_drafter_is_refused(tiny_dirs, tmp_path):
-    from specdec.config import load_settings
-    from specdec.models import ModelLoadError
-    from drafter_svc.server import build_drafter
     from conftest import save, tiny_model
+
+    from drafter_svc.server import build_drafter
+    from specdec.config import load_settings
+    from specdec.sources import ModelLoadError
 
     other_vocab = save(tiny_model("llama", seed=5, vocab_size=300), tmp_path / "other")
     settings = load_settings("drafter", {"model": other_vocab, "target": "smollm2-135m"}, environ={})

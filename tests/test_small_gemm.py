@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from specdec import small_gemm
 from specdec.kv import ModelRunner
 from specdec.vocab_head import SubsetLMHead, install_subset_head

@@ -6,9 +6,9 @@ import time
 
 import numpy as np
 import pytest
+from conftest import shutdown_redis
 from prometheus_client import CollectorRegistry
 
-from conftest import shutdown_redis
 from specdec import redisutil
 from specdec.traces import (
     MAX_CONTEXT_TOKENS,

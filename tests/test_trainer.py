@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-from collections import Counter
 import math
 import os
 import random
@@ -14,14 +13,15 @@ import select
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import perturbed, save, shutdown_redis, tiny_config, tiny_model
 from prometheus_client import CollectorRegistry
 
-from conftest import perturbed, save, shutdown_redis, tiny_config, tiny_model
 from specdec import redisutil
 from specdec.accept_head import AcceptHead, accept_head_loss, accept_labels, greedy_accept_labels
 from specdec.checkpoints import CheckpointStore, read_redis_pointer
@@ -364,7 +364,7 @@ def test_specd_train_cli_consumes_the_stream_and_publishes(world, tmp_path, redi
     published = set(append_traces(redis_client, world.train[:24], stream=STREAM))
     drafter_dir = save(tiny_llama(seed=9), tmp_path / "drafter")
     result = subprocess.run(
-        [sys.executable, "-m", "specdec.cli", "train", "--drafter", drafter_dir, "--redis-url",
+        [sys.executable, "-m", "specd.cli", "train", "--drafter", drafter_dir, "--redis-url",
          redisutil.url_of(redis_client), "--checkpoint-dir", str(tmp_path / "ck"), "--batch-size", "8",
          "--publish-every", "2", "--consumer-name", "cli-worker", "--idle-exit-s", "0.5", "--threads", "1",
          "--no-log-json", "--log-level", "warning"],
@@ -756,7 +756,7 @@ def test_specd_distill_cli_end_to_end(tmp_path):
     client = redisutil.connect("embedded", state_directory=state)  # the CLI joins this server
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "specdec.cli", "distill", "--target", str(target_dir), "--prompts", str(prompts),
+            [sys.executable, "-m", "specd.cli", "distill", "--target", str(target_dir), "--prompts", str(prompts),
              "--checkpoint-dir", str(tmp_path / "ck"), "--redis-url", "embedded", "--layers", "1",
              "--max-new-tokens", "12", "--block-size", "4", "--top-k", "8", "--generation-batch", "16", "--raw",
              "--batch-size", "16", "--lr", "0.0003", "--publish-every", "4", "--threads", "1", "--no-log-json",
@@ -806,7 +806,7 @@ def test_specd_self_prompts_feed_distill_eagle_without_a_second_target_pass(tmp_
     prompts, state = tmp_path / "self.jsonl", tmp_path / "state"
     env = {**os.environ, "SPECD_STATE_DIR": str(state)}
     common = ["--target", str(target_dir), "--threads", "1"]
-    result = subprocess.run([sys.executable, "-m", "specdec.cli", "self-prompts", *common, "--count", "16",
+    result = subprocess.run([sys.executable, "-m", "specd.cli", "self-prompts", *common, "--count", "16",
                              "--out", str(prompts), "--max-tokens", "24", "--batch", "64"],
                             cwd=REPO, capture_output=True, text=True, timeout=180, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -814,7 +814,7 @@ def test_specd_self_prompts_feed_distill_eagle_without_a_second_target_pass(tmp_
     assert len(items) == 16 and len({item["id"] for item in items}) == 16 and items[0]["category"] == "self"
     client = redisutil.connect("embedded", state_directory=state)
     try:
-        result = subprocess.run([sys.executable, "-m", "specdec.cli", "distill-eagle", *common,
+        result = subprocess.run([sys.executable, "-m", "specd.cli", "distill-eagle", *common,
                                  "--checkpoint-dir", str(tmp_path / "ck"), "--prompts", str(prompts),
                                  "--max-new-tokens", "8", "--generation-batch", "8", "--head-vocab", "0",
                                  "--holdout", "4", "--epochs", "1", "--batch-size", "4", "--promote"],
@@ -827,7 +827,7 @@ def test_specd_self_prompts_feed_distill_eagle_without_a_second_target_pass(tmp_
         store = CheckpointStore(tmp_path / "ck")
         assert store.current() == report["version"]
         # Online rounds on the same traces, into a new store that starts from that drafter.
-        result = subprocess.run([sys.executable, "-m", "specdec.cli", "refine-eagle", *common,
+        result = subprocess.run([sys.executable, "-m", "specd.cli", "refine-eagle", *common,
                                  "--checkpoint-dir", str(tmp_path / "online"), "--base", str(store.path(store.current())),
                                  "--holdout", "4", "--epochs", "1", "--batch-size", "4", "--rounds", "2",
                                  "--every-s", "0"], cwd=REPO, capture_output=True, text=True, timeout=180, env=env)

@@ -8,9 +8,9 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import perturbed, save, tiny_model
 from prometheus_client import CollectorRegistry
 
-from conftest import perturbed, save, tiny_model
 from specdec import redisutil
 from specdec.checkpoints import CheckpointStore
 from specdec.models import load_model
@@ -151,7 +151,7 @@ def test_specd_prune_head_cli_publishes_without_promoting(tmp_path, redis_client
     source = store.publish(perturbed(target, 0.3, seed=2), {"tokenizer_fingerprint": "t"})
     store.promote(source, "start", {})
     result = subprocess.run(
-        [sys.executable, "-m", "specdec.cli", "prune-head", "--checkpoint-dir", str(store.root), "--head-vocab", "48",
+        [sys.executable, "-m", "specd.cli", "prune-head", "--checkpoint-dir", str(store.root), "--head-vocab", "48",
          "--redis-url", redisutil.url_of(redis_client)],
         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -159,7 +159,7 @@ def test_specd_prune_head_cli_publishes_without_promoting(tmp_path, redis_client
     assert report["version"] == source + 1 and not report["promoted"] and store.current() == source
     assert head_token_ids(store.load(report["version"]).model).numel() == 48
     assert report["eval_traces"] == 8 and report["pruned"]["blocks"] == 8
-    bad = subprocess.run([sys.executable, "-m", "specdec.cli", "prune-head", "--checkpoint-dir", str(store.root),
+    bad = subprocess.run([sys.executable, "-m", "specd.cli", "prune-head", "--checkpoint-dir", str(store.root),
                           "--head-vocab", str(VOCAB + 1), "--redis-url", redisutil.url_of(redis_client)],
                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "head vocabulary size" in bad.stderr

@@ -7,13 +7,15 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from specdec.v1 import common_pb2, verifier_pb2, verifier_pb2_grpc
+
 from specdec import metrics
 from specdec.config import VerifierSettings
-from specdec.convert import dist_from_proto, hidden_to_proto, sampling_from_proto
+from specdec.convert import dist_from_proto, hidden_to_proto
 from specdec.errors import InvalidRequest
 from specdec.models import LoadedModel, configure_threads, load_model
-from specdec.server import RunningServer, abort_for, serve_until_signalled, start_server
-from specdec.v1 import common_pb2, verifier_pb2, verifier_pb2_grpc
+from specdec.rpc import RunningServer, abort_for, expire_sessions_forever, serve_until_signalled, start_server
+from specdec.sampling_params import sampling_from_proto
 from verifier_svc.verifier import VerifierCore
 
 log = logging.getLogger(__name__)
@@ -105,14 +107,6 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
                                       tokenizer_fingerprint=loaded.fingerprint, model_version=loaded.version,
                                       active_sessions=len(self.core.sessions), max_sessions=self.core.sessions.max_sessions,
                                       eos_token_ids=loaded.eos_token_ids)
-
-
-async def expire_sessions_forever(store, service: str, period_s: float = 5.0) -> None:
-    while True:
-        await asyncio.sleep(period_s)
-        for session_id in store.expire():
-            log.info("session expired", extra={"fields": {"session_id": session_id}})
-        metrics.ACTIVE_SESSIONS.labels(service=service).set(len(store))
 
 
 async def start(settings: VerifierSettings, loaded: LoadedModel | None = None) -> RunningServer:

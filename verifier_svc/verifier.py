@@ -14,7 +14,8 @@ import torch
 from specdec.errors import InvalidRequest, StaleRequest
 from specdec.kv import ModelRunner, SessionStore
 from specdec.models import LoadedModel
-from specdec.sampling import DraftDist, SamplingParams, verify_greedy, verify_speculative, warp_logits
+from specdec.sampling import DraftDist, verify_greedy, verify_speculative, warp_logits
+from specdec.sampling_params import SamplingParams
 
 MAX_DRAFT_TOKENS = 128
 

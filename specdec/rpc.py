@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from specdec import metrics
 from specdec.config import CommonSettings
 from specdec.errors import status_for
 from specdec.logs import client_id_var, request_id_var
@@ -257,3 +258,11 @@ async def serve_until_signalled(running: RunningServer, grace_s: float) -> None:
     log.info("draining", extra={"fields": {"grace_s": grace_s}})
     await running.drain(grace_s)
     log.info("stopped")
+
+
+async def expire_sessions_forever(store, service: str, period_s: float = 5.0) -> None:
+    while True:
+        await asyncio.sleep(period_s)
+        for session_id in store.expire():
+            log.info("session expired", extra={"fields": {"session_id": session_id}})
+        metrics.ACTIVE_SESSIONS.labels(service=service).set(len(store))

