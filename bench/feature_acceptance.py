@@ -6,7 +6,8 @@ blocks from every continuation position exactly as serving would
 verified token, its own after that). No services, no timing: this isolates
 the drafter's quality from the pipeline's costs.
 
-    python -m bench.feature_acceptance --drafter ~/.cache/specd/drafters/eagle-store/v000001 --per-category 2
+    python -m bench.feature_acceptance --drafter smollm2-135m-eagle --per-category 2
+    python -m bench.feature_acceptance --drafter smollm2-135m-eagle --drafter ./checkpoints-eagle/v000003
 
 `--drafter` repeats: every drafter is scored on the same continuations.
 """

@@ -162,7 +162,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Prints a saved run's round costs: python -m bench.report bench/results-session10/results.json"""
+    """Prints a saved run's round costs: python -m bench.report bench/results/speed/results.json"""
     import argparse
     import json
 

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     drafters = args.drafter or ["ngram"]
     per_category = args.per_category if args.per_category is not None else (1 if args.quick else None)
     max_new_tokens = args.max_new_tokens or (32 if args.quick else 128)
-    out = Path(args.out or (HERE / ("results-quick" if args.quick else "results")))
+    out = Path(args.out or (HERE / ("results-quick" if args.quick else "results/speed")))
     out.mkdir(parents=True, exist_ok=True)
     results_md = Path(args.results_md) if args.results_md else (None if args.quick else HERE / "RESULTS.md")
     prompts = read_prompts(Path(args.prompts), per_category)

@@ -34,6 +34,7 @@ from trainer.eagle import ensure_base_version
 
 HERE = Path(__file__).resolve().parent
 PROMPTS = HERE.parent / "trainer" / "prompts"
+BENCH = HERE.parent / "bench"  # a source checkout: the results page and its folders live there
 WINDOW = 20
 
 
@@ -150,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the trainer's candidates average its weights with this decay per step (0: off)")
     parser.add_argument("--request-gap-s", type=float, default=0.0,
                         help="idle seconds after each request: lighter traffic leaves the trainer spare cycles")
-    parser.add_argument("--out", default=str(HERE / "results-osd"))
-    parser.add_argument("--results-md", default=str(HERE / "RESULTS.md"), help="'' to skip")
+    parser.add_argument("--out", default=str(BENCH / "results" / "osd"))
+    parser.add_argument("--results-md", default=str(BENCH / "RESULTS.md"), help="'' to skip")
     parser.add_argument("--report-from", default="", help="only write the plot, table and section of a saved run "
                                                           "(its osd.json), with that run's options")
     args = parser.parse_args(argv)
