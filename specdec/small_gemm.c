@@ -7,8 +7,8 @@
  *
  * With two rows or more the FMAs keep the core busy long enough that the hardware prefetcher
  * falls behind and weight lines arrive late, so those passes also prefetch W into L2
- * PREFETCH_AHEAD floats ahead (bench/RESULTS.md: an 8-token SmolLM2 forward went from 2.5x to
- * 1.8x a 1-token one on Zen 4). One row is a pure stream the hardware prefetcher keeps up with.
+ * PREFETCH_AHEAD floats ahead (an 8-token SmolLM2 forward went from 2.5x to 1.8x a 1-token one,
+ * python -m bench.verify_cost on a 2-core CPU). One row is a pure stream the hardware prefetcher keeps up with.
  *
  * q4_1_gemm and q8_0_gemm read W in GGUF's blocks of 32 (4-bit codes with a scale and a minimum,
  * or 8-bit codes with a scale) and rebuild each weight in registers exactly as gguf-py
@@ -73,8 +73,8 @@ static inline __attribute__((always_inline)) void split_halves(__m512 v, __m256 
     out[0] = _mm512_castps512_ps256(v);
     out[1] = _mm512_extractf32x8_ps(v, 1);
 }
-/* Independent FMA chains per pass; with 32 registers two rows can take four outputs (Zen 5, 90
- * SmolLM2 linears: 1 row -20%, 2 rows -28%, 3-4 rows -30% against the AVX2 build). */
+/* Independent FMA chains per pass; with 32 registers two rows can take four outputs and 3-8 rows
+ * two without spilling (bench/RESULTS.md times the whole model against the AVX2 build). */
 #define OUTPUTS_PER_PASS(rows) ((rows) <= 2 ? 4 : 2)
 #else
 #define OUTPUTS_PER_PASS(rows) ((rows) == 1 ? 4 : (rows) == 2 ? 2 : 1)

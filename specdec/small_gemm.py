@@ -2,7 +2,7 @@
 
 Speculative decoding pays when checking k+1 tokens costs about one decode step. On a CPU,
 BLAS turns a one-row GEMV (memory-bound) into a packed GEMM for two rows or more and goes
-compute-bound: on the 2-core dev box a 6-token SmolLM2 forward cost 1.84x a 1-token one.
+compute-bound: on one thread of a 2-core CPU a 6-token SmolLM2 forward cost 1.84x a 1-token one.
 small_gemm.c streams each weight matrix once for up to 8 rows, so a verify step costs
 about a decode step, and it reduces every output in the same order whatever the number
 of rows: a block verified at once gives the same bits as its tokens decoded one by one.
@@ -12,8 +12,8 @@ Layers of a model loaded from GGUF can also carry their weight in its Q4_1 or Q8
 decode step reads a fifth of the bytes, with the same output bits.
 
 The kernel is compiled on first use with the system C compiler into the cache directory, with
-AVX-512 where the CPU has it (32 registers and wider de-quantising: the same bits; on the Zen 5
-dev box a whole SmolLM2 decode step 9% faster and a 2-token verify 20%, bench.verify_cost); images
+AVX-512 where the CPU has it (32 registers and wider de-quantising: the same bits; a whole
+SmolLM2 decode step about 9% faster and a 2-token verify 20%, bench/RESULTS.md); images
 build an AVX2 one ahead and name it in SPECD_SMALL_GEMM_LIB. Without a compiler, AVX2 or
 FMA, layers use torch's linear; services turn it off with the small_gemm setting.
 """
@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers.pytorch_utils import Conv1D
 
 from specdec.sources import CACHE_DIR
 
@@ -40,7 +41,9 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("small_gemm.c")
 COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-shared", "-fPIC")  # no fused d*q+m: gguf-py rounds twice
 AVX512_FLAGS = ("-mavx512f", "-mavx512vl", "-mavx512dq")  # added where the CPU has them: same bits, faster block passes
-MAX_ROWS = 16  # prefill-sized inputs go to BLAS, which is faster there
+# A verifier step packs the rows of many sessions: the kernel keeps each row's bits independent of the
+# others up to here (the verifier's scheduler never packs more); prefill-sized inputs go to BLAS.
+MAX_ROWS = 64
 BLOCK_KERNELS = ("q4_1_gemm", "q8_0_gemm")
 
 
@@ -180,11 +183,21 @@ class SmallBatchLinear(torch.nn.Linear):
         return linear(x, self.weight, self.bias, self.blocks)
 
 
-def install(model: torch.nn.Module) -> int:
-    """Routes `model`'s linear layers and subset LM head through the kernel; returns how many are.
+class SmallBatchConv1D(Conv1D):
+    """transformers' Conv1D (weight [K, N], GPT-2's projections) through the kernel, which reads [N, K]:
+    the transposed copy is made once and again only after the weight changes in place."""
 
-    0 where the kernel cannot run here. Other projections (GPT-2's Conv1D, say) keep torch's path.
-    """
+    _transposed: tuple[int, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._transposed is None or self._transposed[0] != self.weight._version:
+            self._transposed = (self.weight._version, self.weight.detach().t().contiguous())
+        return linear(x, self._transposed[1], self.bias)
+
+
+def install(model: torch.nn.Module) -> int:
+    """Routes `model`'s linear layers, Conv1D projections and subset LM head through the kernel; returns
+    how many are. 0 where the kernel cannot run here."""
     from specdec.vocab_head import SubsetLMHead
 
     if load_kernel() is None:
@@ -193,6 +206,9 @@ def install(model: torch.nn.Module) -> int:
     for module in model.modules():
         if type(module) in (torch.nn.Linear, SmallBatchLinear):  # a second install counts the same layers
             module.__class__ = SmallBatchLinear  # in place: parameters, hooks and ties stay as they are
+            swapped += 1
+        elif type(module) in (Conv1D, SmallBatchConv1D):
+            module.__class__ = SmallBatchConv1D
             swapped += 1
         elif isinstance(module, SubsetLMHead):
             module.project = linear
