@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers.pytorch_utils import Conv1D
 
 from specdec.sources import CACHE_DIR
 
@@ -41,9 +40,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("small_gemm.c")
 COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-shared", "-fPIC")  # no fused d*q+m: gguf-py rounds twice
 AVX512_FLAGS = ("-mavx512f", "-mavx512vl", "-mavx512dq")  # added where the CPU has them: same bits, faster block passes
-# A verifier step packs the rows of many sessions: the kernel keeps each row's bits independent of the
-# others up to here (the verifier's scheduler never packs more); prefill-sized inputs go to BLAS.
-MAX_ROWS = 64
+MAX_ROWS = 16  # prefill-sized inputs go to BLAS, which is faster there
 BLOCK_KERNELS = ("q4_1_gemm", "q8_0_gemm")
 
 
@@ -183,21 +180,11 @@ class SmallBatchLinear(torch.nn.Linear):
         return linear(x, self.weight, self.bias, self.blocks)
 
 
-class SmallBatchConv1D(Conv1D):
-    """transformers' Conv1D (weight [K, N], GPT-2's projections) through the kernel, which reads [N, K]:
-    the transposed copy is made once and again only after the weight changes in place."""
-
-    _transposed: tuple[int, torch.Tensor] | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._transposed is None or self._transposed[0] != self.weight._version:
-            self._transposed = (self.weight._version, self.weight.detach().t().contiguous())
-        return linear(x, self._transposed[1], self.bias)
-
-
 def install(model: torch.nn.Module) -> int:
-    """Routes `model`'s linear layers, Conv1D projections and subset LM head through the kernel; returns
-    how many are. 0 where the kernel cannot run here."""
+    """Routes `model`'s linear layers and subset LM head through the kernel; returns how many are.
+
+    0 where the kernel cannot run here. Other projections (GPT-2's Conv1D, say) keep torch's path.
+    """
     from specdec.vocab_head import SubsetLMHead
 
     if load_kernel() is None:
@@ -206,9 +193,6 @@ def install(model: torch.nn.Module) -> int:
     for module in model.modules():
         if type(module) in (torch.nn.Linear, SmallBatchLinear):  # a second install counts the same layers
             module.__class__ = SmallBatchLinear  # in place: parameters, hooks and ties stay as they are
-            swapped += 1
-        elif type(module) in (Conv1D, SmallBatchConv1D):
-            module.__class__ = SmallBatchConv1D
             swapped += 1
         elif isinstance(module, SubsetLMHead):
             module.project = linear
