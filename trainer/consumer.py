@@ -6,6 +6,8 @@ then reads new entries (XREADGROUP ">"). Entries stay pending until the
 caller acks them after using them, so a crash at any point loses nothing.
 Entries older than the freshness bound that were never delivered are skipped
 on purpose (`skip_older_than`): online learning follows current traffic.
+A Redis that lost its data (a restart without persistence) has no group: the
+next fetch creates it again and reads on, rather than failing with NOGROUP.
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ class StreamEntry:
     record: TraceRecord | None  # None when the entry could not be decoded
     error: str = ""
     claimed: bool = False  # taken over from another consumer
+
+
+def _group_missing(err: redis.ResponseError) -> bool:
+    """NOGROUP from reads and claims; "no such key" from XINFO on a stream that is gone."""
+    message = str(err)
+    return message.startswith("NOGROUP") or "no such key" in message.lower()
 
 
 def _text(value) -> str:
@@ -55,6 +63,18 @@ class TraceConsumer:
 
     def fetch(self, count: int, block_ms: int = 500) -> list[StreamEntry]:
         """Up to `count` entries: reclaimed stale ones first, then new ones (blocking up to block_ms)."""
+        try:
+            return self._fetch(count, block_ms)
+        except redis.ResponseError as err:
+            if not _group_missing(err):
+                raise
+        log.warning("consumer group %s of %s is gone (Redis lost its data?); creating it again", self.group,
+                    self.stream)
+        self.ensure_group()
+        self._claim_cursor = "0-0"
+        return self._fetch(count, block_ms)
+
+    def _fetch(self, count: int, block_ms: int) -> list[StreamEntry]:
         entries = self._claim_stale(count)
         remaining = count - len(entries)
         if remaining > 0:
@@ -134,8 +154,14 @@ class TraceConsumer:
         return self._lag_fallback
 
     def _group_info(self) -> dict | None:
-        """XINFO GROUPS' entry for our group (None if it does not exist)."""
-        for info in self.client.xinfo_groups(self.stream):
+        """XINFO GROUPS' entry for our group (None if it or the stream does not exist)."""
+        try:
+            groups = self.client.xinfo_groups(self.stream)
+        except redis.ResponseError as err:
+            if not _group_missing(err):
+                raise
+            return None
+        for info in groups:
             if _text(info["name"]) == self.group:
                 return info
         return None
