@@ -16,14 +16,12 @@ the weights), verifying more tokens cannot be free on this CPU, whatever the ker
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
 import torch
 
 from specdec import gguf_blocks, small_gemm
-from specdec.kv import SDPA_GQA_ENV
 from specdec.models import load_model
 
 
@@ -80,11 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", default="1,2", help="torch thread counts to time")
     parser.add_argument("--context", type=int, default=80, help="cached tokens before the block")
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--kv-groups", choices=["in-place", "copied"], default="in-place",
-                        help="how masked (multi-token) attention reads grouped KV heads: in place, as specd's "
-                             "ModelRunner has it on CPUs, or copied first, transformers' default")
     args = parser.parse_args(argv)
-    os.environ[SDPA_GQA_ENV] = "1" if args.kv_groups == "in-place" else "0"
     threads = [int(t) for t in args.threads.split(",")]
     tokens = [int(n) for n in args.tokens.split(",")]
     loaded = load_model(args.target)

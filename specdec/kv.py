@@ -8,7 +8,6 @@ logits around; rolling back is cropping both.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from specdec.accept_head import lm_head_inputs
+from specdec import packed
 from specdec.errors import CapacityExhausted, SessionNotFound
 
 
@@ -126,30 +125,16 @@ class SessionStore:
             return sum(s.kv_bytes() for s in self._sessions.values())
 
 
-# transformers' SDPA path copies each group of KV heads (repeat_kv) whenever attention has a mask, as a
-# verify of several rows does; with this set it lets torch read the grouped heads in place.
-SDPA_GQA_ENV = "TRANSFORMERS_SDPA_FORCE_GQA"
-
-
 class ModelRunner:
-    """Runs the model over sessions. Stateless apart from the model itself.
-
-    `extend` takes a list so a batched implementation can replace the loop
-    without changing callers.
-    """
+    """Runs the model over sessions, many at once (specdec/packed.py). Stateless apart from the model."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, small_gemm: bool = False,
                  gguf_path: Path | None = None, quantise_to: str = ""):
-        import inspect
-
         from specdec import gguf_blocks
         from specdec import small_gemm as kernel
 
         self.model = model
         self.device = device
-        if device.type == "cpu":
-            # torch's CPU kernel gives the same bits either way (tests/test_services.py checks), without the copy.
-            os.environ.setdefault(SDPA_GQA_ENV, "1")
         # Decode and verify steps feed a few rows; the kernel keeps them memory-bound and batch-invariant.
         self.small_gemm_layers = kernel.install(model) if small_gemm and device.type == "cpu" else 0
         # Weights de-quantised from a GGUF are read in its blocks: a fifth of the bytes, the same values.
@@ -157,36 +142,33 @@ class ModelRunner:
         # Drafters may go further: rounding their own weights to blocks costs acceptance at most.
         if self.small_gemm_layers and quantise_to and not self.gguf_block_layers:
             self.gguf_block_layers = gguf_blocks.quantise_in_place(model, quantise_to)
-        # The LM head over a long prefill is costly; most HF models can skip rows nobody reads.
-        self.can_skip_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        # Attention over the packed rows of many sessions, each reading only its own KV.
+        packed.install(model)
 
     @torch.inference_mode()
     def extend(self, sessions: list[KVSession], output_hidden: bool = False,
-               keep_logits: int = 0) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """Feeds each session's uncached ids; returns per session (logits [n, V], last hidden [n, H] | None).
+               keep_logits: int | list[int] = 1) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Feeds each session's uncached ids in one packed pass; returns per session
+        (logits [keep, V], last hidden [n, H] | None).
 
-        Row i of the logits predicts the token after ids[cached_len + i] (a fully cached session
-        first uncaches its last id); with keep_logits > 0 only the last keep_logits rows are computed.
+        Row i of a session's logits predicts the token after its last `keep` ids (a fully cached session
+        first uncaches its last id); keep_logits is one count for all sessions or one per session, and 0
+        means no logits (a prefill chunk that only fills the cache).
         """
-        return [self._extend_one(session, output_hidden, keep_logits) for session in sessions]
-
-    def _extend_one(self, session: KVSession, output_hidden: bool, keep_logits: int):
         from transformers import DynamicCache
 
-        if not session.ids:
-            raise ValueError("nothing to feed: the session has no tokens")
-        if session.cached_len >= len(session.ids):
-            # Logits are not kept, only KV: a fully cached session recomputes its last token.
-            session.crop_kv(len(session.ids) - 1)
-        new_ids = session.ids[session.cached_len:]
-        if session.cache is None:
-            session.cache = DynamicCache(config=self.model.config)
-        input_ids = torch.tensor([new_ids], dtype=torch.long, device=self.device)
-        extra = {"logits_to_keep": keep_logits} if keep_logits and self.can_skip_logits else {}
-        out = self.model(input_ids=input_ids, past_key_values=session.cache, use_cache=True,
-                         output_hidden_states=output_hidden, **extra)
-        session.cache = out.past_key_values
-        session.cached_len = len(session.ids)
-        hidden = lm_head_inputs(out)[0] if output_hidden else None
-        logits = out.logits[0]  # [n or keep_logits, V]
-        return (logits[-keep_logits:] if keep_logits else logits), hidden
+        rows = []
+        for session in sessions:
+            if not session.ids:
+                raise ValueError("nothing to feed: the session has no tokens")
+            if session.cached_len >= len(session.ids):
+                # Logits are not kept, only KV: a fully cached session recomputes its last token.
+                session.crop_kv(len(session.ids) - 1)
+            if session.cache is None:
+                session.cache = DynamicCache(config=self.model.config)
+            rows.append((session.ids[session.cached_len:], session.cached_len, session.cache))
+        keep = keep_logits if isinstance(keep_logits, list) else [keep_logits] * len(sessions)
+        results = packed.packed_forward(self.model, rows, self.device, keep, output_hidden)
+        for session in sessions:
+            session.cached_len = len(session.ids)
+        return results

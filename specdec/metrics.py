@@ -23,7 +23,19 @@ VERIFY_LATENCY = Histogram("specd_verify_latency_seconds", "Verifier round-trip 
 ACTIVE_SESSIONS = Gauge("specd_active_sessions", "Open sessions", ["service"])
 KV_CACHE_BYTES = Gauge("specd_kv_cache_bytes", "KV-cache bytes held by sessions", ["service"])
 FALLBACK_STEPS = Counter("specd_fallback_steps", "Target-only steps taken because the drafter failed")
+QUEUE_DEPTH = Gauge("specd_queue_depth", "Requests waiting in the coordinator's admission queue")
+QUEUE_WAIT = Histogram("specd_queue_wait_seconds", "Time a request waited for a slot before it ran",
+                       buckets=LATENCY_BUCKETS)
+UPSTREAM_ERRORS = Counter("specd_upstream_errors", "Failed calls to drafters and verifiers, by what the status says",
+                          ["service", "failure", "code"])
 DRAFTER_VERSION = Gauge("specd_drafter_version_info", "Drafter version in use (1 for the current one)", ["version"])
+STEP_ROWS = Histogram("specd_step_rows", "Token rows in one batched forward pass", ["service", "kind"],
+                      buckets=(1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256, 512))
+STEP_SESSIONS = Histogram("specd_step_sessions", "Sessions in one batched forward pass", ["service", "kind"],
+                          buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64))
+STEP_SECONDS = Histogram("specd_step_seconds", "Time of one batched forward pass", ["service", "kind"],
+                         buckets=LATENCY_BUCKETS)
+STEP_QUEUE = Gauge("specd_step_queue_depth", "Prefill and verify calls waiting for a forward pass", ["service"])
 
 
 def register(registry: CollectorRegistry, cls, name: str, doc: str, labels=()):

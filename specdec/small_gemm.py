@@ -32,7 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers.pytorch_utils import Conv1D
 
+from specdec.config import runtime_settings
 from specdec.sources import CACHE_DIR
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,9 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("small_gemm.c")
 COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-shared", "-fPIC")  # no fused d*q+m: gguf-py rounds twice
 AVX512_FLAGS = ("-mavx512f", "-mavx512vl", "-mavx512dq")  # added where the CPU has them: same bits, faster block passes
-MAX_ROWS = 16  # prefill-sized inputs go to BLAS, which is faster there
+# A verifier step packs the rows of many sessions: the kernel keeps each row's bits independent of the
+# others up to here (the verifier's scheduler never packs more); prefill-sized inputs go to BLAS.
+MAX_ROWS = 64
 BLOCK_KERNELS = ("q4_1_gemm", "q8_0_gemm")
 
 
@@ -69,7 +73,7 @@ def load_kernel() -> ctypes.CDLL | None:
     """The compiled kernel, built once per source version; None where it cannot run here."""
     if not _cpu_has_avx2_fma():
         return None
-    prebuilt = os.environ.get("SPECD_SMALL_GEMM_LIB")
+    prebuilt = runtime_settings().small_gemm_lib
     library = Path(prebuilt) if prebuilt else _build()
     if library is None:
         return None
@@ -92,7 +96,7 @@ def block_kernels_available() -> bool:
 
 def _build() -> Path | None:
     """Compiles the kernel once per source version into the cache directory."""
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    compiler = shutil.which(runtime_settings().compiler) or shutil.which("gcc")
     source = SOURCE.read_bytes()
     flags = compile_flags()
     digest = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
@@ -180,11 +184,21 @@ class SmallBatchLinear(torch.nn.Linear):
         return linear(x, self.weight, self.bias, self.blocks)
 
 
-def install(model: torch.nn.Module) -> int:
-    """Routes `model`'s linear layers and subset LM head through the kernel; returns how many are.
+class SmallBatchConv1D(Conv1D):
+    """transformers' Conv1D (weight [K, N], GPT-2's projections) through the kernel, which reads [N, K]:
+    the transposed copy is made once and again only after the weight changes in place."""
 
-    0 where the kernel cannot run here. Other projections (GPT-2's Conv1D, say) keep torch's path.
-    """
+    _transposed: tuple[int, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._transposed is None or self._transposed[0] != self.weight._version:
+            self._transposed = (self.weight._version, self.weight.detach().t().contiguous())
+        return linear(x, self._transposed[1], self.bias)
+
+
+def install(model: torch.nn.Module) -> int:
+    """Routes `model`'s linear layers, Conv1D projections and subset LM head through the kernel; returns
+    how many are. 0 where the kernel cannot run here."""
     from specdec.vocab_head import SubsetLMHead
 
     if load_kernel() is None:
@@ -193,6 +207,9 @@ def install(model: torch.nn.Module) -> int:
     for module in model.modules():
         if type(module) in (torch.nn.Linear, SmallBatchLinear):  # a second install counts the same layers
             module.__class__ = SmallBatchLinear  # in place: parameters, hooks and ties stay as they are
+            swapped += 1
+        elif type(module) in (Conv1D, SmallBatchConv1D):
+            module.__class__ = SmallBatchConv1D
             swapped += 1
         elif isinstance(module, SubsetLMHead):
             module.project = linear

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import os
-
 import grpc
 import pytest
 import torch
 from conftest import InProcessStack
-from specdec.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc, verifier_pb2, verifier_pb2_grpc
 from transformers import AutoModelForCausalLM
 
 from drafter_svc.drafters import ModelDrafter, PromptLookup
 from specdec.client import SpecdClient
 from specdec.models import load_model
 from specdec.sampling_params import SamplingParams
+from specdec.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc, verifier_pb2, verifier_pb2_grpc
 from verifier_svc.verifier import VerifierCore
 
 GREEDY = common_pb2.SamplingParams(temperature=0.0)
@@ -115,37 +113,6 @@ def test_rollbacks_keep_all_valid_kv_and_recompute_nothing(tiny_dirs):
     session = drafter.sync("kv", len(prompt), drafts[:1])
     drafter.step(session, SamplingParams(), 0)
     assert fed == [len(prompt), 1, 1, 1, 1]
-
-
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_grouped_kv_heads_are_read_in_place_with_the_same_bits(arch, tiny_dirs, monkeypatch):
-    """A CPU ModelRunner lets transformers hand grouped KV heads to SDPA uncopied when attention has
-    a mask (a verify of several rows): the logits must not change by a bit."""
-    from transformers import DynamicCache
-
-    from specdec.kv import SDPA_GQA_ENV, ModelRunner
-
-    model = load_model(tiny_dirs[arch]["target"]).model
-    monkeypatch.delenv(SDPA_GQA_ENV, raising=False)
-    ModelRunner(model, torch.device("cpu"))
-    assert SDPA_GQA_ENV in os.environ
-    from transformers.integrations import sdpa_attention
-
-    copies = []
-    copy_heads = sdpa_attention.repeat_kv
-    monkeypatch.setattr(sdpa_attention, "repeat_kv", lambda states, n_rep: copies.append(n_rep) or copy_heads(states, n_rep))
-    ids = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38]])
-    logits, copied = {}, {}
-    for flag in ("0", "1"):
-        monkeypatch.setenv(SDPA_GQA_ENV, flag)
-        cache = DynamicCache(config=model.config)
-        with torch.no_grad():
-            model(input_ids=ids[:, :6], past_key_values=cache, use_cache=True)
-            copies.clear()
-            logits[flag] = model(input_ids=ids[:, 6:], past_key_values=cache, use_cache=True).logits  # [1, 4, V]
-        copied[flag] = sum(n > 1 for n in copies)
-    assert copied["0"] > 0 and copied["1"] == 0
-    assert torch.equal(logits["0"], logits["1"])
 
 
 def test_prompt_lookup_drafts_repeats_for_free_and_the_model_reads_them_in_its_next_step(tiny_dirs):

@@ -5,17 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
-
-from specdec.v1 import common_pb2, verifier_pb2, verifier_pb2_grpc
 
 from specdec import metrics
 from specdec.config import VerifierSettings
 from specdec.convert import dist_from_proto, hidden_to_proto
 from specdec.errors import InvalidRequest
 from specdec.models import LoadedModel, configure_threads, load_model
-from specdec.rpc import RunningServer, abort_for, expire_sessions_forever, serve_until_signalled, start_server
+from specdec.rpc import Drain, RunningServer, abort_for, expire_sessions_forever, serve_until_signalled, start_server
 from specdec.sampling_params import sampling_from_proto
+from specdec.v1 import common_pb2, verifier_pb2, verifier_pb2_grpc
 from verifier_svc.verifier import VerifierCore
 
 log = logging.getLogger(__name__)
@@ -31,11 +29,13 @@ def _ended_undelivered(call) -> bool:
 class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
     def __init__(self, core: VerifierCore):
         self.core = core
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verifier-compute")
+        self.drain = Drain(open_work=lambda: len(self.core.sessions))  # a drain finishes open sessions
 
-    async def _run(self, fn, *args):
+    @staticmethod
+    async def _run(submit, *args):
+        """Queues a call for the step scheduler and waits for its pass; returns (result, wall ms)."""
         started = time.perf_counter()
-        result = await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        result = await asyncio.wrap_future(submit(*args))
         return result, (time.perf_counter() - started) * 1e3
 
     def _update_gauges(self) -> None:
@@ -48,13 +48,14 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
         return released
 
     def _release_after_pending(self, session_id: str) -> None:
-        """Releases the session once the compute queued before now is done (the executor is one FIFO thread)."""
-        self.executor.submit(self._release_now, session_id)
+        """Releases the session once the compute queued before now is done."""
+        self.core.after_pending(lambda: self._release_now(session_id))
 
     async def Prefill(self, request, context):
+        await self.drain.refuse_new(context, "this verifier opens no new sessions")
         try:
             sampling = sampling_from_proto(request.sampling)
-            (committed, hidden), ms = await self._run(self.core.prefill, request.session_id, list(request.token_ids),
+            (committed, hidden), ms = await self._run(self.core.submit_prefill, request.session_id, list(request.token_ids),
                                                       sampling, request.max_new_tokens, request.request_id,
                                                       request.return_hidden)
         except asyncio.CancelledError:
@@ -81,7 +82,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
             if request.bild_rollback_threshold < 0:
                 raise InvalidRequest("bild_rollback_threshold must be >= 0")
             dists = [dist_from_proto(p) for p in request.draft_probs]
-            outcome, wall_ms = await self._run(self.core.verify, request.session_id, request.committed_len,
+            outcome, wall_ms = await self._run(self.core.submit_verify, request.session_id, request.committed_len,
                                                list(request.draft_tokens), dists, request.return_top_k,
                                                request.bild_rollback_threshold, request.return_hidden)
         except Exception as err:  # noqa: BLE001
@@ -90,7 +91,8 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
         return verifier_pb2.VerifyResponse(
             accepted=outcome.accepted, next_token=outcome.next_token, committed_len=outcome.committed_len,
             target_top_k=[common_pb2.TopKProbs(indices=i, probs=p) for i, p in outcome.target_top],
-            timing=common_pb2.Timing(compute_ms=outcome.compute_ms, queue_ms=max(wall_ms - outcome.compute_ms, 0.0)),
+            timing=common_pb2.Timing(compute_ms=outcome.compute_ms, queue_ms=max(wall_ms - outcome.compute_ms, 0.0),
+                                     batch_rows=outcome.batch_rows, batch_sessions=outcome.batch_sessions),
             lossy=outcome.lossy, hidden=hidden_to_proto(*outcome.hidden) if outcome.hidden else None)
 
     async def Release(self, request, context):
@@ -112,9 +114,11 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
 async def start(settings: VerifierSettings, loaded: LoadedModel | None = None) -> RunningServer:
     configure_threads(settings.threads)
     loaded = loaded or load_model(settings.model, settings.device, settings.dtype, max_context=settings.max_context)
-    servicer = VerifierServicer(VerifierCore(loaded, settings.max_sessions, settings.session_ttl_s, settings.small_gemm))
+    servicer = VerifierServicer(VerifierCore(loaded, settings.max_sessions, settings.session_ttl_s, settings.small_gemm,
+                                              settings.max_step_rows, settings.prefill_chunk,
+                                              settings.batch_invariant_only))
     running = await start_server(settings, lambda s: verifier_pb2_grpc.add_VerifierServicer_to_server(servicer, s),
-                                 [SERVICE_NAME])
+                                 [SERVICE_NAME], servicer.drain)
     metrics_port = metrics.serve_metrics(settings.metrics_port, settings.metrics_host)
     running.background.append(asyncio.ensure_future(expire_sessions_forever(servicer.core.sessions, "verifier")))
     log.info("verifier ready", extra={"fields": {"port": running.port, "metrics_port": metrics_port,

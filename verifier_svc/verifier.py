@@ -1,21 +1,22 @@
 """The verifier core: target-model sessions, prefill and verification.
 
-Transport-free: the gRPC servicer converts messages and delegates here.
+Transport-free: the gRPC servicer converts messages and delegates here. Calls are queued for the
+step scheduler (verifier_svc/scheduler.py), which batches them across sessions.
 """
 
 from __future__ import annotations
 
-import threading
-import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
 
-from specdec.errors import InvalidRequest, StaleRequest
+from specdec.errors import ContextExhausted, InvalidRequest, StaleRequest
 from specdec.kv import ModelRunner, SessionStore
 from specdec.models import LoadedModel
 from specdec.sampling import DraftDist, verify_greedy, verify_speculative, warp_logits
 from specdec.sampling_params import SamplingParams
+from verifier_svc.scheduler import PassStats, PrefillJob, StepScheduler, VerifyJob
 
 MAX_DRAFT_TOKENS = 128
 
@@ -29,93 +30,123 @@ class VerifyOutcome:
     compute_ms: float
     lossy: bool
     hidden: tuple[int, torch.Tensor] | None = None  # (start, features [n, H]) of the newly committed positions
+    batch_rows: int = 0               # rows and sessions of the forward pass that served the call
+    batch_sessions: int = 0
 
 
 class VerifierCore:
+    """Validates calls, queues them for the step scheduler, and decides acceptance per session."""
+
     def __init__(self, loaded: LoadedModel, max_sessions: int = 64, session_ttl_s: float = 300.0,
-                 small_gemm: bool = False):
+                 small_gemm: bool = False, max_step_rows: int = 64, prefill_chunk: int = 256,
+                 batch_invariant_only: bool = False):
         self.loaded = loaded
         self.runner = ModelRunner(loaded.model, loaded.device, small_gemm, loaded.gguf_path)
         self.sessions = SessionStore(max_sessions, session_ttl_s)
-        self._compute = threading.Lock()  # one forward at a time; sessions stay independent
+        self.scheduler = StepScheduler(self.runner, self, max_step_rows, prefill_chunk, batch_invariant_only)
 
-    # 1. Prefill: cache all but the last prompt token.
-    def prefill(self, session_id: str, token_ids: list[int], sampling: SamplingParams, max_new_tokens: int,
-                request_id: str = "", return_hidden: bool = False) -> tuple[int, tuple[int, torch.Tensor] | None]:
-        """Returns the committed length and, with return_hidden, the features of positions 0 .. len-2."""
+    # 1. Prefill: cache all but the last prompt token, a chunk per step.
+    def submit_prefill(self, session_id: str, token_ids: list[int], sampling: SamplingParams, max_new_tokens: int,
+                       request_id: str = "", return_hidden: bool = False) -> Future:
+        """A future of (committed length, (0, features of positions 0 .. len-2) or None)."""
         if not session_id:
             raise InvalidRequest("session_id is required")
         if not token_ids:
             raise InvalidRequest("the prompt is empty: give at least one token")
         self._check_tokens(token_ids, "prompt")
         if len(token_ids) + max(max_new_tokens, 0) > self.loaded.max_context:
-            raise InvalidRequest(
+            raise ContextExhausted(
                 f"prompt of {len(token_ids)} tokens plus max_new_tokens {max_new_tokens} exceeds the context length "
                 f"{self.loaded.max_context}")
         session = self.sessions.create(session_id, request_id)
         session.extra["sampling"] = sampling
-        session.ids = list(token_ids)
-        hidden = None
-        if len(token_ids) > 1:
-            session.ids = list(token_ids[:-1])
-            with self._compute:
-                _, hidden = self.runner.extend([session], output_hidden=return_hidden, keep_logits=1)[0]
-            session.ids.append(token_ids[-1])
-        return len(session.ids), (0, hidden) if hidden is not None else None
+        return self.scheduler.submit(PrefillJob(session, list(token_ids[:-1]), token_ids[-1], return_hidden))
 
-    # 2. Verify: one target pass over the uncached tokens plus the draft.
-    def verify(self, session_id: str, committed_len: int, draft_tokens: list[int],
-               draft_dists: list[DraftDist] | None, return_top_k: int = 0,
-               bild_threshold: float = 0.0, return_hidden: bool = False) -> VerifyOutcome:
+    # 2. Verify: one target pass over the uncached tokens plus the draft, shared with other sessions.
+    def submit_verify(self, session_id: str, committed_len: int, draft_tokens: list[int],
+                      draft_dists: list[DraftDist] | None, return_top_k: int = 0,
+                      bild_threshold: float = 0.0, return_hidden: bool = False) -> Future:
+        """A future of the VerifyOutcome."""
         session = self.sessions.get(session_id)
         sampling: SamplingParams = session.extra["sampling"]
-        if committed_len != len(session.ids):
-            raise StaleRequest(f"session has {len(session.ids)} committed tokens, caller assumed {committed_len}")
         if len(draft_tokens) > MAX_DRAFT_TOKENS:
             raise InvalidRequest(f"at most {MAX_DRAFT_TOKENS} draft tokens per call, got {len(draft_tokens)}")
         self._check_tokens(draft_tokens, "draft")
-        if len(session.ids) + len(draft_tokens) + 1 > self.loaded.max_context:
-            raise InvalidRequest(f"the context length {self.loaded.max_context} is exhausted")
         if not sampling.greedy and len(draft_dists or []) != len(draft_tokens):
             raise InvalidRequest("sampled verification needs one draft distribution per draft token")
         if bild_threshold and not sampling.greedy:
             raise InvalidRequest("BiLD rollback applies to greedy decoding only")
-
-        started = time.perf_counter()
-        base = len(session.ids)
-        session.ids.extend(draft_tokens)
-        with self._compute:
-            slot_logits, hidden = self.runner.extend([session], output_hidden=return_hidden,
-                                                     keep_logits=len(draft_tokens) + 1)[0]  # [k+1, V], [fed, H]
-
-        # 3. Decide acceptance, then 4. roll the cache back to the accepted prefix.
-        if sampling.greedy:
-            decision = verify_greedy(slot_logits, draft_tokens, bild_threshold)
-        else:
+        q = None
+        if not sampling.greedy and draft_tokens:
             try:
-                q = torch.stack([d.dense(self.loaded.vocab_size) for d in draft_dists]) if draft_tokens else None
+                q = torch.stack([d.dense(self.loaded.vocab_size) for d in draft_dists])  # [k, V]
             except ValueError as err:
-                session.crop(base)
                 raise InvalidRequest(str(err)) from None
-            p = warp_logits(slot_logits, sampling)
-            decision = verify_speculative(p, draft_tokens, q, sampling.seed, base)
+        payload = _VerifyArgs(sampling, q, return_top_k, bild_threshold)
+        return self.scheduler.submit(VerifyJob(session, committed_len, list(draft_tokens), payload, return_hidden))
+
+    def prefill(self, *args, **kwargs) -> tuple[int, tuple[int, torch.Tensor] | None]:
+        return self.submit_prefill(*args, **kwargs).result()
+
+    def verify(self, *args, **kwargs) -> VerifyOutcome:
+        return self.submit_verify(*args, **kwargs).result()
+
+    # Called by the scheduler on its thread, in order, so a session's state changes one step at a time.
+    def prepare_verify(self, job: VerifyJob) -> None:
+        session = job.session
+        if job.committed_len != len(session.ids):
+            raise StaleRequest(f"session has {len(session.ids)} committed tokens, caller assumed {job.committed_len}")
+        if len(session.ids) + len(job.draft_tokens) + 1 > self.loaded.max_context:
+            raise ContextExhausted(f"the context length {self.loaded.max_context} is exhausted")
+        job.base = len(session.ids)
+        session.ids.extend(job.draft_tokens)
+
+    def abort_verify(self, job: VerifyJob) -> None:
+        job.session.crop(job.base)
+
+    def finish_verify(self, job: VerifyJob, slot_logits: torch.Tensor, hidden: torch.Tensor | None,
+                      step: PassStats) -> VerifyOutcome:
+        """slot_logits [k+1, V]; hidden [fed, H] of the rows this session fed, or None."""
+        # 3. Decide acceptance, then 4. roll the cache back to the accepted prefix.
+        args: _VerifyArgs = job.payload
+        session, base, draft_tokens = job.session, job.base, job.draft_tokens
+        if args.sampling.greedy:
+            decision = verify_greedy(slot_logits, draft_tokens, args.bild_threshold)
+        else:
+            p = warp_logits(slot_logits, args.sampling)
+            decision = verify_speculative(p, draft_tokens, args.q, args.sampling.seed, base)
         committed_features = None
-        if return_hidden:
+        if job.return_hidden:
             fed_from = len(session.ids) - hidden.shape[0]
             committed_features = (fed_from, hidden[: base + decision.accepted - fed_from])
         session.crop(base + decision.accepted)
         session.ids.append(decision.next_token)
-        target_top = _top_k(slot_logits[: decision.accepted + 1], return_top_k)
+        target_top = _top_k(slot_logits[: decision.accepted + 1], args.return_top_k)
         return VerifyOutcome(decision.accepted, decision.next_token, len(session.ids), target_top,
-                             (time.perf_counter() - started) * 1e3, decision.lossy, committed_features)
+                             step.seconds * 1e3, decision.lossy, committed_features, step.rows, step.sessions)
 
     def release(self, session_id: str) -> bool:
         return self.sessions.release(session_id)
+
+    def after_pending(self, callback) -> None:
+        """Runs `callback` once the compute queued before now is done."""
+        self.scheduler.after_pending(callback)
+
+    def close(self) -> None:
+        self.scheduler.close()
 
     def _check_tokens(self, token_ids: list[int], what: str) -> None:
         bad = [t for t in token_ids if not 0 <= t < self.loaded.vocab_size]
         if bad:
             raise InvalidRequest(f"{what} token ids outside the vocabulary [0, {self.loaded.vocab_size}): {bad[:5]}")
+
+
+@dataclass(frozen=True)
+class _VerifyArgs:
+    sampling: SamplingParams
+    q: torch.Tensor | None            # [k, V] draft distributions when sampling
+    return_top_k: int
+    bild_threshold: float
 
 
 def _top_k(logits: torch.Tensor, k: int) -> list[tuple[list[int], list[float]]]:

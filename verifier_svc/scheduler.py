@@ -1,0 +1,236 @@
+"""Continuous batching: every pending Prefill and Verify, across sessions, shares forward passes.
+
+One thread owns the model. Each step it:
+1. takes every queued Verify and runs them as packed passes (specdec/packed.py) of at most
+   `max_step_rows` rows, each session at its own positions over its own KV;
+2. runs the next chunk (at most `prefill_chunk` tokens) of the oldest Prefill in a pass of its own,
+   so a long prompt delays the decode steps of others by one chunk at a time, never by its whole length;
+3. runs the callbacks whose earlier work is done (a release queued behind an abandoned prefill).
+
+A session's verify rows never share a pass with a prefill chunk: a chunk has more rows than the
+batch-invariant kernel takes, and chunk boundaries depend on the prompt alone, so a session's bits
+are the same whatever else is running.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+
+from specdec import metrics
+from specdec.kv import KVSession, ModelRunner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PassStats:
+    """What the forward pass that served a call looked like; the coordinator fits step cost to rows."""
+
+    rows: int
+    sessions: int
+    seconds: float
+
+
+@dataclass
+class PrefillJob:
+    session: KVSession
+    to_cache: list[int]                 # prompt ids still to feed (all but the last prompt token)
+    last_token: int
+    return_hidden: bool
+    future: Future = field(default_factory=Future)
+    hidden_parts: list[torch.Tensor] = field(default_factory=list)
+    started: bool = False
+    seq: int = 0
+
+
+@dataclass
+class VerifyJob:
+    session: KVSession
+    committed_len: int
+    draft_tokens: list[int]
+    payload: object                     # the core's own arguments for deciding acceptance
+    return_hidden: bool
+    future: Future = field(default_factory=Future)
+    base: int = 0                       # committed length when the pass was built
+    seq: int = 0
+
+
+class VerifyDecider(Protocol):
+    def prepare_verify(self, job: VerifyJob) -> None: ...
+    def finish_verify(self, job: VerifyJob, logits: torch.Tensor, hidden: torch.Tensor | None,
+                      step: PassStats) -> object: ...
+    def abort_verify(self, job: VerifyJob) -> None: ...
+
+
+class StepScheduler:
+    def __init__(self, runner: ModelRunner, decider: VerifyDecider, max_step_rows: int = 64,
+                 prefill_chunk: int = 256, batch_invariant_only: bool = False, service: str = "verifier"):
+        """batch_invariant_only: one session per pass, for devices whose GEMMs change bits with the row count."""
+        self.runner, self.decider = runner, decider
+        self.max_step_rows, self.prefill_chunk = max_step_rows, prefill_chunk
+        self.sessions_per_pass = 1 if batch_invariant_only else None
+        self.service = service
+        self._cond = threading.Condition()
+        self._verifies: deque[VerifyJob] = deque()
+        self._prefills: deque[PrefillJob] = deque()
+        self._callbacks: list[tuple[int, Callable[[], None]]] = []
+        self._unfinished: set[int] = set()
+        self._seq = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"{service}-steps", daemon=True)
+        self._thread.start()
+
+    # -- submitting --------------------------------------------------------------------------------
+
+    def submit(self, job: PrefillJob | VerifyJob) -> Future:
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the scheduler is closed")
+            job.seq = self._seq
+            self._seq += 1
+            self._unfinished.add(job.seq)
+            (self._prefills if isinstance(job, PrefillJob) else self._verifies).append(job)
+            metrics.STEP_QUEUE.labels(service=self.service).set(len(self._verifies) + len(self._prefills))
+            self._cond.notify()
+        return job.future
+
+    def after_pending(self, callback: Callable[[], None]) -> None:
+        """Runs `callback` on the step thread once every call submitted before now is done."""
+        with self._cond:
+            self._callbacks.append((self._seq, callback))
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout=10)
+
+    # -- the step loop -----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._verifies or self._prefills or self._ready_callbacks()) and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                verifies = list(self._verifies)
+                self._verifies.clear()
+                prefill = self._prefills[0] if self._prefills else None
+            if verifies:
+                self._run_verifies(verifies)
+            if prefill is not None and self._run_prefill_chunk(prefill):
+                with self._cond:
+                    self._prefills.popleft()
+            with self._cond:
+                metrics.STEP_QUEUE.labels(service=self.service).set(len(self._verifies) + len(self._prefills))
+                callbacks = self._ready_callbacks()
+                self._callbacks = [c for c in self._callbacks if c not in callbacks]
+            for _, callback in callbacks:
+                try:
+                    callback()
+                except Exception:  # noqa: BLE001 - a failed callback must not stop the step loop
+                    log.exception("step callback failed")
+
+    def _ready_callbacks(self) -> list[tuple[int, Callable[[], None]]]:
+        oldest = min(self._unfinished, default=None)
+        return [c for c in self._callbacks if oldest is None or c[0] <= oldest]
+
+    def _done(self, job: PrefillJob | VerifyJob) -> None:
+        with self._cond:
+            self._unfinished.discard(job.seq)
+
+    def _run_verifies(self, jobs: list[VerifyJob]) -> None:
+        ready = []
+        for job in jobs:
+            if not job.future.set_running_or_notify_cancel():
+                self._done(job)
+                continue
+            try:
+                self.decider.prepare_verify(job)
+            except Exception as err:  # noqa: BLE001 - reported to that caller only
+                job.future.set_exception(err)
+                self._done(job)
+                continue
+            ready.append(job)
+        for batch in self._passes(ready):
+            self._verify_pass(batch)
+
+    def _passes(self, jobs: list[VerifyJob]) -> list[list[VerifyJob]]:
+        """Consecutive groups of at most max_step_rows rows (a larger block runs alone)."""
+        passes, rows = [], 0
+        for job in jobs:
+            job_rows = len(job.session.ids) - min(job.session.cached_len, len(job.session.ids) - 1)
+            full = self.sessions_per_pass is not None and passes and len(passes[-1]) >= self.sessions_per_pass
+            if not passes or rows + job_rows > self.max_step_rows or full:
+                passes.append([])
+                rows = 0
+            passes[-1].append(job)
+            rows += job_rows
+        return passes
+
+    def _verify_pass(self, batch: list[VerifyJob]) -> None:
+        rows = sum(len(j.session.ids) - min(j.session.cached_len, len(j.session.ids) - 1) for j in batch)
+        started = time.perf_counter()
+        try:
+            results = self.runner.extend([j.session for j in batch], output_hidden=any(j.return_hidden for j in batch),
+                                         keep_logits=[len(j.draft_tokens) + 1 for j in batch])
+        except Exception as err:  # noqa: BLE001 - the pass failed for all of its sessions
+            log.exception("verify pass failed")
+            for job in batch:
+                self.decider.abort_verify(job)
+                job.future.set_exception(err)
+                self._done(job)
+            return
+        step = PassStats(rows, len(batch), time.perf_counter() - started)
+        self._observe("verify", step)
+        for job, (logits, hidden) in zip(batch, results):
+            try:
+                job.future.set_result(self.decider.finish_verify(job, logits, hidden, step))
+            except Exception as err:  # noqa: BLE001
+                self.decider.abort_verify(job)
+                job.future.set_exception(err)
+            self._done(job)
+
+    def _run_prefill_chunk(self, job: PrefillJob) -> bool:
+        """Feeds the next chunk of `job`'s prompt; True when the prefill is over (done, failed or cancelled)."""
+        if not job.started:
+            if not job.future.set_running_or_notify_cancel():
+                self._done(job)
+                return True
+            job.started = True
+        session = job.session
+        try:
+            if job.to_cache:
+                chunk = job.to_cache[:self.prefill_chunk]
+                del job.to_cache[:len(chunk)]
+                session.ids.extend(chunk)
+                started = time.perf_counter()
+                _, hidden = self.runner.extend([session], output_hidden=job.return_hidden, keep_logits=0)[0]
+                self._observe("prefill", PassStats(len(chunk), 1, time.perf_counter() - started))
+                if hidden is not None:
+                    job.hidden_parts.append(hidden)
+            if job.to_cache:
+                return False
+            session.ids.append(job.last_token)
+            hidden = torch.cat(job.hidden_parts) if job.hidden_parts else None
+            job.future.set_result((len(session.ids), (0, hidden) if hidden is not None else None))
+        except Exception as err:  # noqa: BLE001
+            log.exception("prefill chunk failed")
+            job.future.set_exception(err)
+        self._done(job)
+        return True
+
+    def _observe(self, kind: str, step: PassStats) -> None:
+        metrics.STEP_ROWS.labels(service=self.service, kind=kind).observe(step.rows)
+        metrics.STEP_SESSIONS.labels(service=self.service, kind=kind).observe(step.sessions)
+        metrics.STEP_SECONDS.labels(service=self.service, kind=kind).observe(step.seconds)
