@@ -1,16 +1,93 @@
-"""Upstream drafter and verifier endpoints, with health marks for fallback and failover."""
+"""Upstream drafter and verifier endpoints: health marks, re-admission by health watch, and the one
+classification of what an upstream failure says about the endpoint and the request."""
 
 from __future__ import annotations
 
+import asyncio
+import enum
 import hashlib
+import logging
 import time
 from dataclasses import dataclass, field
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from specdec.v1 import verifier_pb2
 
-# Errors that say the endpoint (not the request) is broken.
-TRANSPORT_ERRORS = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL,
-                    grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+from specdec import metrics
+
+log = logging.getLogger(__name__)
+
+# A restarted backend is reconnected within about a second, not after gRPC's default backoff of up to two minutes.
+RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                     ("grpc.max_reconnect_backoff_ms", 1000)]
+WATCH_RETRY_S = 0.25  # pause before re-opening a health watch that ended
+RELEASE_TIMEOUT_S = 1.0
+
+
+class UpstreamError(Exception):
+    """A failure to report to the caller with the upstream status code."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class Failure(enum.Enum):
+    """What an upstream status code says, and so what the coordinator does about it."""
+
+    TRANSPORT = "transport"      # the endpoint is unreachable or broken: mark it down, use another
+    OVERLOAD = "overload"        # the endpoint is busy: use another replica, mark nothing down
+    SESSION_LOST = "session"     # the endpoint lost the session (restart, TTL): open it again
+    REQUEST = "request"          # this request is at fault: the caller gets the code
+    INTERNAL = "internal"        # an upstream bug: the caller gets the code, the endpoint stays up
+
+
+_REQUEST_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+                  grpc.StatusCode.OUT_OF_RANGE}
+
+
+def classify(code: grpc.StatusCode, deadline_passed: bool = False) -> Failure:
+    """`deadline_passed`: the request's own deadline has passed, so a DEADLINE_EXCEEDED is the caller's."""
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return Failure.REQUEST if deadline_passed else Failure.TRANSPORT
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        return Failure.TRANSPORT
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return Failure.OVERLOAD
+    if code == grpc.StatusCode.NOT_FOUND:
+        return Failure.SESSION_LOST
+    if code in _REQUEST_CODES:
+        return Failure.REQUEST
+    return Failure.INTERNAL
+
+
+def classified(service: str, err: grpc.aio.AioRpcError, deadline_passed: bool) -> Failure:
+    """`classify`, counted in the upstream error metric."""
+    failure = classify(err.code(), deadline_passed)
+    metrics.UPSTREAM_ERRORS.labels(service=service, failure=failure.value, code=err.code().name).inc()
+    return failure
+
+
+@dataclass
+class CallContext:
+    """What every upstream call of one request shares: its metadata, its deadline, and how long a
+    failed endpoint stays marked down."""
+
+    metadata: list[tuple[str, str]]
+    deadline: float | None          # time.monotonic() deadline
+    retry_s: float
+
+    def timeout(self) -> float | None:
+        if self.deadline is None:
+            return None
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise UpstreamError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request deadline passed")
+        return remaining
+
+    def deadline_passed(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
 
 
 @dataclass
@@ -18,27 +95,33 @@ class Backend:
     addr: str
     channel: grpc.aio.Channel
     stub: object
-    down_until: float = 0.0
+    serving: bool = True            # as its health service last said
+    down_until: float = 0.0         # a failed call keeps it out until then
     failures: int = 0
 
     @property
     def healthy(self) -> bool:
-        return time.monotonic() >= self.down_until
+        return self.serving and time.monotonic() >= self.down_until
 
 
 @dataclass
 class BackendPool:
     backends: list[Backend] = field(default_factory=list)
+    watchers: list[asyncio.Task] = field(default_factory=list)
 
     @classmethod
     def connect(cls, addrs: list[str], stub_cls, credentials: grpc.ChannelCredentials | None,
                 options: list[tuple[str, int]]) -> "BackendPool":
+        """Channels to `addrs`, each watched by its health service from now on (needs a running loop)."""
         backends = []
         for addr in addrs:
-            channel = (grpc.aio.secure_channel(addr, credentials, options=options) if credentials
-                       else grpc.aio.insecure_channel(addr, options=options))
+            channel_options = [*options, *RECONNECT_OPTIONS]
+            channel = (grpc.aio.secure_channel(addr, credentials, options=channel_options) if credentials
+                       else grpc.aio.insecure_channel(addr, options=channel_options))
             backends.append(Backend(addr, channel, stub_cls(channel)))
-        return cls(backends)
+        pool = cls(backends)
+        pool.watchers = [asyncio.ensure_future(pool.watch_health(backend)) for backend in backends]
+        return pool
 
     def pick(self, key: str, exclude: set[str] = frozenset()) -> Backend | None:
         """A healthy backend chosen stably by key (session affinity), or None."""
@@ -56,6 +139,36 @@ class BackendPool:
         backend.failures = 0
         backend.down_until = 0.0
 
+    def release_calls(self, session_id: str, addrs: set[str], metadata: list[tuple[str, str]]) -> list:
+        """Release calls for a session on the backends in `addrs` (Release of an unknown session is a no-op)."""
+        request = verifier_pb2.ReleaseRequest(session_id=session_id)
+        return [backend.stub.Release(request, timeout=RELEASE_TIMEOUT_S, metadata=metadata)
+                for backend in self.backends if backend.addr in addrs]
+
+    def set_serving(self, backend: Backend, serving: bool) -> None:
+        """What the backend's health service says; SERVING re-admits it at once, failure marks included."""
+        if serving and not backend.serving:
+            log.info("backend serving", extra={"fields": {"addr": backend.addr}})
+        if serving:
+            self.mark_up(backend)
+        backend.serving = serving
+
+    async def watch_health(self, backend: Backend) -> None:
+        """Follows the backend's overall health (`Health.Watch` of the empty service name) for as long as
+        the pool lives, re-opening the watch whenever it ends; an unreachable backend is not serving."""
+        stub = health_pb2_grpc.HealthStub(backend.channel)
+        while True:
+            try:
+                async for message in stub.Watch(health_pb2.HealthCheckRequest(service="")):
+                    self.set_serving(backend, message.status == health_pb2.HealthCheckResponse.SERVING)
+            except grpc.aio.AioRpcError as err:
+                if err.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    return  # no health service there: failed calls alone mark it
+                self.set_serving(backend, False)
+            await asyncio.sleep(WATCH_RETRY_S)
+
     async def close(self) -> None:
+        for task in self.watchers:
+            task.cancel()
         for backend in self.backends:
             await backend.channel.close()

@@ -5,8 +5,9 @@ A policy answers three questions every round:
 - `min_ready`: how many must be drafted before the verifier may start (the
   overlapped pipeline verifies as soon as this many exist);
 - `stop_rule`: which rule the drafter applies to end a draft stream early.
-After each verification `update` sees how many were sent and accepted, and
-`record_round` how many tokens the round committed in how much wall time.
+After each verification every controller observes the round's `RoundOutcome`
+(coordinator/rounds.py): a policy's `update` sees how many were sent and accepted,
+and `record_round` how many tokens the round committed in how much wall time.
 A block size of 0 means a target-only round. In overlapped mode `DraftWait` caps how long
 the verifier waits for `min_ready`: past that budget it verifies what exists, and
 `PostVerify` decides whether drafting runs on past the block while it is verified.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from coordinator.rounds import RoundOutcome
 from specdec.stopping import StopRule
 
 
@@ -39,6 +41,11 @@ class DraftLengthPolicy:
 
     def stop_rule(self) -> tuple[StopRule, float]:
         return StopRule.NONE, 0.0
+
+    def observe(self, outcome: RoundOutcome) -> None:
+        self.record_round(outcome.committed, outcome.round_s)
+        if outcome.drafted:
+            self.update(outcome.sent, outcome.accepted)
 
     def update(self, sent: int, accepted: int) -> None:
         """Static: nothing to learn."""
@@ -252,6 +259,10 @@ class DraftWait:
             return None
         return max(0.0, self.acceptance * self.step_s - self.per_draft_s)
 
+    def observe(self, outcome: RoundOutcome) -> None:
+        if not outcome.lossy:  # a lossy rollback accepts what the lossless rule would not
+            self.record(outcome.sent, outcome.accepted, outcome.verify_s)
+
     def record(self, drafted: int, accepted: int, verify_s: float) -> None:
         """One verification: `drafted` draft tokens sent, `accepted` of them kept, in `verify_s`."""
         if drafted == 0:
@@ -284,6 +295,10 @@ class PostVerify:
     rounds_in_phase: int = 0
     phases: int = 0
     observed: dict = field(default_factory=lambda: {True: [0.0, 0.0, 0.0], False: [0.0, 0.0, 0.0]})
+
+    def observe(self, outcome: RoundOutcome) -> None:
+        if outcome.drafted:  # target-only rounds cost the same either way
+            self.record(outcome.committed, outcome.round_s)
 
     def record(self, committed: int, seconds: float) -> None:
         """One overlapped round, run with the current choice."""

@@ -313,6 +313,7 @@ async def start(settings: CoordinatorSettings, trace_sink=None) -> RunningServer
     servicer = await build_servicer(settings, trace_sink)
     running = await start_server(settings, lambda s: generation_pb2_grpc.add_GenerationServicer_to_server(servicer, s),
                                  [SERVICE_NAME])
+    running.background += servicer.verifiers.watchers + servicer.drafters.watchers  # health watches end with it
     if isinstance(trace_sink, TraceSink):
         running.on_stop(trace_sink.close)
     metrics_port = metrics.serve_metrics(settings.metrics_port, settings.metrics_host)

@@ -21,11 +21,16 @@ class InvalidRequest(ValueError):
     """The caller sent something the service cannot act on."""
 
 
+class ContextExhausted(InvalidRequest):
+    """The session's context is full: no room for the tokens asked for."""
+
+
 class StaleRequest(Exception):
     """The caller's view of a session disagrees with the service's (e.g. committed length)."""
 
 
-STATUS_BY_ERROR: list[tuple[type[BaseException], grpc.StatusCode]] = [
+STATUS_BY_ERROR: list[tuple[type[BaseException], grpc.StatusCode]] = [  # subclasses before their bases
+    (ContextExhausted, grpc.StatusCode.OUT_OF_RANGE),
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (SessionNotFound, grpc.StatusCode.NOT_FOUND),
     (CapacityExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),

@@ -1,0 +1,92 @@
+"""One request's session on a verifier, opened again on another replica when its verifier is lost."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+from specdec.v1 import verifier_pb2
+
+from coordinator.backends import Backend, BackendPool, CallContext, Failure, UpstreamError, classified
+from coordinator.features import TargetFeatures
+from specdec import metrics
+
+log = logging.getLogger(__name__)
+
+
+class VerifierSession:
+    def __init__(self, verifiers: BackendPool, calls: CallContext, prefill: verifier_pb2.PrefillRequest,
+                 features: TargetFeatures):
+        """`prefill`: the request's PrefillRequest without its tokens and budget, which `open` fills in."""
+        self.verifiers, self.calls = verifiers, calls
+        self.prefill, self.features = prefill, features
+        self.backend: Backend | None = None
+        self.addrs_used: set[str] = set()    # verifiers that may hold the session
+        self.intervals: list[tuple[float, float]] = []
+
+    @property
+    def session_id(self) -> str:
+        return self.prefill.session_id
+
+    async def open(self, committed: list[int], remaining: int, exclude: set[str] = frozenset()) -> None:
+        """Prefills `committed` on a healthy verifier, trying the others in turn: an unreachable one is
+        marked down, an overloaded one only skipped; any other failure goes to the caller."""
+        last_error, overloaded = "no verifier is configured", False
+        tried = set(exclude)
+        while True:
+            backend = self.verifiers.pick(self.session_id, tried)
+            if backend is None:
+                code = grpc.StatusCode.RESOURCE_EXHAUSTED if overloaded else grpc.StatusCode.UNAVAILABLE
+                raise UpstreamError(code, f"no healthy verifier left: {last_error}")
+            request = verifier_pb2.PrefillRequest()
+            request.CopyFrom(self.prefill)
+            request.token_ids[:] = committed
+            request.max_new_tokens = remaining
+            # Recorded before the call: a request abandoned mid-Prefill must still release what it opened.
+            self.addrs_used.add(backend.addr)
+            try:
+                response = await backend.stub.Prefill(request, timeout=self.calls.timeout(),
+                                                      metadata=self.calls.metadata)
+            except grpc.aio.AioRpcError as err:
+                failure = classified("verifier", err, self.calls.deadline_passed())
+                if failure not in (Failure.TRANSPORT, Failure.OVERLOAD):
+                    raise UpstreamError(err.code(), err.details() or "verifier refused the prompt") from None
+                if failure is Failure.TRANSPORT:
+                    self.verifiers.mark_down(backend, self.calls.retry_s)
+                overloaded = failure is Failure.OVERLOAD
+                last_error = f"{backend.addr}: {err.code().name} {err.details()}"
+                log.warning("verifier prefill failed", extra={"fields": {"addr": backend.addr, "error": last_error}})
+                tried.add(backend.addr)
+                continue
+            self.backend = backend
+            self.features.store(response.hidden)
+            return
+
+    async def verify(self, request: verifier_pb2.VerifyRequest, committed: list[int],
+                     remaining: int) -> tuple[verifier_pb2.VerifyResponse, float]:
+        """The verifier's answer and the seconds its call took. A lost session is prefilled again (on
+        another verifier unless only the session was lost); request errors and upstream bugs go to the caller."""
+        while True:
+            started = time.perf_counter()
+            try:
+                response = await self.backend.stub.Verify(request, timeout=self.calls.timeout(),
+                                                          metadata=self.calls.metadata)
+            except grpc.aio.AioRpcError as err:
+                failure = classified("verifier", err, self.calls.deadline_passed())
+                if failure in (Failure.REQUEST, Failure.INTERNAL):
+                    raise UpstreamError(err.code(), err.details() or "verification failed") from None
+                failed = self.backend
+                log.warning("verifier lost, re-prefilling elsewhere", extra={"fields": {
+                    "addr": failed.addr, "code": err.code().name}})
+                if failure is Failure.TRANSPORT:
+                    self.verifiers.mark_down(failed, self.calls.retry_s)
+                await self.open(committed, remaining,
+                                exclude=set() if failure is Failure.SESSION_LOST else {failed.addr})
+                continue
+            finally:
+                self.intervals.append((started, time.perf_counter()))
+            seconds = time.perf_counter() - started
+            metrics.VERIFY_LATENCY.observe(seconds)
+            self.features.store(response.hidden)
+            return response, seconds
