@@ -23,8 +23,6 @@ VERIFY_LATENCY = Histogram("specd_verify_latency_seconds", "Verifier round-trip 
 ACTIVE_SESSIONS = Gauge("specd_active_sessions", "Open sessions", ["service"])
 KV_CACHE_BYTES = Gauge("specd_kv_cache_bytes", "KV-cache bytes held by sessions", ["service"])
 FALLBACK_STEPS = Counter("specd_fallback_steps", "Target-only steps taken because the drafter failed")
-UPSTREAM_ERRORS = Counter("specd_upstream_errors", "Failed calls to drafters and verifiers, by what the status says",
-                          ["service", "failure", "code"])
 QUEUE_DEPTH = Gauge("specd_queue_depth", "Requests waiting in the coordinator's admission queue")
 QUEUE_WAIT = Histogram("specd_queue_wait_seconds", "Time a request waited for a slot before it ran",
                        buckets=LATENCY_BUCKETS)
