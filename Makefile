@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.specd-installed
 
-.PHONY: run test proto bench bench-quick clean
+.PHONY: run test proto bench bench-quick bench-load clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +28,10 @@ bench-quick: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run
+
+# Concurrency sweep (1-16 clients) of specd, transformers and, once bench/setup_vllm.sh has run, vLLM.
+bench-load: $(STAMP)
+	$(PY) -m bench.load
 
 clean:
 	rm -rf $(VENV) .pytest_cache
