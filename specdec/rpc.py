@@ -1,5 +1,5 @@
 """What every specd gRPC service shares: auth, request ids, health, reflection,
-TLS, message limits and a SIGTERM drain."""
+TLS, message limits, malformed-request handling and a SIGTERM drain that finishes open work."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -28,6 +29,9 @@ log = logging.getLogger(__name__)
 REQUEST_ID_HEADER = "x-request-id"
 MAX_REQUEST_ID_LEN = 128
 UNAUTHENTICATED_METHODS = ("/grpc.health.v1.Health/",)  # probes carry no token
+DRAIN_POLL_S = 0.05
+FINAL_STOP_S = 1.0  # once open work is done: time for last responses to leave (health watches never end)
+MALFORMED_DETAILS = "the request is not a valid protobuf message (corrupt bytes, or a string that is not UTF-8)"
 
 
 class _RequestContextInterceptor(grpc.aio.ServerInterceptor):
@@ -101,6 +105,9 @@ def _observed_handler(handler: grpc.RpcMethodHandler, method: str, request_id: s
     behavior = getattr(handler, attribute)
     if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
         return handler  # a synchronous handler runs in grpc's thread pool; leave it alone
+    deserializer = handler.request_deserializer
+    if not handler.request_streaming:
+        deserializer = _tolerant(deserializer)
 
     def begin(context) -> float:
         request_id_var.set(request_id)
@@ -121,6 +128,9 @@ def _observed_handler(handler: grpc.RpcMethodHandler, method: str, request_id: s
     if inspect.isasyncgenfunction(behavior):  # streams its responses by yielding
         async def observed(request, context):
             started, code = begin(context), "OK"
+            if request is MALFORMED:
+                finished(started, "INVALID_ARGUMENT")
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, MALFORMED_DETAILS)
             responses = behavior(request, context)
             try:
                 async for message in responses:
@@ -138,6 +148,9 @@ def _observed_handler(handler: grpc.RpcMethodHandler, method: str, request_id: s
     else:  # a coroutine: returns its response, or streams with context.write
         async def observed(request, context):
             started, code = begin(context), "OK"
+            if request is MALFORMED:
+                finished(started, "INVALID_ARGUMENT")
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, MALFORMED_DETAILS)
             try:
                 response = await behavior(request, context)
                 succeeded(context)
@@ -151,8 +164,24 @@ def _observed_handler(handler: grpc.RpcMethodHandler, method: str, request_id: s
             finally:
                 finished(started, code)
 
-    return factory(observed, request_deserializer=handler.request_deserializer,
-                   response_serializer=handler.response_serializer)
+    return factory(observed, request_deserializer=deserializer, response_serializer=handler.response_serializer)
+
+
+MALFORMED = object()  # what _tolerant hands the handler in place of a request that did not parse
+
+
+def _tolerant(deserializer: Callable[[bytes], object] | None) -> Callable[[bytes], object] | None:
+    """The request deserializer, returning MALFORMED instead of raising: grpc would answer a DecodeError
+    with UNKNOWN, naming the exception class, and log its traceback."""
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes):
+        try:
+            return deserializer(data)
+        except DecodeError:
+            return MALFORMED
+    return deserialize
 
 
 def _deny_handler(handler: grpc.RpcMethodHandler | None, request_id: str) -> grpc.RpcMethodHandler:
@@ -169,8 +198,9 @@ def _deny_handler(handler: grpc.RpcMethodHandler | None, request_id: str) -> grp
     if handler is None:  # unknown method: deny without revealing whether it exists
         return grpc.unary_unary_rpc_method_handler(deny)
     _attribute, factory = _HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)]
+    deserializer = handler.request_deserializer if handler.request_streaming else _tolerant(handler.request_deserializer)
     return factory(deny_stream if handler.response_streaming else deny,
-                   request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+                   request_deserializer=deserializer, response_serializer=handler.response_serializer)
 
 
 def message_options(settings: CommonSettings) -> list[tuple[str, int]]:
@@ -205,11 +235,30 @@ async def abort_for(context: grpc.aio.ServicerContext, error: BaseException):
     await context.abort(code, str(error))
 
 
+def _nothing_open() -> int:
+    return 0
+
+
+@dataclass
+class Drain:
+    """A service's shutdown as its servicer sees it: once `begun`, it refuses new work (new sessions,
+    new streams) but keeps serving the work it holds, which `open_work` counts, until that is done."""
+
+    open_work: Callable[[], int] = _nothing_open
+    begun: bool = False
+
+    async def refuse_new(self, context: grpc.aio.ServicerContext, refusal: str) -> None:
+        """While draining, answers UNAVAILABLE (`refusal` says what is refused), which sends callers elsewhere."""
+        if self.begun:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{refusal}: it is draining (shutting down)")
+
+
 @dataclass
 class RunningServer:
     server: grpc.aio.Server
     port: int
     health: health.aio.HealthServicer
+    work: Drain = field(default_factory=Drain)
     background: list[asyncio.Task] = field(default_factory=list)
     closers: list[Callable[[], None]] = field(default_factory=list)
 
@@ -218,9 +267,18 @@ class RunningServer:
         self.closers.append(close)
 
     async def drain(self, grace_s: float) -> None:
-        """NOT_SERVING first so balancers stop routing, then finish in-flight RPCs."""
+        """NOT_SERVING first so balancers stop routing, and new work is refused; the server keeps answering
+        (health checks, and the calls that open work still makes) until that work is done or grace_s has
+        passed; then it stops."""
+        self.work.begun = True
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace_s)
+        deadline = time.monotonic() + grace_s
+        while self.work.open_work() and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        left = self.work.open_work()
+        if left:
+            log.warning("grace period over; stopping with work still open", extra={"fields": {"open": left}})
+        await self.server.stop(min(max(deadline - time.monotonic(), 0.0), FINAL_STOP_S))
         for task in self.background:
             task.cancel()
         for close in self.closers:
@@ -228,8 +286,9 @@ class RunningServer:
 
 
 async def start_server(settings: CommonSettings, register: Callable[[grpc.aio.Server], None],
-                       service_names: list[str]) -> RunningServer:
-    """Builds, binds and starts a server with our interceptors, health and reflection."""
+                       service_names: list[str], work: Drain | None = None) -> RunningServer:
+    """Builds, binds and starts a server with our interceptors, health and reflection; `work` is what
+    its drain refuses and waits for (nothing, if not given)."""
     server = grpc.aio.server(interceptors=[_RequestContextInterceptor(settings.resolved_auth_token(), settings.resolved_auth_clients())],
                              options=message_options(settings))
     register(server)
@@ -244,7 +303,7 @@ async def start_server(settings: CommonSettings, register: Callable[[grpc.aio.Se
     if port == 0:
         raise OSError(f"could not bind {address}")
     await server.start()
-    return RunningServer(server, port, health_servicer)
+    return RunningServer(server, port, health_servicer, work or Drain())
 
 
 async def serve_until_signalled(running: RunningServer, grace_s: float) -> None:
