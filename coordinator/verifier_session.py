@@ -32,7 +32,9 @@ class VerifierSession:
     async def open(self, committed: list[int], remaining: int, exclude: set[str] = frozenset()) -> None:
         """Prefills `committed` on a healthy verifier, trying the others in turn: an unreachable one is
         marked down, an overloaded one only skipped; any other failure goes to the caller."""
-        last_error, overloaded = "no verifier is configured", False
+        last_error = "; ".join(f"verifier {b.addr} is draining or unreachable" for b in self.verifiers.backends
+                               if not b.serving) or "no verifier is configured"  # why pick may find none
+        overloaded = False
         tried = set(exclude)
         while True:
             backend = self.verifiers.pick(self.session_id, tried)
