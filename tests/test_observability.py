@@ -32,6 +32,7 @@ GAUGES = {
     "specd_drafter_version_info": {"version"},
     "specd_trace_stream_lag": set(),
     "specd_trainer_loss": set(),
+    "specd_queue_depth": set(),
 }
 HISTOGRAMS = {
     "specd_accepted_length": {"policy"},
@@ -39,6 +40,7 @@ HISTOGRAMS = {
     "specd_inter_token_seconds": set(),
     "specd_draft_latency_seconds": set(),
     "specd_verify_latency_seconds": set(),
+    "specd_queue_wait_seconds": set(),
 }
 ALL_METRICS = {**COUNTERS, **GAUGES, **HISTOGRAMS}
 TARGET_LABELS = {"instance", "job", "role"}  # added by Prometheus / our scrape config
