@@ -33,9 +33,10 @@ from bench.report import category_table, markdown_table, mismatches, plot, round
 from specd.results import update_results_md
 from specd.stack import LocalStack
 from specdec.client import SpecdClient
+from specdec.config import POLICY_NAMES
 from specdec.models import load_model
 
-POLICIES = ["static", "heuristic", "pearl", "adaedl", "specdecpp", "bild", "goodput"]
+POLICIES = list(POLICY_NAMES)
 BASELINE = "(a) hf target-only"
 OWN_BASELINE = "(e) specd target-only"  # what speculation adds is measured against this
 HERE = Path(__file__).resolve().parent

@@ -10,7 +10,6 @@ import contextlib
 import copy
 import logging
 import math
-import os
 import secrets
 import time
 import uuid
@@ -27,7 +26,7 @@ from coordinator.policies import DraftWait, GoodputMemory, PostVerify, make_poli
 from coordinator.text import PromptEncoder, TextStream
 from coordinator.tracing import TraceSink
 from specdec import metrics
-from specdec.config import CoordinatorSettings
+from specdec.config import CoordinatorSettings, runtime_settings
 from specdec.errors import InvalidRequest
 from specdec.logs import client_id_var, request_id_var
 from specdec.rpc import (
@@ -323,7 +322,7 @@ async def build_servicer(settings: CoordinatorSettings, trace_sink=None) -> Gene
     token = settings.resolved_auth_token()
     settings.resolved_auth_clients()  # a bad clients file fails now, not after waiting for the backends
     metadata = [("authorization", f"Bearer {token}")] if token else []
-    wait_s = float(os.environ.get("SPECD_BACKEND_WAIT_S", "120"))
+    wait_s = runtime_settings().backend_wait_s
     target_info = await _backend_info(verifiers, metadata, wait_s, required=True)
     drafter_info = None
     if drafters.backends:

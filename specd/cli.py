@@ -10,26 +10,9 @@ import signal
 import sys
 
 from specd.stack import LocalStack, check_health, default_threads, exit_on_sigterm
-from specdec.config import SETTINGS_BY_ROLE, ConfigError, load_settings
+from specdec.config import ConfigError, add_settings_flags, settings_from_args
 
 SERVE_ROLES = ("verifier", "drafter", "coordinator")
-
-
-def add_settings_flags(parser: argparse.ArgumentParser, role: str) -> None:
-    """One --flag per settings field, so CLI, env and config files share a schema."""
-    parser.add_argument("--config", help="YAML settings file (also SPECD_CONFIG)")
-    for name, field in SETTINGS_BY_ROLE[role].model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        if field.annotation is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=field.description)
-        else:
-            parser.add_argument(flag, dest=name, default=None, help=field.description)
-
-
-def settings_from_args(role: str, args: argparse.Namespace):
-    fields = SETTINGS_BY_ROLE[role].model_fields
-    overrides = {name: getattr(args, name) for name in fields if getattr(args, name, None) is not None}
-    return load_settings(role, overrides, args.config)
 
 
 def _serve(args) -> int:

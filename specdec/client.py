@@ -8,10 +8,11 @@ from typing import Iterator
 
 import grpc
 
+from specdec.config import MODE_NAMES, POLICY_NAMES
 from specdec.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
-POLICIES = {"static": 1, "heuristic": 2, "pearl": 3, "adaedl": 4, "specdecpp": 5, "bild": 6, "goodput": 7}
-MODES = {"sequential": 1, "overlapped": 2, "target_only": 3}
+POLICIES = {name: generation_pb2.DraftPolicy.Value(f"DRAFT_POLICY_{name.upper()}") for name in POLICY_NAMES}
+MODES = {name: generation_pb2.PipelineMode.Value(f"PIPELINE_MODE_{name.upper()}") for name in MODE_NAMES}
 
 
 @dataclass

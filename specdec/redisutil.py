@@ -20,9 +20,9 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from specdec.config import runtime_settings
+
 EMBEDDED = "embedded"
-STATE_DIR_ENV = "SPECD_STATE_DIR"
-DEFAULT_STATE_DIR = ".specd"
 EMBEDDED_DB_NAME = "redis.db"
 DEFAULT_SOCKET_TIMEOUT_S = 2.0
 
@@ -42,12 +42,9 @@ _embedded_lock = threading.Lock()
 _embedded_clients: dict[str, "weakref.WeakSet[redis.Redis]"] = {}
 
 
-def state_dir() -> Path:
-    return Path(os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR)
-
-
 def embedded_db_path(directory: str | os.PathLike | None = None) -> Path:
-    return Path(directory or state_dir()).resolve() / EMBEDDED_DB_NAME
+    """The embedded server's database under `directory` (default: the runtime settings' state_dir)."""
+    return Path(directory or runtime_settings().state_dir).resolve() / EMBEDDED_DB_NAME
 
 
 def connect(url: str, *, state_directory: str | os.PathLike | None = None,

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-CACHE_DIR = Path(os.environ.get("SPECD_CACHE_DIR", Path.home() / ".cache" / "specd"))
+from specdec.config import runtime_settings
+
+CACHE_DIR = runtime_settings().cache_dir
 CONVERTED_FORMAT = 1  # bump when the converted layout changes
 
 
