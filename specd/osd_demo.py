@@ -183,9 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     trainer_log = open(workdir / "trainer.log", "ab")
     trainer_command = (
         ["refine-eagle", "--target", args.target, "--redis-url", redis_url, "--checkpoint-dir", str(store.root),
-         "--traces", str(args.refine_traces), "--holdout", str(args.refine_holdout),
-         "--epochs", str(args.refine_epochs), "--lr", str(args.lr), "--batch-size", str(args.batch_size),
-         "--every-s", str(args.refine_every_s), "--threads", "1"] if args.eagle else
+         "--eagle-window", str(args.refine_traces), "--eagle-epochs", str(args.refine_epochs),
+         "--eagle-lr", str(args.lr), "--eagle-batch-size", str(args.batch_size), "--threads", "1"] if args.eagle else
         ["train", "--target", args.target, "--redis-url", redis_url,
          "--checkpoint-dir", str(store.root), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
          "--publish-every", str(args.publish_every), "--loss", args.loss, "--threads", "1", "--metrics-port", "0",

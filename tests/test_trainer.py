@@ -25,9 +25,10 @@ from prometheus_client import CollectorRegistry
 from specdec import redisutil
 from specdec.accept_head import AcceptHead, accept_head_loss, accept_labels, greedy_accept_labels
 from specdec.checkpoints import CheckpointStore, read_redis_pointer
+from specdec.config import TrainerSettings, TrainerTuning, load_settings
 from specdec.traces import TraceRecord, append_traces
 from trainer.batching import build_batch, slot_forward
-from trainer.bootstrap import distill_from_prompts, init_drafter_from_target, teacher_traces
+from trainer.bootstrap import distill_from_prompts, greedy_with_features, init_drafter_from_target, teacher_traces
 from trainer.evaluation import (
     evaluate_acceptance,
     greedy_accepted_length,
@@ -44,7 +45,7 @@ from trainer.losses import (
     total_variation,
     weighted_mean,
 )
-from trainer.worker import TrainerWorker, WorkerOptions
+from trainer.worker import TrainerWorker, token_worker
 
 torch.set_num_threads(1)
 
@@ -88,9 +89,15 @@ def world() -> World:
                  traces_for(target, random_prompts(16, seed=1), "held"))
 
 
+def trainer_settings(**options) -> TrainerSettings:
+    """TrainerSettings for tests: `options` are its fields, or TrainerTuning's."""
+    values = {"consumer_name": "test-worker", "publish_every": 10**6, **options}
+    tuning = {"block_ms": 50, **{k: values.pop(k) for k in list(values) if k in TrainerTuning.model_fields}}
+    return load_settings("trainer", {**values, "tuning": tuning}, environ={})
+
+
 def make_worker(drafter, store, client, **options) -> TrainerWorker:
-    defaults = dict(consumer="test-worker", block_ms=50, publish_every=10**6)
-    return TrainerWorker(drafter, store, client, WorkerOptions(**{**defaults, **options}), registry=CollectorRegistry())
+    return token_worker(drafter, store, client, trainer_settings(**options), registry=CollectorRegistry())
 
 
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -264,7 +271,8 @@ from prometheus_client import CollectorRegistry
 from transformers import AutoModelForCausalLM
 from specdec import redisutil
 from specdec.checkpoints import CheckpointStore
-from trainer.worker import TrainerWorker, WorkerOptions
+from specdec.config import load_settings
+from trainer.worker import token_worker
 
 torch.set_num_threads(1)
 url, model_dir, checkpoint_dir = sys.argv[1:4]
@@ -275,9 +283,10 @@ def stall(module, args):  # the batch is fetched but neither trained on nor acke
     time.sleep(600)
 
 drafter.get_output_embeddings().register_forward_pre_hook(stall)
-worker = TrainerWorker(drafter, CheckpointStore(checkpoint_dir), redisutil.connect(url),
-                       WorkerOptions(consumer="doomed", batch_size=10, holdout_fraction=0.0),
-                       registry=CollectorRegistry())
+settings = load_settings("trainer", {"consumer_name": "doomed", "batch_size": 10, "holdout_fraction": 0.0},
+                         environ={})
+worker = token_worker(drafter, CheckpointStore(checkpoint_dir), redisutil.connect(url), settings,
+                      registry=CollectorRegistry())
 worker.step()
 print("acked", flush=True)
 """
@@ -305,7 +314,7 @@ def test_traces_of_a_killed_worker_are_reclaimed_and_acked_exactly_once(world, t
         doomed.wait(30)
         doomed.stdout.close()
 
-    survivor = make_worker(tiny_llama(seed=7), CheckpointStore(store_dir), redis_client, consumer="survivor",
+    survivor = make_worker(tiny_llama(seed=7), CheckpointStore(store_dir), redis_client, consumer_name="survivor",
                            batch_size=8, claim_idle_ms=100, lr=1e-3)
     results = []
     for _attempt in range(40):  # until the group has nothing pending and nothing new
@@ -406,7 +415,7 @@ def test_pending_traces_trimmed_from_the_stream_are_dropped_not_kept_forever(wor
 def test_a_worker_behind_the_traffic_skips_stale_traces_but_not_pending_ones(world, tmp_path, redis_client):
     old = append_traces(redis_client, world.train[:6], stream=STREAM)
     worker = make_worker(copy.deepcopy(world.target), CheckpointStore(tmp_path / "ck"), redis_client,
-                         group="fresh", batch_size=2, holdout_fraction=0.0, max_trace_age_s=1.0)
+                         consumer_group="fresh", batch_size=2, holdout_fraction=0.0, max_trace_age_s=1.0)
     in_flight = worker.consumer.fetch(2, block_ms=10)  # delivered, never acked: a crashed step's batch
     time.sleep(1.2)
     fresh = append_traces(redis_client, world.train[6:9], stream=STREAM)
@@ -449,10 +458,10 @@ def test_gate_rejects_a_worse_checkpoint_and_promotes_a_better_one(world, tmp_pa
     append_traces(redis_client, world.held, stream=STREAM)
 
     # Every trace goes to the gate's hold-out; each worker reads the stream in its own group.
-    worse = make_worker(perturbed(world.target, 4.0, seed=3), store, redis_client, group="gate-worse",
+    worse = make_worker(perturbed(world.target, 4.0, seed=3), store, redis_client, consumer_group="gate-worse",
                         holdout_fraction=1.0)
     worse.drain()
-    assert len(worse.holdout) == len(world.held) and worse.steps == 0
+    assert len(worse.strategy.holdout) == len(world.held) and worse.steps == 0
     decision = worse.publish_and_gate()
     candidate, reference = decision.metrics["candidate"], decision.metrics["current"]
     assert not decision.promote and decision.metrics["reference"] == "v1"
@@ -460,9 +469,9 @@ def test_gate_rejects_a_worse_checkpoint_and_promotes_a_better_one(world, tmp_pa
     assert store.current() == first and read_redis_pointer(redis_client) == first
     assert store.status(2) == "reject"
     # The losing replica continues from the better current checkpoint.
-    assert same_weights(worse.drafter, store.load(first).model) and worse.base_version == first
+    assert same_weights(worse.strategy.drafter, store.load(first).model) and worse.strategy.base_version == first
 
-    better = make_worker(copy.deepcopy(world.target), store, redis_client, group="gate-better", holdout_fraction=1.0)
+    better = make_worker(copy.deepcopy(world.target), store, redis_client, consumer_group="gate-better", holdout_fraction=1.0)
     better.drain()
     decision = better.publish_and_gate()
     assert decision.promote, decision.reason
@@ -475,7 +484,7 @@ def test_gate_rejects_a_worse_checkpoint_and_promotes_a_better_one(world, tmp_pa
     assert "<=" in logged[1]["reason"] and ">" in logged[2]["reason"]
 
     # Without enough held-out evidence nothing is promoted, however good the candidate.
-    blind = make_worker(copy.deepcopy(world.target), store, redis_client, group="gate-blind")
+    blind = make_worker(copy.deepcopy(world.target), store, redis_client, consumer_group="gate-blind")
     decision = blind.publish_and_gate()
     assert not decision.promote and "held-out blocks" in decision.reason and store.current() == 3
 
@@ -492,7 +501,7 @@ def test_gate_scores_its_reference_once_per_held_out_trace(world, tmp_path, redi
     store = CheckpointStore(tmp_path / "ck", redis_client=redis_client)
     current = perturbed(world.target, 0.5, seed=2)
     store.promote(store.publish(current), "bootstrap")
-    worker = make_worker(perturbed(world.target, 4.0, seed=3), store, redis_client, group="gate-cache",
+    worker = make_worker(perturbed(world.target, 4.0, seed=3), store, redis_client, consumer_group="gate-cache",
                          holdout_fraction=1.0, holdout_half_life=0, resync_on_reject=False)
     half = len(world.held) // 2
     for part in (world.held[:half], world.held[half:]):
@@ -500,11 +509,11 @@ def test_gate_scores_its_reference_once_per_held_out_trace(world, tmp_path, redi
         worker.drain()
         decision = worker.publish_and_gate()
         assert not decision.promote
-        uncached = evaluation.summarize(real_score(current, list(worker.holdout)))
+        uncached = evaluation.summarize(real_score(current, list(worker.strategy.holdout)))
         assert decision.metrics["current"] == uncached.as_dict()
     assert scored == [half, len(world.held) - half]
 
-    worker.drafter.load_state_dict(world.target.state_dict())  # now a better candidate
+    worker.strategy.drafter.load_state_dict(world.target.state_dict())  # now a better candidate
     assert worker.publish_and_gate().promote
     scored.clear()
     decision = worker.publish_and_gate()  # same weights against themselves: scored once, reused
@@ -518,24 +527,24 @@ def test_candidates_average_the_trained_weights_when_asked(world, tmp_path, redi
     store = CheckpointStore(tmp_path / "ck", redis_client=redis_client)
     append_traces(redis_client, world.train[:40], stream=STREAM)
     decay = 0.6
-    worker = make_worker(perturbed(world.target, 1.0, seed=5), store, redis_client, group="ema", batch_size=8,
+    worker = make_worker(perturbed(world.target, 1.0, seed=5), store, redis_client, consumer_group="ema", batch_size=8,
                          lr=1e-2, ema_decay=decay, holdout_fraction=0.0, min_holdout_blocks=0)
-    expected = {k: v.clone() for k, v in worker.drafter.state_dict().items()}
+    expected = {k: v.clone() for k, v in worker.strategy.drafter.state_dict().items()}
     for _ in range(4):
         assert worker.step(block_ms=100).loss is not None
-        for key, value in worker.drafter.state_dict().items():
+        for key, value in worker.strategy.drafter.state_dict().items():
             expected[key] = decay * expected[key] + (1 - decay) * value
     version = worker.publish_and_gate().metrics["candidate_version"]
     published = store.load(version).model.state_dict()
-    trained = worker.drafter.state_dict()
+    trained = worker.strategy.drafter.state_dict()
     changed = [k for k in published if not torch.equal(trained[k], expected[k])]
     assert changed, "training did not move the weights"
     for key in published:
         torch.testing.assert_close(published[key], expected[key], rtol=1e-5, atol=1e-6)
 
     other = copy.deepcopy(world.target)
-    worker._adopt(other, None, version)
-    assert same_weights(worker.drafter, other) and same_weights(worker.candidate, other)
+    worker.strategy._adopt(other, None, version)
+    assert same_weights(worker.strategy.drafter, other) and same_weights(worker.strategy.weights, other)
 
 
 def test_recency_weights_halve_per_half_life_and_old_traces_drop_out():
@@ -558,10 +567,10 @@ def test_gate_judges_a_domain_shift_on_the_new_traffic(world, tmp_path, redis_cl
     append_traces(redis_client, old_domain + new_domain, stream=STREAM)
 
     def gate_with(half_life: int):
-        worker = make_worker(copy.deepcopy(new_target), store, redis_client, group=f"shift-{half_life}",
+        worker = make_worker(copy.deepcopy(new_target), store, redis_client, consumer_group=f"shift-{half_life}",
                              holdout_fraction=1.0, holdout_half_life=half_life, resync_on_reject=False)
         worker.drain()
-        assert len(worker.holdout) == len(old_domain) + len(new_domain) == 240
+        assert len(worker.strategy.holdout) == len(old_domain) + len(new_domain) == 240
         return worker.publish_and_gate()
 
     uniform = gate_with(0)
@@ -579,14 +588,14 @@ def test_a_worker_keeps_its_own_lineage_through_a_few_rejections(world, tmp_path
     store = CheckpointStore(tmp_path / "ck", redis_client=redis_client)
     store.promote(store.publish(copy.deepcopy(world.target), {"consumer": "test-worker"}), "our earlier candidate")
     append_traces(redis_client, world.held, stream=STREAM)
-    worker = make_worker(perturbed(world.target, 4.0, seed=3), store, redis_client, group="lineage",
+    worker = make_worker(perturbed(world.target, 4.0, seed=3), store, redis_client, consumer_group="lineage",
                          holdout_fraction=1.0, resync_after_rejects=2)
-    own = copy.deepcopy(worker.drafter)
+    own = copy.deepcopy(worker.strategy.drafter)
     worker.drain()
     assert not worker.publish_and_gate().promote
-    assert same_weights(worker.drafter, own) and worker.base_version is None
+    assert same_weights(worker.strategy.drafter, own) and worker.strategy.base_version is None
     assert not worker.publish_and_gate().promote
-    assert same_weights(worker.drafter, store.load(1).model) and worker.base_version == 1
+    assert same_weights(worker.strategy.drafter, store.load(1).model) and worker.strategy.base_version == 1
 
 
 # -- training raises acceptance; the acceptance head learns --------------------------------------------
@@ -612,7 +621,7 @@ def training_run(world, tmp_path_factory):
     before = evaluate_acceptance(drafter, world.held)
     # A higher head learning rate than the default: this run is 60 steps, not thousands.
     worker = make_worker(drafter, store, client, batch_size=32, lr=3e-3, accept_head_lr=1e-2)
-    initial_head = copy.deepcopy(worker.accept_head)
+    initial_head = copy.deepcopy(worker.strategy.accept_head)
     losses = []
     for _epoch in range(2):
         append_traces(client, world.train, stream=STREAM)
@@ -635,7 +644,7 @@ def test_training_raises_acceptance_on_held_out_prompts(training_run):
     assert run.decision.promote, run.decision.reason
     loaded = run.store.load()
     assert loaded.version == run.decision.metrics["candidate_version"] == run.store.current()
-    assert same_weights(loaded.model, run.worker.drafter)
+    assert same_weights(loaded.model, run.worker.strategy.drafter)
 
 
 def _auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
@@ -655,13 +664,13 @@ def _head_data(model, records):
 
 def test_accept_head_learns_to_predict_acceptance(training_run, world):
     run = training_run
-    hidden, labels = _head_data(run.worker.drafter, world.held)
+    hidden, labels = _head_data(run.worker.strategy.drafter, world.held)
     assert 0.2 < float(labels.mean()) < 0.9  # both outcomes occur
     everything = torch.ones_like(labels, dtype=torch.bool)
     with torch.no_grad():
-        trained_loss = float(accept_head_loss(run.worker.accept_head.logits(hidden), labels, everything))
+        trained_loss = float(accept_head_loss(run.worker.strategy.accept_head.logits(hidden), labels, everything))
         initial_loss = float(accept_head_loss(run.initial_head.logits(hidden), labels, everything))
-        online = run.worker.accept_head(hidden)
+        online = run.worker.strategy.accept_head(hidden)
     # Trained online next to a moving drafter, on prompts it never saw: better than where it started,
     # and it ranks accepted slots above rejected ones more often than chance.
     assert trained_loss < initial_loss
@@ -671,7 +680,7 @@ def test_accept_head_learns_to_predict_acceptance(training_run, world):
     torch.testing.assert_close(run.store.load().accept_head(hidden), online)
 
     # For a fixed drafter the head fits its acceptance pattern well beyond the base rate.
-    train_hidden, train_labels = _head_data(run.worker.drafter, world.train[::2])
+    train_hidden, train_labels = _head_data(run.worker.strategy.drafter, world.train[::2])
     torch.manual_seed(0)
     head = AcceptHead(hidden.shape[-1])
     optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3)
@@ -696,7 +705,7 @@ def test_accept_head_learns_to_predict_acceptance(training_run, world):
 def test_worker_step_with_each_loss_reduces_it(name, world, tmp_path, redis_client):
     worker = make_worker(tiny_llama(seed=11), CheckpointStore(tmp_path / "ck"), redis_client, loss=name, lr=3e-3)
     batch = world.train[:24]
-    losses = [worker.train_on(batch)[0] for _ in range(12)]
+    losses = [worker.strategy.train_on(batch)[0] for _ in range(12)]
     assert losses[-1] < 0.8 * losses[0], losses
 
 
@@ -781,7 +790,7 @@ def test_distill_epochs_replay_training_traces_but_never_held_out_ones(world, tm
     assert all(seen[r] == 2 for r in held)  # generated once: two blocks of 4 tokens, never replayed
     assert all(seen[r] == 6 for r in request_ids if r not in held)  # the same two blocks in each of 3 epochs
     assert summary.traces == sum(seen.values()) == redis_client.xlen(STREAM)
-    assert len(worker.holdout) == 2 * len(held)
+    assert len(worker.strategy.holdout) == 2 * len(held)
     assert redis_client.xpending(STREAM, "specd-trainers")["pending"] == 0
     with pytest.raises(ValueError):
         distill_from_prompts(world.target, worker, prompts, request_ids, epochs=0)
@@ -886,17 +895,21 @@ def test_specd_self_prompts_feed_distill_eagle_without_a_second_target_pass(tmp_
         assert client.xlen(STREAM) > 0  # token drafters can learn from the same teacher traces
         store = CheckpointStore(tmp_path / "ck")
         assert store.current() == report["version"]
-        # Online rounds on the same traces, into a new store that starts from that drafter.
+        # The trainer worker's EAGLE strategy on the same stream, into a new store that starts from that drafter.
         result = subprocess.run([sys.executable, "-m", "specd.cli", "refine-eagle", *common,
-                                 "--checkpoint-dir", str(tmp_path / "online"), "--base", str(store.path(store.current())),
-                                 "--holdout", "4", "--epochs", "1", "--batch-size", "4", "--rounds", "2",
-                                 "--every-s", "0"], cwd=REPO, capture_output=True, text=True, timeout=180, env=env)
+                                 "--checkpoint-dir", str(tmp_path / "online"), "--eagle-base",
+                                 str(store.path(store.current())), "--holdout-fraction", "0.25",
+                                 "--tuning-min-holdout-blocks", "1", "--eagle-epochs", "1", "--eagle-batch-size", "4",
+                                 "--idle-exit-s", "0", "--consumer-name", "refiner", "--no-log-json"],
+                                cwd=REPO, capture_output=True, text=True, timeout=180, env=env)
         assert result.returncode == 0, result.stderr[-3000:]
-        rounds = [json.loads(line) for line in result.stdout.strip().splitlines()]
-        assert [r["version"] for r in rounds] == [2, 3] and rounds[0]["parent_version"] == 1
-        assert rounds[1]["parent_version"] == (2 if rounds[0]["promoted"] else 1)  # each round refines CURRENT
-        current = CheckpointStore(tmp_path / "online").current()
-        assert current == (3 if rounds[1]["promoted"] else rounds[1]["parent_version"])
+        summary = json.loads(result.stdout.strip().splitlines()[-1])
+        assert summary["steps"] == 1 and summary["traces"] == client.xlen(STREAM)
+        assert [d["version"] for d in summary["decisions"]] == [2]
+        online = CheckpointStore(tmp_path / "online")
+        assert online.meta(2)["parent_version"] == 1 and online.meta(2)["consumer"] == "refiner"
+        assert online.current() == (2 if summary["decisions"][0]["promote"] else 1)
+        assert client.xpending(STREAM, "specd-trainers")["pending"] == 0
     finally:
         shutdown_redis(client)
 
@@ -911,3 +924,95 @@ def test_training_prompt_files_never_repeat_a_bench_prompt():
         prompts = [normalized_prompt(item.prompt) for item in read_prompts(path)]
         assert not bench.intersection(prompts), path.name
         assert len(set(prompts)) == len(prompts), f"{path.name} repeats a prompt"
+
+
+# -- the EAGLE strategy: the same worker, consumer group and gate ----------------------------------------
+
+
+def eagle_worker(target, store, client, **options) -> TrainerWorker:
+    from trainer.eagle import FeatureRefinement
+
+    settings = trainer_settings(**options)
+    return TrainerWorker(FeatureRefinement(target, store, settings.eagle), store, client, settings,
+                         registry=CollectorRegistry())
+
+
+def repeated_traffic(target, texts: int, requests: int, prefix: str) -> list[TraceRecord]:
+    """Teacher traces of `requests` requests cycling over `texts` greedy continuations: the tiny target is
+    chaotic, so traffic repeats itself (new request ids, the same texts), as a domain does."""
+    from specdec.traces import TEACHER_DRAFTER_VERSION
+
+    torch.manual_seed(0)
+    prompts = [torch.randint(0, 256, (6,)).tolist() for _ in range(texts)]
+    continuations = [s.continuation for s in greedy_with_features(target, prompts, 24, pad_id=0, eos_ids=set())]
+    return [TraceRecord(request_id=f"{prefix}{i}", drafter_version=TEACHER_DRAFTER_VERSION,
+                        context_ids=prompts[i % texts], draft_tokens=continuations[i % texts], accepted=24)
+            for i in range(requests)]
+
+
+def eagle_store(target, path) -> CheckpointStore:
+    from trainer.eagle import init_from_target
+
+    store = CheckpointStore(path)
+    store.promote(store.publish(init_from_target(target), meta={"kind": "eagle"}), "base")
+    return store
+
+
+def test_eagle_rounds_read_the_consumer_group_and_pass_the_workers_gate(tiny_dirs, tmp_path, redis_client,
+                                                                        monkeypatch):
+    from specdec.eagle import is_feature_drafter
+    from specdec.models import load_model
+
+    target = load_model(tiny_dirs["llama"]["target"]).model
+    records = repeated_traffic(target, texts=12, requests=36, prefix="r")
+    store = eagle_store(target, tmp_path / "store")
+    append_traces(redis_client, records, stream=STREAM)
+    worker = eagle_worker(target, store, redis_client, holdout_fraction=0.25, min_holdout_blocks=1,
+                          eagle={"epochs": 150, "lr": 3e-3, "round_traces": 10**6})
+    held = {r.request_id for r in records if worker.is_holdout(r.request_id)}
+    assert 0 < len(held) < len(records)
+
+    summary = worker.drain()  # the stream goes idle: one round on everything read
+    assert summary.traces == 36 and summary.steps == 1 and [d["promote"] for d in summary.decisions] == [True]
+    version = store.current()
+    meta = store.meta(version)
+    assert meta["parent_version"] == 1 and meta["kind"] == "eagle" and meta["features_computed"] == 36
+    assert meta["holdout_requests"] == len(held) and meta["consumer"] == "test-worker"
+    assert is_feature_drafter(store.load().model)
+    assert redis_client.xpending(STREAM, "specd-trainers")["pending"] == 0  # acked once the round was gated
+
+    def spoil(drafter, data, **_):  # a round whose training goes wrong
+        with torch.no_grad():
+            for param in drafter.model.layers.parameters():
+                param.mul_(-3.0)
+        return {"steps": 1}
+
+    monkeypatch.setattr("trainer.eagle.train_feature_drafter", spoil)
+    append_traces(redis_client, repeated_traffic(target, texts=12, requests=6, prefix="s"), stream=STREAM)
+    worker.drain()
+    spoiled = store.versions()[-1]
+    assert store.status(spoiled) == "reject" and store.current() == version
+    assert store.meta(spoiled)["features_computed"] == 6  # the target ran only over the new requests
+
+
+def test_eagle_traces_stay_pending_until_used_and_a_peer_reclaims_them_after_a_kill(tiny_dirs, tmp_path,
+                                                                                    redis_client):
+    from specdec.models import load_model
+
+    target = load_model(tiny_dirs["llama"]["target"]).model
+    store = eagle_store(target, tmp_path / "store")
+    ids = set(append_traces(redis_client, repeated_traffic(target, 4, 12, "k"), stream=STREAM))
+    # No held-out requests: no round can be gated, so the traces stay pending.
+    first, second = (eagle_worker(target, store, redis_client, consumer_name=name, holdout_fraction=0.0,
+                                  claim_idle_ms=1000) for name in ("first", "second"))
+    assert first.step().entry_ids and first.step() is None
+    time.sleep(1.5)
+    assert first.step(block_ms=10) is None  # alive: it keeps its pending traces fresh
+    assert second.step(block_ms=10) is None
+    pending = redis_client.xpending_range(STREAM, "specd-trainers", min="-", max="+", count=100)
+    assert {p["message_id"].decode() for p in pending} == ids and {p["consumer"] for p in pending} == {b"first"}
+    time.sleep(1.5)  # `first` is gone (killed): nothing keeps its traces fresh
+    taken = second.step(block_ms=10)
+    assert taken.claimed == 12 and set(taken.entry_ids) == ids and taken.acked == 0
+    pending = redis_client.xpending_range(STREAM, "specd-trainers", min="-", max="+", count=100)
+    assert {p["consumer"] for p in pending} == {b"second"}

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from specdec import redisutil
 from specdec.checkpoints import CheckpointStore
+from specdec.config import load_settings
 from specdec.models import load_model
 from specdec.traces import append_traces
 from specdec.vocab_head import (
@@ -25,7 +26,7 @@ from specdec.vocab_head import (
 )
 from trainer.bootstrap import teacher_traces
 from trainer.prune_head import emitted_token_counts, prune_checkpoint, recent_traces
-from trainer.worker import TrainerWorker, WorkerOptions
+from trainer.worker import token_worker
 
 VOCAB = 256
 KEPT = torch.tensor([0, 3, 5, 17, 64, 100, 200, 255])
@@ -127,8 +128,8 @@ def test_prune_checkpoint_ranks_the_target_tokens_and_a_pruned_drafter_trains(tm
     assert len(kept) == 32 and set(most_common) <= kept
 
     # The trainer fine-tunes it without chasing logits it cannot move.
-    worker = TrainerWorker(pruned, store, redis_client, WorkerOptions(consumer="t", lr=1e-2, publish_every=10**6),
-                           registry=CollectorRegistry())
+    settings = load_settings("trainer", {"consumer_name": "t", "lr": 1e-2, "publish_every": 10**6}, environ={})
+    worker = token_worker(pruned, store, redis_client, settings, registry=CollectorRegistry()).strategy
     batch = read[:16]
     first, _ = worker.train_on(batch)
     for _ in range(5):

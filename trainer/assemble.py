@@ -1,4 +1,5 @@
-"""Builds a TrainerWorker from TrainerSettings (shared by `specd train`, `specd distill` and Ray actors).
+"""Builds TrainerWorkers from TrainerSettings: `build_worker` a token drafter's (`specd train`,
+`specd distill`, Ray actors), `build_eagle_worker` a feature drafter's (`specd refine-eagle`).
 
 The starting drafter is chosen by `settings.drafter`:
   ""        the store's CURRENT checkpoint, else a shallow copy of the target
@@ -19,7 +20,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 from specdec import redisutil
 from specdec.checkpoints import CheckpointStore, parse_version
-from trainer.worker import TrainerWorker, WorkerOptions
+from trainer.worker import Lineage, TrainerWorker, default_consumer_name, token_worker
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +73,34 @@ def _is_version(spec: str) -> bool:
     return not Path(spec).exists()
 
 
+def _named(settings):
+    """The settings with a consumer name: every worker of the group needs its own."""
+    return settings if settings.consumer_name else settings.model_copy(update={"consumer_name": default_consumer_name()})
+
+
 def build_worker(settings, *, registry: CollectorRegistry = REGISTRY, drafter_layers: int = DEFAULT_DRAFTER_LAYERS,
-                 target=None, **options) -> TrainerWorker:
-    """A ready worker: Redis client, checkpoint store, starting drafter, options from settings.
-    `options` sets WorkerOptions fields that TrainerSettings does not have."""
+                 target=None) -> TrainerWorker:
+    """A ready token-drafter worker: Redis client, checkpoint store, starting drafter."""
+    settings = _named(settings)
     client = redisutil.connect(settings.redis_url)
     store = CheckpointStore(settings.checkpoint_dir, redis_client=client)
     start = starting_drafter(settings, store, drafter_layers, target)
     start.model.to(device=settings.device, dtype=torch.float32)
-    worker_options = WorkerOptions.from_settings(settings, target_version=start.target_version,
-                                                 tokenizer_fingerprint=start.tokenizer_fingerprint, **options)
-    log.info("trainer %s starts from %s", worker_options.consumer,
+    log.info("trainer %s starts from %s", settings.consumer_name,
              f"v{start.base_version}" if start.base_version is not None else settings.drafter or "the target")
-    return TrainerWorker(start.model, store, client, worker_options, accept_head=start.accept_head,
-                         base_version=start.base_version, registry=registry)
+    return token_worker(start.model, store, client, settings, Lineage(start.target_version, start.tokenizer_fingerprint),
+                        accept_head=start.accept_head, base_version=start.base_version, registry=registry)
+
+
+def build_eagle_worker(settings, *, registry: CollectorRegistry = REGISTRY) -> TrainerWorker:
+    """A ready feature-drafter worker; an empty store first gets `settings.eagle.base` as its current version."""
+    from trainer.eagle import FeatureRefinement, ensure_base_version
+
+    settings = _named(settings)
+    client = redisutil.connect(settings.redis_url)
+    store = CheckpointStore(settings.checkpoint_dir, redis_client=client)
+    target = load_target(settings)
+    current = ensure_base_version(store, settings.eagle.base, settings.target)  # start from the drafter being served
+    log.info("trainer %s refines the feature drafter from v%d", settings.consumer_name, current)
+    strategy = FeatureRefinement(target.model, store, settings.eagle, target_version=target.version)
+    return TrainerWorker(strategy, store, client, settings, registry)

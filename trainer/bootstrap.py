@@ -289,7 +289,7 @@ def distill_from_prompts(target, worker, prompts: list[list[int]], request_ids: 
         for start in range(0, len(generated), chunk):
             total += _feed(worker, generated[start:start + chunk], maxlen)
         log.info("epoch %d/%d done: %d traces, %d steps", epoch, epochs, total, worker.steps)
-    if final_publish and worker.steps and worker.steps % worker.options.publish_every:
+    if final_publish and worker.steps and worker.steps % worker.settings.publish_every:
         worker.publish_and_gate()
     return DistillSummary(prompts=len(prompts), traces=total, steps=worker.steps, decisions=list(worker.decisions))
 

@@ -7,31 +7,11 @@ import argparse
 import json
 import logging
 import sys
-import typing
 
-from specdec.config import ConfigError, TrainerSettings, load_settings
+from specdec.config import ConfigError, TrainerSettings, add_settings_flags, settings_from_args
 from specdec.traces import DEFAULT_STREAM
 
 log = logging.getLogger(__name__)
-
-
-def add_trainer_settings_flags(parser: argparse.ArgumentParser) -> None:
-    """One --flag-with-dashes per TrainerSettings field; values are validated by the schema."""
-    parser.add_argument("--config", help="YAML settings file (also SPECD_CONFIG)")
-    for name, field in TrainerSettings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        choices = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is typing.Literal else None
-        if field.annotation is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
-                                help=field.description)
-        else:
-            parser.add_argument(flag, dest=name, default=None, choices=choices, help=field.description)
-
-
-def trainer_settings(args: argparse.Namespace) -> TrainerSettings:
-    overrides = {name: getattr(args, name) for name in TrainerSettings.model_fields
-                 if getattr(args, name, None) is not None}
-    return load_settings("trainer", overrides, getattr(args, "config", None))
 
 
 def _setup(settings: TrainerSettings) -> None:
@@ -43,13 +23,29 @@ def _setup(settings: TrainerSettings) -> None:
         serve_metrics(settings.metrics_port, settings.metrics_host)
 
 
-def train_command(args: argparse.Namespace) -> int:
+def _settings(command: str, args: argparse.Namespace) -> TrainerSettings | None:
     try:
-        settings = trainer_settings(args)
+        settings = settings_from_args("trainer", args)
     except ConfigError as err:
-        print(f"specd train: {err}", file=sys.stderr)
-        return 2
+        print(f"specd {command}: {err}", file=sys.stderr)
+        return None
     _setup(settings)
+    return settings
+
+
+def _run(worker, args: argparse.Namespace) -> int:
+    try:
+        summary = worker.run(max_steps=args.max_steps, idle_exit_s=args.idle_exit_s)
+    except KeyboardInterrupt:
+        return 130
+    print(json.dumps({"steps": summary.steps, "traces": summary.traces, "decisions": summary.decisions}))
+    return 0
+
+
+def train_command(args: argparse.Namespace) -> int:
+    settings = _settings("train", args)
+    if settings is None:
+        return 2
     if settings.ray_address:
         from trainer.ray_launch import launch
 
@@ -59,22 +55,15 @@ def train_command(args: argparse.Namespace) -> int:
         return 0
     from trainer.assemble import build_worker
 
-    worker = build_worker(settings, drafter_layers=args.drafter_layers)
-    try:
-        summary = worker.run(max_steps=args.max_steps, idle_exit_s=args.idle_exit_s)
-    except KeyboardInterrupt:
-        return 130
-    print(json.dumps({"steps": summary.steps, "traces": summary.traces, "decisions": summary.decisions}))
-    return 0
+    return _run(build_worker(settings, drafter_layers=args.drafter_layers), args)
 
 
 def distill_command(args: argparse.Namespace) -> int:
-    try:
-        settings = trainer_settings(args)
-    except ConfigError as err:
-        print(f"specd distill: {err}", file=sys.stderr)
+    settings = _settings("distill", args)
+    if settings is None:
         return 2
-    _setup(settings)
+    # A batch job: every teacher trace is wanted, however long training takes.
+    settings = settings.model_copy(update={"max_trace_age_s": 0.0})
     from specdec import gguf_blocks, small_gemm
     from trainer.assemble import build_worker, load_target
     from trainer.bootstrap import distill_prompt_file
@@ -87,7 +76,6 @@ def distill_command(args: argparse.Namespace) -> int:
     if target.device.type == "cpu":  # after the drafter is cut from it; batched greedy decoding is the kernel's case
         if small_gemm.install(target.model) and target.gguf_path:
             gguf_blocks.attach(target.model, target.gguf_path)
-    worker.options.max_trace_age_s = 0  # a batch job: every teacher trace is wanted, however long training takes
     summary = distill_prompt_file(
         target.model, target.tokenizer, worker, args.prompts, max_prompts=args.max_prompts,
         use_chat_template=not args.raw, max_new_tokens=args.max_new_tokens, block_size=args.block_size,
@@ -125,7 +113,7 @@ def distill_eagle_command(args: argparse.Namespace) -> int:
     from specdec.checkpoints import CheckpointStore
     from specdec.logs import setup_logging
     from specdec.models import configure_threads, load_model
-    from trainer.eagle import distill_feature_drafter
+    from trainer.eagle import distill_feature_drafter, teacher_records
     from trainer.prune_head import recent_traces
 
     setup_logging("trainer", "info", False)
@@ -136,8 +124,8 @@ def distill_eagle_command(args: argparse.Namespace) -> int:
     records = recent_traces(client, args.stream, traces) if traces else []
     known = {}
     if args.prompts:
-        new, known = _teacher_records(target, args.prompts, client, args.stream, args.max_new_tokens,
-                                      args.generation_batch)
+        new, known = teacher_records(target, args.prompts, client, args.stream, args.max_new_tokens,
+                                     args.generation_batch)
         records += new
     store = CheckpointStore(args.checkpoint_dir, redis_client=client)
     try:
@@ -154,67 +142,18 @@ def distill_eagle_command(args: argparse.Namespace) -> int:
 
 
 def refine_eagle_command(args: argparse.Namespace) -> int:
-    import time
+    """The trainer worker with the EAGLE strategy: rounds on the trace stream's consumer group."""
+    settings = _settings("refine-eagle", args)
+    if settings is None:
+        return 2
+    from specdec.checkpoints import CheckpointError
+    from trainer.assemble import build_eagle_worker
 
-    from specdec import redisutil
-    from specdec.checkpoints import CheckpointError, CheckpointStore
-    from specdec.logs import setup_logging
-    from specdec.models import configure_threads, load_model
-    from trainer.eagle import ensure_base_version, refine_feature_drafter
-    from trainer.prune_head import recent_traces
-
-    setup_logging("trainer", "info", False)
-    configure_threads(args.threads)
-    client = redisutil.connect(args.redis_url)
-    target = load_model(args.target)
-    store = CheckpointStore(args.checkpoint_dir, redis_client=client)
-    ensure_base_version(store, args.base, args.target)  # start from the drafter being served
-    rounds, features = 0, {}
-    while True:
-        records = recent_traces(client, args.stream, args.traces)
-        try:
-            report = refine_feature_drafter(target.model, records, store, holdout=args.holdout,
-                                            target_version=target.version, feature_cache=features,
-                                            epochs=args.epochs, lr=args.lr,
-                                            batch_size=args.batch_size, time_limit_s=args.time_limit_s)
-            print(json.dumps(report), flush=True)
-        except ValueError as err:  # too little traffic yet
-            log.info("refine-eagle: %s; waiting", err)
-        except CheckpointError as err:
-            print(f"specd refine-eagle: {err}", file=sys.stderr)
-            return 1
-        rounds += 1
-        if args.rounds and rounds >= args.rounds:
-            return 0
-        time.sleep(args.every_s)
-
-
-def _teacher_records(target, prompt_files: list[str], client, stream: str, max_new_tokens: int,
-                     batch: int) -> tuple[list, dict]:
-    """The target's greedy continuations of the prompt files as teacher traces, also appended to
-    `stream` so token drafters can learn from the same run, and their features by request id."""
-    from specdec import small_gemm
-    from specdec.traces import append_traces
-    from trainer.bootstrap import encode_prompt, greedy_with_features, padding_id, read_prompts, sample_traces
-    from trainer.eagle import FeatureSequence
-
-    items = [item for path in prompt_files for item in read_prompts(path)]
-    tokenizer = target.tokenizer
-    encoded = [encode_prompt(tokenizer, item.prompt) for item in items]
-    order = sorted(range(len(items)), key=lambda i: len(encoded[i]))  # similar lengths pad little
-    small_gemm.install(target.model)  # batched greedy decoding is the kernel's case; training reads fp32 weights
-    per_item, features = {}, {}
-    for start in range(0, len(order), batch):
-        chunk = order[start:start + batch]
-        samples = greedy_with_features(target.model, [encoded[i] for i in chunk], max_new_tokens,
-                                       padding_id(tokenizer), set(target.eos_token_ids))
-        for i, sample in zip(chunk, samples):
-            per_item[i] = sample_traces([sample], [items[i].id], target_version=target.version)
-            features[items[i].id] = FeatureSequence.of_sample(sample)
-        append_traces(client, [record for i in chunk for record in per_item[i]], stream=stream)
-        log.info("teacher traces for %d/%d prompts", min(start + batch, len(items)), len(items))
-    # File order again: the newest requests are the held-out ones, and length is no way to pick them.
-    return [record for i in sorted(per_item) for record in per_item[i]], features
+    try:
+        return _run(build_eagle_worker(settings), args)
+    except CheckpointError as err:
+        print(f"specd refine-eagle: {err}", file=sys.stderr)
+        return 1
 
 
 def self_prompts_command(args: argparse.Namespace) -> int:
@@ -296,17 +235,21 @@ def _export(store, version: int, args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker_flags(parser: argparse.ArgumentParser, steps: str) -> None:
+    add_settings_flags(parser, "trainer")
+    parser.add_argument("--max-steps", type=int, default=None, help=f"stop after this many {steps}")
+    parser.add_argument("--idle-exit-s", type=float, default=None, help="stop after this long without traces")
+
+
 def add_subcommands(subparsers) -> None:
     train = subparsers.add_parser("train", help="train the drafter online from the trace stream")
-    add_trainer_settings_flags(train)
-    train.add_argument("--max-steps", type=int, default=None, help="stop after this many optimisation steps")
-    train.add_argument("--idle-exit-s", type=float, default=None, help="stop after this long without traces")
+    _worker_flags(train, "optimisation steps")
     train.add_argument("--drafter-layers", type=int, default=4,
                        help="decoder layers of a drafter initialised from the target")
     train.set_defaults(handler=train_command)
 
     distill = subparsers.add_parser("distill", help="bootstrap the drafter from a prompt file (same pipeline)")
-    add_trainer_settings_flags(distill)
+    add_settings_flags(distill, "trainer")
     distill.add_argument("--prompts", required=True, help="JSON Lines of {id, category, prompt}")
     distill.add_argument("--max-new-tokens", type=int, default=64)
     distill.add_argument("--layers", type=int, default=4, help="decoder layers of a drafter initialised from the target")
@@ -351,23 +294,10 @@ def add_subcommands(subparsers) -> None:
     eagle.add_argument("--promote", action="store_true", help="make the new version CURRENT")
     eagle.set_defaults(handler=distill_eagle_command)
 
-    refine = subparsers.add_parser("refine-eagle", help="keep fine-tuning a served EAGLE drafter on recent traces, "
-                                                        "promoting only versions that accept more")
-    refine.add_argument("--target", default="smollm2-135m")
-    refine.add_argument("--checkpoint-dir", required=True, help="the store the drafter service follows")
-    refine.add_argument("--base", default="smollm2-135m-eagle",
-                        help="drafter to start from when the store has no CURRENT version")
-    refine.add_argument("--redis-url", default="embedded", help="where the trace stream lives")
-    refine.add_argument("--stream", default=DEFAULT_STREAM)
-    refine.add_argument("--traces", type=int, default=2_000, help="newest traces each round learns from")
-    refine.add_argument("--holdout", type=int, default=20, help="newest requests each round's gate scores on")
-    refine.add_argument("--epochs", type=float, default=2.0)
-    refine.add_argument("--lr", type=float, default=3e-4)
-    refine.add_argument("--batch-size", type=int, default=8)
-    refine.add_argument("--time-limit-s", type=float, default=None, help="stop each round's training after this long")
-    refine.add_argument("--every-s", type=float, default=60.0, help="pause between rounds")
-    refine.add_argument("--rounds", type=int, default=0, help="stop after this many rounds (0: run until stopped)")
-    refine.add_argument("--threads", type=int, default=1)
+    refine = subparsers.add_parser("refine-eagle", help="keep fine-tuning a served EAGLE drafter on the trace stream "
+                                                        "(the trainer worker's EAGLE strategy), promoting only "
+                                                        "versions that accept more")
+    _worker_flags(refine, "rounds")
     refine.set_defaults(handler=refine_eagle_command)
 
     selfp = subparsers.add_parser("self-prompts", help="write a prompt file of requests the target writes itself")

@@ -89,6 +89,13 @@ class TraceConsumer:
             return 0
         return int(self.client.xack(self.stream, self.group, *entry_ids))
 
+    def keep_alive(self, entry_ids: list[str]) -> None:
+        """Resets the idle time of entries we hold unacked on purpose, so no live peer reclaims them
+        (XCLAIM to ourselves; JUSTID leaves their delivery counts alone)."""
+        if entry_ids:
+            self.client.xclaim(self.stream, self.group, self.consumer, min_idle_time=0, message_ids=entry_ids,
+                               justid=True)
+
     def _claim_stale(self, count: int) -> list[StreamEntry]:
         response = self.client.xautoclaim(self.stream, self.group, self.consumer, min_idle_time=self.claim_idle_ms,
                                           start_id=self._claim_cursor, count=count)

@@ -14,7 +14,8 @@ both over the draft head's vocabulary. Rows that predict a continuation
 token weigh 1, prompt rows `prompt_weight`: the drafter only ever drafts
 continuations. `draft_acceptance` measures what serving would see: greedy
 blocks drafted on the drafter's own features, scored against the target's
-greedy continuation.
+greedy continuation. `FeatureRefinement` is the TrainerWorker strategy that
+keeps fine-tuning a served feature drafter on the trace stream.
 """
 
 from __future__ import annotations
@@ -23,16 +24,21 @@ import logging
 import math
 import random
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from specdec.accept_head import lm_head_inputs
+from specdec.checkpoints import CheckpointStore, version_name
+from specdec.config import EagleSettings
 from specdec.eagle import FUSE_ATTR, add_fuse, feed_rows, fused_inputs, greedy_drafts
 from specdec.kv import crop_cache
 from specdec.traces import TraceRecord
 from trainer.bootstrap import init_drafter_from_target
+from trainer.evaluation import AcceptanceReport
+from trainer.worker import Candidate, Judgement
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +197,7 @@ def draft_acceptance(drafter, data: list[FeatureSequence], block: int = 4) -> di
     feature yet) and drafts on its own features after that. Returns the mean
     accepted length per block and the first draft's acceptance rate.
     """
-    accepted_total, first_hits, blocks = 0, 0, 0
+    accepted_total, first_hits, blocks, judged = 0, 0, 0, 0
     for seq in data:
         ids = torch.tensor(seq.ids)
         start = max(2, seq.prompt_len)  # committed length of the first block
@@ -203,7 +209,10 @@ def draft_acceptance(drafter, data: list[FeatureSequence], block: int = 4) -> di
             rows = cache.get_seq_length()
             accepted = 0
             for slot, (token, _) in zip(range(block), greedy_drafts(drafter, cache, logits, predicted)):
-                if committed + slot >= len(seq.ids) or int(token) != seq.ids[committed + slot]:
+                if committed + slot >= len(seq.ids):
+                    break
+                judged += 1
+                if int(token) != seq.ids[committed + slot]:
                     break
                 accepted += 1
             accepted_total += accepted
@@ -214,7 +223,14 @@ def draft_acceptance(drafter, data: list[FeatureSequence], block: int = 4) -> di
             logits, predicted, cache = feed_rows(drafter, cache, ids[committed:committed + 1],
                                                  seq.features[committed - 1:committed].float(), keep_logits=1)
     return {"blocks": blocks, "mean_accepted": accepted_total / max(1, blocks),
-            "first_token_acceptance": first_hits / max(1, blocks)}
+            "first_token_acceptance": first_hits / max(1, blocks), "judged_slots": judged,
+            "agreement_rate": accepted_total / max(1, judged)}
+
+
+def as_acceptance_report(score: dict) -> AcceptanceReport:
+    """draft_acceptance's result in the promotion gate's terms."""
+    return AcceptanceReport(mean_accepted_length=score["mean_accepted"], agreement_rate=score["agreement_rate"],
+                            blocks=score["blocks"], judged_slots=score["judged_slots"])
 
 
 def _split_features(target, records: list[TraceRecord], holdout: int, seed: int,
@@ -251,41 +267,85 @@ def ensure_base_version(store, base: str, target: str) -> int:
     return version
 
 
-def refine_feature_drafter(target, records: list[TraceRecord], store, holdout: int = 40, seed: int = 0,
-                           target_version: str = "", feature_cache: dict[str, FeatureSequence] | None = None,
-                           **train_options) -> dict:
-    """One online round for a served feature drafter: fine-tunes the store's current version on the
-    requests in `records` (the recent traffic) and promotes the result only if it accepts more of the
-    newest `holdout` requests than the current version does; otherwise it is published and rejected.
-    Drafters following the store swap to a promoted version between rounds. `feature_cache` (request
-    id -> sequence), kept across rounds, spares the target a pass over requests it has seen; it is
-    left holding this round's requests only."""
-    current = store.current()
-    if current is None:
-        raise ValueError(f"{store.root} has no current drafter to refine")
-    held, train, report, features = _split_features(target, records, holdout, seed, feature_cache)
-    if feature_cache is not None:
-        feature_cache.clear()
-        feature_cache.update(features)
-    base = store.load(current)
-    drafter = base.model
-    before = draft_acceptance(drafter, held)
-    training = train_feature_drafter(drafter, train, seed=seed, **train_options)
-    after = draft_acceptance(drafter, held)
-    report.update(holdout_before=before, holdout_after=after, **training)
-    inherited = {key: base.meta[key] for key in ("kind", "head_vocab", "tokenizer_fingerprint") if key in base.meta}
-    version = store.publish(drafter, meta={**inherited, "consumer": "refine-eagle", "parent_version": current,
-                                           "target_version": target_version or base.meta.get("target_version", ""),
-                                           **report})
-    gate = {"mean_accepted_before": before["mean_accepted"], "mean_accepted_after": after["mean_accepted"]}
-    if after["mean_accepted"] > before["mean_accepted"]:
-        store.promote(version, f"accepts more of the newest {len(held)} requests than v{current}", gate)
-    else:
-        store.reject(version, f"accepts no more of the newest {len(held)} requests than v{current}", gate)
-    report.update(version=version, parent_version=current, promoted=store.current() == version)
-    log.info("feature drafter v%d from v%d: held-out accepted length %.3f -> %.3f (%s)", version, current,
-             before["mean_accepted"], after["mean_accepted"], "promoted" if report["promoted"] else "rejected")
-    return report
+class FeatureRefinement:
+    """TrainerWorker strategy for a served feature drafter. It keeps a window of the newest traces
+    (held-out requests apart, by the worker's split); once `round_traces` new ones arrived, or the
+    stream went idle with some, a round fine-tunes the store's current version on the window's
+    training requests, and the gate compares it with that version on the held-out ones. The
+    target's features of requests seen in the last round are kept, so a round runs the target
+    only over new traffic. Traces stay pending until the round that used them was gated."""
+
+    holds_traces = True
+
+    def __init__(self, target, store: CheckpointStore, settings: EagleSettings, target_version: str = ""):
+        self.target, self.store, self.settings, self.target_version = target, store, settings, target_version
+        self.vocab_size = int(target.config.vocab_size)
+        self.window: deque[TraceRecord] = deque(maxlen=settings.window)
+        self.held: deque[TraceRecord] = deque(maxlen=settings.window)
+        self.features: dict[str, FeatureSequence] = {}  # request id -> sequence, of the last round's requests
+        self.new_traces = 0
+        self.steps = 0  # rounds
+        self._judgement: Judgement | None = None
+
+    def take(self, train: list[TraceRecord], holdout: list[TraceRecord]) -> tuple[None, None]:
+        self.window.extend(train)
+        self.held.extend(holdout)
+        self.new_traces += len(train) + len(holdout)
+        return None, None
+
+    def due(self, idle: bool) -> bool:
+        if not self.new_traces or (not idle and self.new_traces < self.settings.round_traces):
+            return False
+        train, held = self._sequences()
+        return bool(train) and bool(held)  # else wait for traffic on both sides of the split
+
+    def _sequences(self) -> tuple[dict, dict]:
+        """(training, held-out) request id -> (ids, prompt_len); the worker's split keeps them apart."""
+        return committed_sequences(list(self.window)), committed_sequences(list(self.held))
+
+    def candidate(self) -> Candidate:
+        current = self.store.current()
+        if current is None:
+            raise ValueError(f"{self.store.root} has no current feature drafter to refine")
+        train, held = self._sequences()
+        computed = self._update_features({**train, **held})
+        train_data = [self.features[rid] for rid in train]
+        held_data = [self.features[rid] for rid in held]
+        random.Random(self.steps).shuffle(train_data)
+        base = self.store.load(current)
+        drafter = base.model
+        before = draft_acceptance(drafter, held_data)
+        training = train_feature_drafter(drafter, train_data, epochs=self.settings.epochs, lr=self.settings.lr,
+                                         batch_size=self.settings.batch_size, seed=self.steps,
+                                         time_limit_s=self.settings.time_limit_s or None)
+        after = draft_acceptance(drafter, held_data)
+        self.steps += 1
+        self.new_traces = 0
+        self._judgement = Judgement(as_acceptance_report(after), as_acceptance_report(before), version_name(current),
+                                    len(held_data))
+        log.info("feature drafter round %d from %s: held-out accepted length %.3f -> %.3f", self.steps,
+                 version_name(current), before["mean_accepted"], after["mean_accepted"])
+        inherited = {key: base.meta[key] for key in ("kind", "head_vocab", "tokenizer_fingerprint") if key in base.meta}
+        return Candidate(drafter, None, {
+            **inherited, "parent_version": current,
+            "target_version": self.target_version or base.meta.get("target_version", ""),
+            "train_requests": len(train_data), "holdout_requests": len(held_data), "features_computed": computed,
+            "holdout_before": before, "holdout_after": after, **training})
+
+    def _update_features(self, sequences: dict[str, tuple[list[int], int]]) -> int:
+        """Keeps the target's features of exactly `sequences`, computing those not known; returns how many."""
+        known = {rid: seq for rid, seq in self.features.items() if rid in sequences and seq.ids == sequences[rid][0]}
+        missing = [rid for rid in sequences if rid not in known]
+        known.update(zip(missing, collect_features(self.target, [sequences[rid] for rid in missing])))
+        self.features = known
+        return len(missing)
+
+    def judge(self, current_version: int | None) -> Judgement:
+        return self._judgement
+
+    def decided(self, promoted: bool, candidate_version: int, current_version: int | None,
+                judgement: Judgement) -> None:
+        """Nothing to carry over: the next round starts from whatever version is current then."""
 
 
 def distill_feature_drafter(target, records: list[TraceRecord], store, head_vocab: int = 0, holdout: int = 40,
@@ -321,3 +381,31 @@ def distill_feature_drafter(target, records: list[TraceRecord], store, head_voca
     log.info("feature drafter v%d: held-out accepted length %.3f -> %.3f", version, before["mean_accepted"],
              after["mean_accepted"])
     return report
+
+
+def teacher_records(target, prompt_files: list[str], client, stream: str, max_new_tokens: int,
+                    batch: int) -> tuple[list[TraceRecord], dict[str, FeatureSequence]]:
+    """The target's greedy continuations of the prompt files as teacher traces, also appended to
+    `stream` so token drafters can learn from the same run, and their features by request id.
+    `target` is a specdec.models.LoadedModel."""
+    from specdec import small_gemm
+    from specdec.traces import append_traces
+    from trainer.bootstrap import encode_prompt, greedy_with_features, padding_id, read_prompts, sample_traces
+
+    items = [item for path in prompt_files for item in read_prompts(path)]
+    tokenizer = target.tokenizer
+    encoded = [encode_prompt(tokenizer, item.prompt) for item in items]
+    order = sorted(range(len(items)), key=lambda i: len(encoded[i]))  # similar lengths pad little
+    small_gemm.install(target.model)  # batched greedy decoding is the kernel's case; training reads fp32 weights
+    per_item, features = {}, {}
+    for start in range(0, len(order), batch):
+        chunk = order[start:start + batch]
+        samples = greedy_with_features(target.model, [encoded[i] for i in chunk], max_new_tokens,
+                                       padding_id(tokenizer), set(target.eos_token_ids))
+        for i, sample in zip(chunk, samples):
+            per_item[i] = sample_traces([sample], [items[i].id], target_version=target.version)
+            features[items[i].id] = FeatureSequence.of_sample(sample)
+        append_traces(client, [record for i in chunk for record in per_item[i]], stream=stream)
+        log.info("teacher traces for %d/%d prompts", min(start + batch, len(items)), len(items))
+    # File order again: the newest requests are the held-out ones, and length is no way to pick them.
+    return [record for i in sorted(per_item) for record in per_item[i]], features

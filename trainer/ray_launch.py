@@ -45,7 +45,7 @@ class TrainerActor:
         self._stop.set()
 
     def consumer_name(self) -> str:
-        return self.worker.options.consumer
+        return self.worker.settings.consumer_name
 
 
 def portable_settings(settings):
