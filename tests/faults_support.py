@@ -140,9 +140,12 @@ def run_streams(address: str, prompts: list[list[int]], new_tokens: int, fault: 
 
 def assert_survived(outcomes: list[StreamOutcome], reference: list[list[int]], new_tokens: int) -> None:
     """No stream failed, each was mid-way when the fault hit, and each equals the no-fault output."""
-    assert [o.error for o in outcomes] == [""] * len(outcomes)
-    assert all(0 < o.tokens_at_fault < new_tokens for o in outcomes), [o.tokens_at_fault for o in outcomes]
-    assert [o.token_ids for o in outcomes] == reference
+    errors = [o.error for o in outcomes]
+    assert errors == [""] * len(outcomes), f"failed streams: {errors}"
+    at_fault = [o.tokens_at_fault for o in outcomes]
+    assert all(0 < n < new_tokens for n in at_fault), f"tokens when the fault hit (-1: already finished): {at_fault}"
+    differ = [i for i, (o, want) in enumerate(zip(outcomes, reference)) if o.token_ids != want]
+    assert not differ, f"streams {differ} differ from the no-fault run"
 
 
 def start_trainer(redis_url: str, drafter: str, directory: Path, consumer: str, *extra: str) -> subprocess.Popen:

@@ -29,8 +29,8 @@ from specdec.traces import DEFAULT_STREAM, iter_traces
 from specdec.v1 import verifier_pb2, verifier_pb2_grpc
 
 PROMPTS = [[5, 17, 99, 3, 42, 8], [200, 1, 1, 7, 33, 19, 64, 2, 250], [11, 12, 13], [90, 180, 45, 135, 7]]
-NEW_TOKENS = 160
-FAULT_AFTER = 24  # tokens every stream has received when the fault is injected
+NEW_TOKENS = 96
+FAULT_AFTER = 16  # tokens every stream has received when the fault is injected
 TRAINER_GROUP = "specd-trainers"  # `specd train`'s default consumer group
 
 
