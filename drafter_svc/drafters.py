@@ -12,8 +12,10 @@ import threading
 from dataclasses import dataclass, field
 
 import torch
+from transformers import DynamicCache
 
-from specdec.eagle import feed_rows, is_feature_drafter
+from specdec import packed
+from specdec.eagle import fused_inputs, is_feature_drafter
 from specdec.errors import InvalidRequest, SessionNotFound
 from specdec.kv import KVSession, ModelRunner, SessionStore, crop_cache
 from specdec.models import LoadedModel
@@ -22,6 +24,17 @@ from specdec.sampling_params import SamplingParams
 from specdec.stopping import DraftStep, entropy_with_acceptance_bound
 
 COMMITTED_LEN = "committed_len"  # session.extra: context tokens the target has committed
+
+StepResult = tuple[DraftStep, DraftDist | None] | None
+
+
+@dataclass(frozen=True)
+class StepItem:
+    """One session's next draft step, as a batched step receives it."""
+
+    session: KVSession
+    sampling: SamplingParams
+    support: int  # sampled drafts keep q's top-`support` tokens (0: dense)
 
 
 class Drafter(abc.ABC):
@@ -63,8 +76,12 @@ class Drafter(abc.ABC):
         return session
 
     @abc.abstractmethod
-    def step(self, session: KVSession, sampling: SamplingParams, support: int) -> tuple[DraftStep, DraftDist | None] | None:
-        """Drafts one token, appends it to the session and returns it (None: nothing to propose)."""
+    def step_many(self, items: list[StepItem]) -> list[StepResult]:
+        """Drafts one token for each session, appends it and returns it (None: nothing to propose);
+        model drafters run every session's step in one forward pass."""
+
+    def step(self, session: KVSession, sampling: SamplingParams, support: int) -> StepResult:
+        return self.step_many([StepItem(session, sampling, support)])[0]
 
     def release(self, session_id: str) -> bool:
         return self.sessions.release(session_id)
@@ -171,20 +188,34 @@ class ModelDrafter(Drafter):
             self._install(loaded, runner, accept_head, self.generation + 1)
 
     @torch.inference_mode()
-    def step(self, session, sampling, support):
-        if self.lookup is not None:
-            proposed = self.lookup.propose(session, sampling)
+    def step_many(self, items: list[StepItem]) -> list[StepResult]:
+        results: list[StepResult] = [None] * len(items)
+        modelled = []
+        for i, item in enumerate(items):
+            proposed = self.lookup.propose(item.session, item.sampling) if self.lookup is not None else None
             if proposed is not None:
-                return proposed
+                results[i] = proposed
+            else:
+                modelled.append(i)
+        if not modelled:
+            return results
         with self._swap_lock:
             runner, accept_head, generation = self.runner, self.accept_head, self.generation
-        if session.extra.get("generation") != generation:
-            session.cache, session.cached_len = None, 0  # KV of another model version is meaningless
-            session.extra["generation"] = generation
-        forward = self._forward(session, runner, output_hidden=accept_head is not None)
-        if forward is None:
-            return None
-        last, hidden = forward  # [1, V], [1, H] | None
+        sessions = [items[i].session for i in modelled]
+        for session in sessions:
+            if session.extra.get("generation") != generation:
+                session.cache, session.cached_len = None, 0  # KV of another model version is meaningless
+                session.extra["generation"] = generation
+        forwards = self._forward_many(sessions, runner, output_hidden=accept_head is not None)
+        for i, forward in zip(modelled, forwards):
+            if forward is not None:
+                results[i] = self._choose(items[i], *forward, accept_head)
+        return results
+
+    @staticmethod
+    def _choose(item: StepItem, last: torch.Tensor, hidden: torch.Tensor | None, accept_head) -> StepResult:
+        """Picks the draft token from its logits last [1, V] (hidden [n, H] feeds the acceptance head)."""
+        session, sampling = item.session, item.sampling
         position = len(session.ids)
         if sampling.greedy:
             probs = last.float().softmax(-1)[0]
@@ -192,7 +223,7 @@ class ModelDrafter(Drafter):
             dist = None
         else:
             probs = warp_logits(last, sampling)[0]
-            indices, values = truncate_support(probs, support)
+            indices, values = truncate_support(probs, item.support)
             token = int(indices[sample_index(values, uniform(sampling.seed, position, DRAFT))])
             dist = DraftDist(values, indices)
         confidence = float(probs[token])
@@ -200,10 +231,10 @@ class ModelDrafter(Drafter):
         session.ids.append(token)
         return DraftStep(token, confidence, entropy(probs), accept_prob), dist
 
-    def _forward(self, session: KVSession, runner: ModelRunner,
-                 output_hidden: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """The draft logits [1, V] (and hidden state [1, H]) for the token after session.ids."""
-        return runner.extend([session], output_hidden=output_hidden, keep_logits=1)[0]
+    def _forward_many(self, sessions: list[KVSession], runner: ModelRunner,
+                      output_hidden: bool) -> list[tuple[torch.Tensor, torch.Tensor | None] | None]:
+        """Per session the draft logits [1, V] (and hidden states [n, H]) for the token after its ids."""
+        return runner.extend(sessions, output_hidden=output_hidden, keep_logits=1)
 
 
 @dataclass
@@ -244,7 +275,24 @@ class FeatureDrafter(ModelDrafter):
         session.extra["features"] = known[:len(session.ids)]
         return session
 
-    def _forward(self, session, runner, output_hidden):
+    def _forward_many(self, sessions, runner, output_hidden):
+        """Feeds each session's rows in packed passes: first the rows the target's features are now known for,
+        then one row per token past them (each reads the feature the previous row predicted)."""
+        plans = [self._plan(session) for session in sessions]
+        live = [plan for plan in plans if plan is not None]
+        while live:
+            groups = [plan.next_group() for plan in live]
+            embeds = [fused_inputs(runner.model, ids[None], features[None])[0] for ids, features in groups]
+            rows = [(ids.tolist(), len(plan.rows.ids), plan.session.cache) for plan, (ids, _) in zip(live, groups)]
+            results = packed.packed_forward(runner.model, rows, runner.device, [1] * len(live), True, embeds)
+            for plan, (ids, features), (logits, outputs) in zip(live, groups, results):
+                plan.fed(ids, features, logits, outputs)
+            live = [plan for plan in live if not plan.done]
+        return [None if plan is None else (plan.logits, plan.rows.outputs[-1][None] if output_hidden else None)
+                for plan in plans]
+
+    def _plan(self, session: KVSession) -> _FeaturePlan | None:
+        """What `session` must feed before its draft logits exist, after dropping stale rows; None: no proposal."""
         features = session.extra.get("features")
         need = len(session.ids) - 1  # rows 0..need-1; the last one drafts the next token
         if features is None or features.shape[0] == 0 or need < 1:
@@ -261,22 +309,10 @@ class FeatureDrafter(ModelDrafter):
             valid = min(valid, rows.true_rows)  # rows fed a prediction where the target's feature is now known
         valid = min(valid, need - 1)  # the last row is always (re)fed: its logits are the draft
         self._crop_rows(session, rows, valid)
-        model = runner.model
-        if valid < known:
-            logits, outputs, session.cache = feed_rows(model, session.cache,
-                                                       torch.tensor(session.ids[valid + 1:known + 1]),
-                                                       features[valid:known], keep_logits=1)
-            rows.ids.extend(session.ids[valid + 1:known + 1])
-            rows.outputs.extend(outputs)
-            rows.true_rows = known
-        while len(rows.ids) < need:
-            row = len(rows.ids)
-            logits, outputs, session.cache = feed_rows(model, session.cache, torch.tensor([session.ids[row + 1]]),
-                                                       rows.outputs[row - 1][None])
-            rows.ids.append(session.ids[row + 1])
-            rows.outputs.append(outputs[0])
+        if session.cache is None:
+            session.cache = DynamicCache(config=self.loaded.model.config)
         session.cached_len = len(session.ids)
-        return logits[-1:], rows.outputs[-1][None] if output_hidden else None
+        return _FeaturePlan(session, rows, need, known, features)
 
     @staticmethod
     def _crop_rows(session: KVSession, rows: FeatureRows, keep: int) -> None:
@@ -284,6 +320,36 @@ class FeatureDrafter(ModelDrafter):
             crop_cache(session.cache, keep)
         del rows.ids[keep:], rows.outputs[keep:]
         rows.true_rows = min(rows.true_rows, keep)
+
+
+@dataclass
+class _FeaturePlan:
+    """One feature-drafter session's rows still to feed in this step."""
+
+    session: KVSession
+    rows: FeatureRows
+    need: int                      # rows the KV must hold before the draft logits exist
+    known: int                     # rows the target's own features are known for
+    features: torch.Tensor         # the target's features [known+, H]
+    logits: torch.Tensor | None = None
+
+    @property
+    def done(self) -> bool:
+        return len(self.rows.ids) >= self.need
+
+    def next_group(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(next ids [n], features [n, H]): the rows with known target features at once, else one row that
+        reads the previous row's predicted feature."""
+        ids, start = self.session.ids, len(self.rows.ids)
+        if start < self.known:
+            return torch.tensor(ids[start + 1:self.known + 1]), self.features[start:self.known]
+        return torch.tensor([ids[start + 1]]), self.rows.outputs[start - 1][None]
+
+    def fed(self, ids: torch.Tensor, features: torch.Tensor, logits: torch.Tensor, outputs: torch.Tensor) -> None:
+        self.rows.ids.extend(ids.tolist())
+        self.rows.outputs.extend(outputs)
+        self.rows.true_rows = max(self.rows.true_rows, min(len(self.rows.ids), self.known))
+        self.logits = logits
 
 
 class NgramDrafter(Drafter):
@@ -298,8 +364,8 @@ class NgramDrafter(Drafter):
     def version(self) -> str:
         return f"ngram-{self.lookup.ngram_min}-{self.lookup.ngram_max}"
 
-    def step(self, session, sampling, support):
-        return self.lookup.propose(session, sampling)
+    def step_many(self, items):
+        return [self.lookup.propose(item.session, item.sampling) for item in items]
 
 
 def lookup_continuation(ids: list[int], ngram_max: int, ngram_min: int) -> int | None:

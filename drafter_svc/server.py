@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 
-from specdec.v1 import drafter_pb2, drafter_pb2_grpc, verifier_pb2
-
-from drafter_svc.drafters import Drafter, FeatureDrafter, ModelDrafter, NgramDrafter, PromptLookup
+from drafter_svc.batcher import DraftBatcher
+from drafter_svc.drafters import Drafter, FeatureDrafter, ModelDrafter, NgramDrafter, PromptLookup, StepItem
 from drafter_svc.hot_swap import CheckpointWatcher
 from specdec import metrics
 from specdec.checkpoints import CheckpointStore
@@ -23,6 +21,7 @@ from specdec.rpc import Drain, RunningServer, abort_for, expire_sessions_forever
 from specdec.sampling_params import sampling_from_proto
 from specdec.sources import load_tokenizer, resolve_source
 from specdec.stopping import StopRule, should_stop
+from specdec.v1 import drafter_pb2, drafter_pb2_grpc, verifier_pb2
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "specdec.v1.Drafter"
@@ -35,24 +34,19 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
         self.drafter = drafter
         self.support = support
         self.name, self.fingerprint, self.max_context = name, fingerprint, max_context
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drafter-compute")
+        self.batcher = DraftBatcher(drafter)
         self._locks: dict[str, asyncio.Lock] = {}
         self.drain = Drain(open_work=lambda: len(self.drafter.sessions))  # a drain keeps open sessions drafting
 
     async def _run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        """fn(*args) on the model thread, in order with the other calls."""
+        return await asyncio.wrap_future(self.batcher.call(fn, *args))
 
-    def _step(self, session, sampling):
+    async def _step(self, session, sampling):
+        """The session's next draft, computed in one pass with every other stream's next draft."""
         if len(session.ids) >= self.max_context:
             return None
-        return self.drafter.step(session, sampling, self.support)
-
-    def _sync_and_step(self, request, hidden, sampling):
-        """The session synced to the request and its first draft, in one hop to the compute thread
-        (each hop costs a thread wake-up and a GIL hand-off)."""
-        session = self.drafter.sync(request.session_id, request.base_len, list(request.tokens), request.request_id,
-                                    hidden, request.committed_len)
-        return session, self._step(session, sampling)
+        return await asyncio.wrap_future(self.batcher.step(StepItem(session, sampling, self.support)))
 
     async def Draft(self, request, context):
         # One draft stream per session at a time: a new one waits for a cancelled one's current step.
@@ -69,7 +63,10 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
                 if self.drafter.reads_target_hidden and request.HasField("hidden"):
                     hidden = hidden_from_proto(request.hidden, self.drafter.hidden_size)
                 started = time.perf_counter()
-                session, result = await self._run(self._sync_and_step, request, hidden, sampling)
+                session, result = await asyncio.wrap_future(self.batcher.sync_and_step(
+                    lambda: self.drafter.sync(request.session_id, request.base_len, list(request.tokens),
+                                              request.request_id, hidden, request.committed_len),
+                    sampling, self.support, self.max_context))
             except ValueError as err:  # unknown stop rule enum value
                 await abort_for(context, err if isinstance(err, InvalidRequest) else InvalidRequest(str(err)))
             except Exception as err:  # noqa: BLE001
@@ -83,7 +80,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
                                              entropy=step.entropy, accept_prob=step.accept_prob, drafter_version=version)
                 if should_stop(rule, request.stop_threshold, steps) or len(steps) >= request.max_tokens:
                     break
-                result = await self._run(self._step, session, sampling)
+                result = await self._step(session, sampling)
             metrics.DRAFT_LATENCY.observe(time.perf_counter() - started)
             self._update_gauges()
 
@@ -100,7 +97,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
     async def Release(self, request, context):
         released = self.drafter.release(request.session_id)
         # A sync queued on the compute thread could re-create the session: release again behind it.
-        self.executor.submit(self.drafter.release, request.session_id)
+        self.batcher.call(self.drafter.release, request.session_id)
         self._locks.pop(request.session_id, None)
         self._update_gauges()
         return verifier_pb2.ReleaseResponse(released=released)

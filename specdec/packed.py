@@ -113,11 +113,12 @@ def install(model: torch.nn.Module) -> None:
 
 @torch.inference_mode()
 def packed_forward(model: torch.nn.Module, rows: list[tuple[list[int], int, object]], device: torch.device,
-                   keep: list[int], output_hidden: bool):
+                   keep: list[int], output_hidden: bool, embeds: list[torch.Tensor] | None = None):
     """One forward over several sessions' new tokens.
 
     rows: per session (new token ids, position of the first one, its Cache); keep: how many of each
-    session's last rows need logits. Returns per session (logits [keep_i, V], last hidden [n_i, H] | None).
+    session's last rows need logits; embeds: per session the input rows [n_i, H] to feed instead of the
+    ids' embeddings (feature drafters). Returns per session (logits [keep_i, V], last hidden [n_i, H] | None).
     """
     segments, ids, positions, start = [], [], [], 0
     for (new_ids, first_position, cache), k in zip(rows, keep):
@@ -131,7 +132,9 @@ def packed_forward(model: torch.nn.Module, rows: list[tuple[list[int], int, obje
     packed = PackedKV(segments)
     _active.packed = packed
     try:
-        out = model(input_ids=torch.tensor([ids], dtype=torch.long, device=device),
+        inputs = ({"inputs_embeds": torch.cat(embeds)[None]} if embeds is not None
+                  else {"input_ids": torch.tensor([ids], dtype=torch.long, device=device)})
+        out = model(**inputs,
                     position_ids=torch.tensor([positions], dtype=torch.long, device=device),
                     past_key_values=packed, use_cache=True, output_hidden_states=output_hidden,
                     logits_to_keep=torch.tensor(keep_rows, dtype=torch.long, device=device))
