@@ -151,3 +151,41 @@ def test_a_release_queued_behind_an_abandoned_prefill_frees_the_session(tiny_dir
         assert len(core.sessions) == 0
     finally:
         core.close()
+
+
+def _features(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+    return out.hidden_states[-1][0]  # [len(ids), H], what the verifier sends
+
+
+@pytest.mark.parametrize("kind", ["model", "feature"])
+def test_batched_draft_steps_propose_what_single_steps_propose(kind, tiny_dirs, tmp_path):
+    """One packed pass drafts for every stream; each session's drafts equal its drafts stepped alone."""
+    from conftest import save
+    from drafter_svc.drafters import FeatureDrafter, ModelDrafter, StepItem
+    from trainer.eagle import init_from_target
+
+    target = load_model(tiny_dirs["llama"]["target"]).model
+    if kind == "model":
+        drafter_dir, make = tiny_dirs["llama"]["close"], ModelDrafter
+    else:
+        drafter_dir, make = save(init_from_target(target), tmp_path / "eagle"), FeatureDrafter
+    greedy = SamplingParams()
+
+    def open_sessions(drafter, prefix: str):
+        sessions = []
+        for i, prompt in enumerate(PROMPTS[:3]):
+            hidden = (0, _features(target, prompt)[:len(prompt) - 1]) if kind == "feature" else None
+            sessions.append(drafter.sync(f"{prefix}{i}", 0, prompt + [11, 12], hidden=hidden))
+        return sessions
+
+    alone_drafter = make(load_model(drafter_dir), small_gemm=True)
+    alone = [[alone_drafter.step(s, greedy, 0)[0].token for _ in range(4)] for s in open_sessions(alone_drafter, "a")]
+    batched_drafter = make(load_model(drafter_dir), small_gemm=True)
+    sessions = open_sessions(batched_drafter, "b")
+    together = [[] for _ in sessions]
+    for _ in range(4):
+        for out, (step, _dist) in zip(together, batched_drafter.step_many([StepItem(s, greedy, 0) for s in sessions])):
+            out.append(step.token)
+    assert together == alone
