@@ -111,7 +111,9 @@ class Generation:
                 block, response, verify_s = await self._verify(block)                 # step 3
                 outcome = RoundOutcome(sent=len(block), accepted=response.accepted, committed=response.accepted + 1,
                                        round_s=time.perf_counter() - round_started, verify_s=verify_s,
-                                       lossy=response.lossy)
+                                       lossy=response.lossy, batch_rows=response.timing.batch_rows,
+                                       batch_sessions=response.timing.batch_sessions,
+                                       step_s=response.timing.compute_ms / 1e3)
                 for observe in self.observers:
                     observe(outcome)
                 new_tokens = self._apply(block, response)                             # step 4

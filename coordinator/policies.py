@@ -166,6 +166,7 @@ class GoodputMemory:
     min_rounds: float = 3.0  # (decayed) rounds measured on each side before it decides anything
     exploit_rounds: int = 8
     observed: dict = field(default_factory=lambda: {True: [0.0, 0.0, 0.0], False: [0.0, 0.0, 0.0]})
+    batch: BatchCost = field(default_factory=lambda: BatchCost())  # what smartspec requests share
 
     def record(self, speculating: bool, committed: int, seconds: float) -> None:
         _decayed_add(self.observed[speculating], self.decay, committed, seconds)
@@ -232,6 +233,123 @@ class GoodputPolicy(HeuristicPolicy):
         self.probing, self.speculating = False, winner
         if self.memory is not None:
             self.memory.exploit_rounds = self.exploit_rounds
+
+
+@dataclass
+class LineFit:
+    """y ~ intercept + slope * x by least squares over exponentially decayed samples."""
+
+    decay: float = 0.995
+    sums: list[float] = field(default_factory=lambda: [0.0] * 5)  # weight, x, y, xx, xy
+
+    def add(self, x: float, y: float) -> None:
+        self.sums = [self.decay * s + v for s, v in zip(self.sums, (1.0, x, y, x * x, x * y))]
+
+    def line(self) -> tuple[float, float] | None:
+        """(intercept, slope >= 0), or None before two distinct x have been seen."""
+        w, sx, sy, sxx, sxy = self.sums
+        spread = w * sxx - sx * sx
+        if w < 2 or spread <= 1e-9 * max(w * sxx, 1e-12):
+            return None
+        slope = max(0.0, (w * sxy - sx * sy) / spread)
+        return (sy - slope * sx) / w, slope
+
+
+@dataclass
+class BatchCost:
+    """What SmartSpec requests share, one per coordinator and pipeline mode: the verifier's step time as a
+    line in the rows of its batched pass, the round time the verify does not cover (drafting, the
+    coordinator) as a line in the draft tokens sent, tokens committed per session-round, and acceptance."""
+
+    step: LineFit = field(default_factory=LineFit)
+    exposed: LineFit = field(default_factory=LineFit)
+    committed_per_round: float = 1.0
+    acceptance: float = 0.5   # per draft token, before any is measured
+    decay: float = 0.98
+
+    def observe(self, outcome: RoundOutcome) -> None:
+        if outcome.batch_rows:
+            self.step.add(outcome.batch_rows, outcome.step_s)
+        self.exposed.add(outcome.sent, max(0.0, outcome.round_s - outcome.verify_s))
+        self.committed_per_round = self.decay * self.committed_per_round + (1 - self.decay) * outcome.committed
+        if outcome.drafted and not outcome.lossy:
+            self.acceptance = (self.decay * self.acceptance
+                               + (1 - self.decay) * _acceptance_estimate(outcome.sent, outcome.accepted))
+
+
+def _acceptance_estimate(sent: int, accepted: int) -> float:
+    """Per-token acceptance from one block of sent > 0: accepted successes, then a rejection if any."""
+    return accepted / (accepted + (accepted < sent))
+
+
+def expected_committed(acceptance: float, length: int) -> float:
+    """Tokens a block of `length` drafts commits when each is accepted with probability `acceptance` until
+    the first rejection: 1 + a + a^2 + ... + a^length (the target's own token included)."""
+    return sum(acceptance ** i for i in range(length + 1))
+
+
+def best_draft_length(acceptance: float, max_length: int, step: tuple[float, float], exposed: tuple[float, float],
+                      other_rows: float, other_tokens: float) -> int:
+    """The draft length that maximises the batch's goodput: committed tokens of every session in the pass
+    over the pass's time, this request adding 1 + k rows beside `other_rows` of the other sessions, which
+    commit `other_tokens`. 0 means a target-only round."""
+    (step_base, step_per_row), (exposed_base, exposed_per_draft) = step, exposed
+
+    def goodput(k: int) -> float:
+        seconds = step_base + step_per_row * (other_rows + 1 + k) + exposed_base + exposed_per_draft * k
+        return (other_tokens + expected_committed(acceptance, k)) / seconds if seconds > 0 else 0.0
+
+    return max(range(max_length + 1), key=lambda k: (goodput(k), -k))
+
+
+@dataclass
+class SmartSpecPolicy(DraftLengthPolicy):
+    """SmartSpec (Liu et al. 2024): every round, the draft length that maximises the verifier batch's
+    goodput, from the step cost measured online as a line in the pass's rows, the time drafting adds,
+    and this request's own acceptance (smoothed towards what the coordinator has seen). Under load a
+    pass is compute-bound and extra rows cost as much as they could commit, so speculation switches off
+    by itself; it comes back when the load drops. Until both lines are known it alternates between
+    `length` drafts and none, which measures them."""
+
+    name: str = "smartspec"
+    cost: BatchCost | None = None
+    prior_rounds: float = 4.0        # how many blocks the coordinator's acceptance counts as
+    accepted: float = 0.0
+    rejections: float = 0.0
+    other_rows: float = 0.0
+    other_tokens: float = 0.0
+    rounds: int = 0
+
+    def __post_init__(self) -> None:
+        self.cost = self.cost or BatchCost()
+
+    def block_size(self) -> int:
+        step, exposed = self.cost.step.line(), self.cost.exposed.line()
+        if step is None or exposed is None:
+            return self.length if self.rounds % 2 == 0 else 0
+        return best_draft_length(self.own_acceptance(), self.max_length, step, exposed, self.other_rows,
+                                 self.other_tokens)
+
+    def min_ready(self, overlapped: bool) -> int:
+        return self.block_size()
+
+    def lookahead(self) -> int:
+        return min(2 * self.block_size() + 1, self.max_length * 2)
+
+    def own_acceptance(self) -> float:
+        prior = self.cost.acceptance * self.prior_rounds
+        return (self.accepted + prior) / (self.accepted + self.rejections + self.prior_rounds)
+
+    def observe(self, outcome: RoundOutcome) -> None:
+        self.rounds += 1
+        self.cost.observe(outcome)
+        if outcome.drafted and not outcome.lossy:
+            self.accepted += outcome.accepted
+            self.rejections += outcome.accepted < outcome.sent
+        if outcome.batch_sessions:
+            own_rows = outcome.sent + 1
+            self.other_rows = max(0.0, outcome.batch_rows - own_rows)
+            self.other_tokens = (outcome.batch_sessions - 1) * self.cost.committed_per_round
 
 
 @dataclass
@@ -323,12 +441,17 @@ POLICIES: dict[str, type[DraftLengthPolicy]] = {
     "specdecpp": SpecDecPPPolicy,
     "bild": BildPolicy,
     "goodput": GoodputPolicy,
+    "smartspec": SmartSpecPolicy,
 }
 
 
 def make_policy(name: str, length: int, max_length: int, threshold: float = 0.0,
                 goodput_memory: GoodputMemory | None = None) -> DraftLengthPolicy:
-    extra = {"memory": goodput_memory} if POLICIES[name] is GoodputPolicy else {}
+    extra = {}
+    if goodput_memory is not None and POLICIES[name] is GoodputPolicy:
+        extra = {"memory": goodput_memory}
+    elif goodput_memory is not None and POLICIES[name] is SmartSpecPolicy:
+        extra = {"cost": goodput_memory.batch}
     policy = POLICIES[name](length=length, max_length=max_length, **extra)
     if threshold > 0:
         policy.threshold = threshold

@@ -19,6 +19,9 @@ class RoundOutcome:
     round_s: float         # wall time of the round, gathering the block included
     verify_s: float        # the Verify call that answered
     lossy: bool = False    # the verifier applied the lossy BiLD rollback rule
+    batch_rows: int = 0    # the verifier's forward pass that served the round: its rows and sessions,
+    batch_sessions: int = 0  # all sessions' together, and its compute time
+    step_s: float = 0.0
 
     @property
     def drafted(self) -> bool:

@@ -22,7 +22,7 @@ from specdec.v1 import drafter_pb2_grpc, generation_pb2, generation_pb2_grpc, ve
 from coordinator.admission import AdmissionQueue, QueueFull, QueueTimeout
 from coordinator.backends import BackendPool
 from coordinator.engine import Generation, GenerationRequest, GenerationStats, UpstreamError
-from coordinator.policies import DraftWait, GoodputMemory, PostVerify, make_policy
+from coordinator.policies import POLICIES, DraftWait, GoodputMemory, PostVerify, make_policy
 from coordinator.text import PromptEncoder, TextStream
 from coordinator.tracing import TraceSink
 from specdec import metrics
@@ -48,10 +48,7 @@ SERVICE_NAME = "specdec.v1.Generation"
 ANY_TOKENIZER = "any"
 RETRY_AFTER_HEADER = "retry-after-ms"  # trailing metadata of a RESOURCE_EXHAUSTED answer
 
-POLICY_NAMES = {generation_pb2.DRAFT_POLICY_STATIC: "static", generation_pb2.DRAFT_POLICY_HEURISTIC: "heuristic",
-                generation_pb2.DRAFT_POLICY_PEARL: "pearl", generation_pb2.DRAFT_POLICY_ADAEDL: "adaedl",
-                generation_pb2.DRAFT_POLICY_SPECDECPP: "specdecpp", generation_pb2.DRAFT_POLICY_BILD: "bild",
-                generation_pb2.DRAFT_POLICY_GOODPUT: "goodput"}
+POLICY_NAMES = {generation_pb2.DraftPolicy.Value(f"DRAFT_POLICY_{name.upper()}"): name for name in POLICIES}
 MODE_NAMES = {generation_pb2.PIPELINE_MODE_SEQUENTIAL: "sequential", generation_pb2.PIPELINE_MODE_OVERLAPPED: "overlapped",
               generation_pb2.PIPELINE_MODE_TARGET_ONLY: "target_only"}
 FINISH = {"length": generation_pb2.FINISH_REASON_LENGTH, "eos": generation_pb2.FINISH_REASON_EOS,

@@ -33,7 +33,7 @@ ENV_PREFIX = "SPECD_"
 NESTED_DELIMITER = "__"
 
 # The coordinator's draft-length policies and pipeline modes, by the names settings, clients and benches use.
-POLICY_NAMES = ("static", "heuristic", "pearl", "adaedl", "specdecpp", "bild", "goodput")
+POLICY_NAMES = ("static", "heuristic", "pearl", "adaedl", "specdecpp", "bild", "goodput", "smartspec")
 MODE_NAMES = ("sequential", "overlapped", "target_only")
 
 

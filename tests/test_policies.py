@@ -100,7 +100,7 @@ def test_post_verify_follows_a_change_in_costs():
 
 
 def test_every_policy_is_registered():
-    assert set(POLICIES) == {"static", "heuristic", "pearl", "adaedl", "specdecpp", "bild", "goodput"}
+    assert set(POLICIES) == {"static", "heuristic", "pearl", "adaedl", "specdecpp", "bild", "goodput", "smartspec"}
 
 
 def _run_goodput(policy, rounds: int, speculative: tuple[int, float], target_only: tuple[int, float]) -> list[bool]:
@@ -206,3 +206,51 @@ def test_bild_fallback_stops_on_low_confidence():
 def test_no_rule_never_stops():
     assert not should_stop(StopRule.NONE, 0.0, [_step(confidence=0.0, entropy=math.inf)])
     assert not should_stop(StopRule.ENTROPY, 1.0, [])
+
+
+def test_line_fit_recovers_the_verifier_step_cost():
+    from coordinator.policies import LineFit
+
+    fit = LineFit()
+    assert fit.line() is None
+    for rows in [1, 5, 9, 1, 17, 33, 5]:
+        fit.add(rows, 0.016 + 0.0008 * rows)
+    intercept, slope = fit.line()
+    assert intercept == pytest.approx(0.016) and slope == pytest.approx(0.0008)
+
+
+def test_best_draft_length_speculates_when_alone_and_stops_when_the_pass_is_compute_bound():
+    from coordinator.policies import best_draft_length, expected_committed
+
+    assert expected_committed(0.5, 0) == 1 and expected_committed(0.5, 2) == pytest.approx(1.75)
+    alone = dict(step=(0.016, 0.0005), exposed=(0.001, 0.002), other_rows=0, other_tokens=0)
+    assert best_draft_length(0.7, 8, **alone) >= 3
+    assert best_draft_length(0.05, 8, **alone) == 0  # a drafter that is almost never right
+    # Sixteen sessions: every extra row costs nearly what it could commit.
+    loaded = dict(step=(0.004, 0.002), exposed=(0.001, 0.002), other_rows=15, other_tokens=15)
+    assert best_draft_length(0.7, 8, **loaded) == 0
+
+
+def test_smartspec_switches_speculation_off_under_load_and_back_on_when_it_drops():
+    from coordinator.rounds import RoundOutcome
+
+    memory = GoodputMemory()
+    policy = make_policy("smartspec", 3, 8, goodput_memory=memory)
+    assert policy.block_size() == 3  # nothing measured yet: it alternates 3 drafts and none to measure
+    step = lambda rows: 0.016 + 0.0005 * rows  # a weight read, then a little per row  # noqa: E731
+
+    def play(sessions: int, rounds: int) -> list[int]:
+        sizes = []
+        for _ in range(rounds):
+            k = policy.block_size()
+            sizes.append(k)
+            rows = sessions + k  # the others verify one token each
+            accepted = min(k, 2)
+            policy.observe(RoundOutcome(sent=k, accepted=accepted, committed=accepted + 1, round_s=step(rows) + 0.002 * k,
+                                        verify_s=step(rows), batch_rows=rows, batch_sessions=sessions, step_s=step(rows)))
+        return sizes
+
+    assert play(16, 40)[-10:] == [0] * 10
+    alone = play(1, 40)
+    assert min(alone[-10:]) >= 2
+    assert set(make_policy("smartspec", 3, 8, goodput_memory=memory).__dict__) >= {"cost"}

@@ -18,6 +18,7 @@ class DraftPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DRAFT_POLICY_SPECDECPP: _ClassVar[DraftPolicy]
     DRAFT_POLICY_BILD: _ClassVar[DraftPolicy]
     DRAFT_POLICY_GOODPUT: _ClassVar[DraftPolicy]
+    DRAFT_POLICY_SMARTSPEC: _ClassVar[DraftPolicy]
 
 class PipelineMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -40,6 +41,7 @@ DRAFT_POLICY_ADAEDL: DraftPolicy
 DRAFT_POLICY_SPECDECPP: DraftPolicy
 DRAFT_POLICY_BILD: DraftPolicy
 DRAFT_POLICY_GOODPUT: DraftPolicy
+DRAFT_POLICY_SMARTSPEC: DraftPolicy
 PIPELINE_MODE_UNSPECIFIED: PipelineMode
 PIPELINE_MODE_SEQUENTIAL: PipelineMode
 PIPELINE_MODE_OVERLAPPED: PipelineMode
