@@ -127,6 +127,8 @@ def run_specd_level(address: str, system: System, prompts: list[list[int]], plan
     def client_loop(client: int) -> None:
         try:
             with SpecdClient(address) as connection:
+                # Its own client id: the coordinator caps concurrent requests per client, by peer address otherwise.
+                connection.metadata.append(("x-client-id", f"bench-load-{client}"))
                 if barrier.wait() == 0:
                     started[0] = time.perf_counter()
                 barrier.wait()
@@ -248,6 +250,23 @@ def ratio_table(summary: dict[str, dict[int, dict]], levels: list[int], baseline
     return "\n".join(lines)
 
 
+def report_table(summary: dict[str, dict[int, dict]], levels: list[int], bad: list[dict], meta: dict) -> str:
+    """The legend, both tables and the greedy check, as table.md and RESULTS.md show them."""
+    baselines = [b for b in (VLLM, TARGET_ONLY) if b in summary]
+    specd_bad = [m for m in bad if m["system"].startswith("specd")]
+    listed = "".join(f"\n- {m['system']} at {m['clients']} clients, {m['prompt']}: token {m['first_difference']} is "
+                     f"{m['got']}, expected {m['expected']}" for m in bad)
+    return "\n\n".join([
+        f"Cells: aggregate tokens/s; request latency p50 / p99; time to first token p50 / p99. "
+        f"{meta['max_new_tokens']} new tokens per request (ignore_eos), requests per level: "
+        + ", ".join(f"{n} clients {meta['requests_per_level'][n]}" for n in levels) + ".",
+        markdown_table(summary, levels),
+        f"Aggregate tokens/s against {' / '.join(baselines)}:",
+        ratio_table(summary, levels, baselines),
+        f"Greedy mismatches against transformers' unbatched output: {len(bad)} ({len(specd_bad)} of them specd's)"
+        + (f"\n{listed}" if bad else "")])
+
+
 def plot(summary: dict[str, dict[int, dict]], levels: list[int], path: Path, title: str) -> None:
     import matplotlib
 
@@ -262,6 +281,7 @@ def plot(summary: dict[str, dict[int, dict]], levels: list[int], path: Path, tit
         axis.set_xscale("log", base=2)
         axis.set_xticks(levels, [str(n) for n in levels])
         axis.set_xlabel("concurrent clients")
+        axis.set_yscale("log" if axis is latency else "linear")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
     throughput.legend(fontsize=8)
@@ -296,11 +316,59 @@ def build_systems(drafters: list[str], policies: list[str], with_vllm: bool) -> 
     systems = [System(TARGET_ONLY, "specd", "none", "")]
     for i, drafter in enumerate(drafters):
         policy = policies[i] if i < len(policies) else DEFAULT_POLICY
-        systems.append(System(f"specd [{drafter}, {policy}]", "specd", drafter, policy))
+        if drafter != "none":  # target-only runs anyway
+            systems.append(System(f"specd [{drafter}, {policy}]", "specd", drafter, policy))
     systems.append(System("transformers batched generate", "hf"))
     if with_vllm:
         systems.append(System(VLLM, "vllm"))
     return systems
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """What every system runs: the same prompts, per level the same plan, tokens and cores."""
+    target: str
+    model: torch.nn.Module     # the target in this process: transformers' rows and the reference outputs
+    pad_id: int
+    prompts: list[list[int]]
+    plans: dict[int, list[list[int]]]  # by number of clients
+    max_new_tokens: int
+    threads: int
+    threads_drafter: int
+    vllm_venv: Path
+    work: Path                 # service logs and vLLM's job files
+
+
+def run_system(sweep: Sweep, system: System) -> tuple[dict[int, list[Timed]], str]:
+    """Every level of one system, each after its warm-up (one short request per client);
+    (timed requests by level, the vLLM version for vLLM's row)."""
+    levels = list(sweep.plans)
+    warmups = {n: [queue[:1] for queue in plan] for n, plan in sweep.plans.items()}
+    if system.kind == "vllm":
+        version, per_level = run_vllm(sweep.vllm_venv, materialise(resolve_source(sweep.target)), sweep.prompts,
+                                      list(sweep.plans.values()), sweep.max_new_tokens, sweep.threads, sweep.work)
+        return dict(zip(levels, per_level)), version
+    if system.kind == "hf":
+        timed = {}
+        for n in levels:
+            run_hf_level(sweep.model, system.name, sweep.prompts, warmups[n], WARMUP_TOKENS, sweep.pad_id)
+            timed[n] = run_hf_level(sweep.model, system.name, sweep.prompts, sweep.plans[n], sweep.max_new_tokens,
+                                    sweep.pad_id)
+        return timed, ""
+    target_only = system.drafter == "none"
+    drafter_threads = 0 if target_only else sweep.threads_drafter
+    stack = LocalStack(sweep.target, system.drafter, threads_verifier=max(1, sweep.threads - drafter_threads),
+                       threads_drafter=max(1, drafter_threads), log_dir=str(sweep.work),
+                       coordinator_args=["--mode", "target_only"] if target_only else None)
+    try:
+        address = stack.start(timeout_s=600)
+        timed = {}
+        for n in levels:
+            run_specd_level(address, system, sweep.prompts, warmups[n], WARMUP_TOKENS)
+            timed[n] = run_specd_level(address, system, sweep.prompts, sweep.plans[n], sweep.max_new_tokens)
+        return timed, ""
+    finally:
+        stack.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -352,34 +420,13 @@ def main(argv: list[str] | None = None) -> int:
     reference = {i: hf_greedy(target.model, [prompts[i]], args.max_new_tokens, pad_id)[0][0] for i in used}
     print(f"reference outputs of {len(used)} prompts, {time.monotonic() - started:.0f}s", flush=True)
 
+    sweep = Sweep(args.target, target.model, pad_id, prompts, plans, args.max_new_tokens, args.threads,
+                  args.threads_drafter, venv, Path(tempfile.mkdtemp(prefix="specd-load-")))
     timed: dict[str, dict[int, list[Timed]]] = {}
     vllm_version = ""
-    log_dir = Path(tempfile.mkdtemp(prefix="specd-load-"))
     for system in systems:
-        if system.kind == "vllm":
-            vllm_version, per_level = run_vllm(venv, materialise(resolve_source(args.target)), prompts,
-                                               [plans[n] for n in levels], args.max_new_tokens, args.threads,
-                                               log_dir)
-            timed[system.name] = dict(zip(levels, per_level))
-        elif system.kind == "hf":
-            timed[system.name] = {}
-            for n in levels:
-                run_hf_level(target.model, system.name, prompts, [q[:1] for q in plans[n]], WARMUP_TOKENS, pad_id)
-                timed[system.name][n] = run_hf_level(target.model, system.name, prompts, plans[n],
-                                                     args.max_new_tokens, pad_id)
-        else:
-            drafter_threads = 0 if system.drafter == "none" else args.threads_drafter
-            stack = LocalStack(args.target, system.drafter, threads_verifier=max(1, args.threads - drafter_threads),
-                               threads_drafter=max(1, drafter_threads), log_dir=str(log_dir),
-                               coordinator_args=["--mode", "target_only"] if system.drafter == "none" else None)
-            try:
-                address = stack.start(timeout_s=600)
-                timed[system.name] = {}
-                for n in levels:
-                    run_specd_level(address, system, prompts, [q[:1] for q in plans[n]], WARMUP_TOKENS)
-                    timed[system.name][n] = run_specd_level(address, system, prompts, plans[n], args.max_new_tokens)
-            finally:
-                stack.stop()
+        timed[system.name], version = run_system(sweep, system)
+        vllm_version = version or vllm_version
         for n in levels:
             s = level_summary(timed[system.name][n])
             print(f"{system.name}: {n} clients {s['tokens_per_s']:.1f} tok/s, p50 {s['p50_s']:.2f}s, "
@@ -401,30 +448,18 @@ def main(argv: list[str] | None = None) -> int:
     title = (f"{args.target}: greedy, {args.max_new_tokens} tokens per request, {args.threads} thread(s) per system "
              f"({date})")
     plot(summary, levels, out / "load.png", title)
-    baselines = [b for b in (VLLM, TARGET_ONLY) if b in summary]
-    mismatch_lines = "\n".join(f"- {m['system']} at {m['clients']} clients, {m['prompt']}: token "
-                               f"{m['first_difference']} is {m['got']}, expected {m['expected']}" for m in bad)
-    table = "\n\n".join([
-        f"Cells: aggregate tokens/s; request latency p50 / p99; time to first token p50 / p99. "
-        f"{args.max_new_tokens} new tokens per request (ignore_eos), requests per level: "
-        + ", ".join(f"{n} clients {meta['requests_per_level'][n]}" for n in levels) + ".",
-        markdown_table(summary, levels),
-        f"Aggregate tokens/s against {' / '.join(baselines)}:",
-        ratio_table(summary, levels, baselines),
-        f"Greedy mismatches against transformers' unbatched output: {len(bad)} ({len(specd_bad)} of them specd's)"
-        + (f"\n\n{mismatch_lines}" if bad else "")])
+    table = report_table(summary, levels, bad, meta)
     (out / "table.md").write_text(table + "\n")
     print(table)
     if args.results_md:
         results_md = Path(args.results_md)
         image = os.path.relpath(out / "load.png", results_md.parent)
-        versions = f"transformers batched generate, vLLM {vllm_version} (CPU build)" if vllm_version else \
-            "transformers batched generate"
         update_results_md(results_md, "\n\n".join([
             f"## Load: concurrent clients on `{args.target}` (generated by `{command}`)",
             f"- Machine: {meta['machine']}\n- Date: {date}\n- Systems, one after another: "
-            + ", ".join(s.name for s in systems) + f" ({versions}); prompts: the first {len(prompts)} of the suite, "
-            f"chat first, with the chat template; each client sends its requests back to back after one warm-up.",
+            + ", ".join(s.name for s in systems) + (f" (vLLM {vllm_version}, CPU build)" if vllm_version else "")
+            + f"; prompts: the first {len(prompts)} of the suite, chat first, with the chat template; each client "
+            f"sends its requests back to back after one warm-up.",
             table, f"![load]({image})"]), name="load")
     if specd_bad:
         print(f"GREEDY MISMATCH in specd: {specd_bad}", file=sys.stderr)

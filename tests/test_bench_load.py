@@ -7,8 +7,8 @@ import json
 import pytest
 from conftest import InProcessStack, tiny_model
 
-from bench.load import (System, Timed, hf_greedy, level_summary, mismatches, plan_level, ratio_table, read_prompts,
-                        run_hf_level, run_specd_level)
+from bench.load import (System, Timed, build_systems, hf_greedy, level_summary, mismatches, plan_level, ratio_table,
+                        read_prompts, run_hf_level, run_specd_level)
 
 
 def timed(prompt, start, latency, tokens, ttft=0.1, system="s", clients=2):
@@ -89,3 +89,10 @@ def test_specd_clients_get_the_greedy_output_past_eos(tiny_target, drafter):
     assert len(requests) == 6 and len({r.client for r in requests}) == 3
     assert all(r.ttft_s <= r.latency_s for r in requests)
     assert not mismatches(requests, reference, ["a", "b", "c", "d"])
+
+
+def test_systems_pair_each_drafter_with_its_policy_and_end_with_the_baselines():
+    systems = build_systems(["ngram", "none", "eagle"], ["static"], with_vllm=True)
+    assert [(s.name, s.drafter, s.policy) for s in systems] == [
+        ("specd target-only", "none", ""), ("specd [ngram, static]", "ngram", "static"),
+        ("specd [eagle, pearl]", "eagle", "pearl"), ("transformers batched generate", "", ""), ("vllm", "", "")]
