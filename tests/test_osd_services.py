@@ -27,13 +27,16 @@ def test_coordinator_publishes_one_trace_per_verified_block(tiny_dirs, redis_cli
         client.generate(token_ids=PROMPTS[1], max_new_tokens=8, request_id="private", exclude_from_training=True)
         deadline = time.monotonic() + 5
         records = []
-        while time.monotonic() < deadline and len(records) < result.stats["rounds"]:
+        while (time.monotonic() < deadline
+               and sum(len(r.draft_tokens) for r in records) < result.stats["drafted_tokens"]):
             records = [record for _, record in iter_traces(redis_client)]
             time.sleep(0.1)
     finally:
         stack.close()
     assert {r.request_id for r in records} == {"traced"}  # the excluded request left no trace
-    assert len(records) == result.stats["rounds"]
+    # One trace per round that verified drafts: every round but possibly the last, whose block is cut to the
+    # one token left in the budget (a target-only round, nothing to learn from).
+    assert result.stats["rounds"] - 1 <= len(records) <= result.stats["rounds"]
     assert sum(len(r.draft_tokens) for r in records) == result.stats["drafted_tokens"]
     assert sum(r.accepted for r in records) == result.stats["accepted_tokens"]
     # Each record's context is the previous one's plus what that verification committed.
