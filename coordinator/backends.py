@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from specdec.v1 import verifier_pb2
 
 from specdec import metrics
+from specdec.v1 import verifier_pb2
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,6 @@ import logging
 import time
 
 import grpc
-from specdec.v1 import drafter_pb2
 
 from coordinator.backends import Backend, BackendPool, CallContext, Failure, classified
 from coordinator.features import TargetFeatures
@@ -22,6 +21,7 @@ from coordinator.rounds import GenerationStats
 from specdec import metrics
 from specdec.sampling_params import SamplingParams, sampling_to_proto
 from specdec.stopping import StopRule
+from specdec.v1 import drafter_pb2
 
 log = logging.getLogger(__name__)
 

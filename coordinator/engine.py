@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 import grpc
-from specdec.v1 import drafter_pb2, verifier_pb2
 
 from coordinator.backends import BackendPool, CallContext, UpstreamError
 from coordinator.draft_stream import DraftStream
@@ -38,6 +37,7 @@ from coordinator.rounds import GenerationStats, RoundMetrics, RoundObserver, Rou
 from coordinator.verifier_session import VerifierSession
 from specdec import metrics
 from specdec.sampling_params import SamplingParams, sampling_to_proto
+from specdec.v1 import drafter_pb2, verifier_pb2
 
 log = logging.getLogger(__name__)
 

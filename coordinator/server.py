@@ -17,7 +17,6 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-from specdec.v1 import drafter_pb2_grpc, generation_pb2, generation_pb2_grpc, verifier_pb2, verifier_pb2_grpc
 
 from coordinator.admission import AdmissionQueue, QueueFull, QueueTimeout
 from coordinator.backends import BackendPool
@@ -42,6 +41,7 @@ from specdec.rpc import (
 from specdec.sampling_params import SamplingParams, validate_sampling
 from specdec.sources import load_tokenizer
 from specdec.traces import TracePublisher
+from specdec.v1 import drafter_pb2_grpc, generation_pb2, generation_pb2_grpc, verifier_pb2, verifier_pb2_grpc
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "specdec.v1.Generation"

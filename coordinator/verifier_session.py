@@ -6,11 +6,11 @@ import logging
 import time
 
 import grpc
-from specdec.v1 import verifier_pb2
 
 from coordinator.backends import Backend, BackendPool, CallContext, Failure, UpstreamError, classified
 from coordinator.features import TargetFeatures
 from specdec import metrics
+from specdec.v1 import verifier_pb2
 
 log = logging.getLogger(__name__)
 

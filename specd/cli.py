@@ -81,9 +81,9 @@ def _up(args) -> int:
 def _stream_to_terminal(addr: str, prompt: str, max_new_tokens: int, temperature: float, raw: bool, as_json: bool,
                         token: str = "", **kwargs) -> int:
     import grpc
-    from specdec.v1 import generation_pb2
 
     from specdec.client import SpecdClient, stats_dict
+    from specdec.v1 import generation_pb2
 
     client = SpecdClient(addr, token=token)
     token_ids, text, stats, finish = [], [], {}, ""

@@ -11,11 +11,11 @@ import grpc
 import pytest
 import torch
 from conftest import InProcessStack
-from specdec.v1 import generation_pb2_grpc
 
 from coordinator.admission import AdmissionQueue, QueueFull, QueueTimeout
 from specdec import metrics
 from specdec.client import build_request
+from specdec.v1 import generation_pb2_grpc
 
 torch.set_num_threads(1)
 

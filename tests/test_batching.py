@@ -163,6 +163,7 @@ def _features(model, ids: list[int]) -> torch.Tensor:
 def test_batched_draft_steps_propose_what_single_steps_propose(kind, tiny_dirs, tmp_path):
     """One packed pass drafts for every stream; each session's drafts equal its drafts stepped alone."""
     from conftest import save
+
     from drafter_svc.drafters import FeatureDrafter, ModelDrafter, StepItem
     from trainer.eagle import init_from_target
 

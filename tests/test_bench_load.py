@@ -7,8 +7,19 @@ import json
 import pytest
 from conftest import InProcessStack, tiny_model
 
-from bench.load import (System, Timed, build_systems, hf_greedy, level_summary, mismatches, plan_level, ratio_table,
-                        read_prompts, run_hf_level, run_specd_level)
+from bench.load import (
+    System,
+    Timed,
+    build_systems,
+    hf_greedy,
+    level_summary,
+    mismatches,
+    plan_level,
+    ratio_table,
+    read_prompts,
+    run_hf_level,
+    run_specd_level,
+)
 
 
 def timed(prompt, start, latency, tokens, ttft=0.1, system="s", clients=2):

@@ -24,10 +24,10 @@ import re
 import shlex
 import shutil
 import subprocess
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 from specdec.config import SETTINGS_BY_ROLE, load_settings

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import grpc
-from specdec.v1 import drafter_pb2
 
 from coordinator.backends import Backend, BackendPool, CallContext
 from coordinator.draft_stream import DraftStream
@@ -13,6 +12,7 @@ from coordinator.features import TargetFeatures
 from coordinator.rounds import GenerationStats
 from specdec.sampling_params import SamplingParams
 from specdec.stopping import StopRule
+from specdec.v1 import drafter_pb2
 
 NO_STOP = (StopRule.NONE, 0.0)
 PROMPT = [1, 2, 3]

@@ -10,10 +10,10 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from specdec.v1 import generation_pb2_grpc
 
 from specd.stack import LocalStack
 from specdec.client import build_request
+from specdec.v1 import generation_pb2_grpc
 
 torch.set_num_threads(1)
 

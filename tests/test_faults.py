@@ -4,7 +4,6 @@ to the no-fault run; the tracing and training side must recover on its own."""
 
 from __future__ import annotations
 
-import json
 import signal
 from contextlib import contextmanager
 from types import SimpleNamespace

@@ -11,11 +11,11 @@ import grpc
 import pytest
 import torch
 from conftest import InProcessStack, save, tiny_model
-from specdec.v1 import generation_pb2, generation_pb2_grpc
 
 from coordinator.text import PromptEncoder, template_roles
 from specdec.client import build_request
 from specdec.sources import load_tokenizer
+from specdec.v1 import generation_pb2, generation_pb2_grpc
 
 torch.set_num_threads(1)
 

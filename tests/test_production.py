@@ -24,12 +24,12 @@ from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
-from specdec.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc, generation_pb2_grpc, verifier_pb2, verifier_pb2_grpc
 
 from specd.stack import check_health
 from specdec.client import SpecdClient, build_request
 from specdec.config import SETTINGS_BY_ROLE, load_settings
 from specdec.logs import JsonFormatter
+from specdec.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc, generation_pb2_grpc, verifier_pb2, verifier_pb2_grpc
 
 torch.set_num_threads(1)
 

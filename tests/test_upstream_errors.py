@@ -8,13 +8,13 @@ import asyncio
 import grpc
 import pytest
 from conftest import InProcessStack
-from specdec.v1 import verifier_pb2
 
 from coordinator.backends import Backend, BackendPool, CallContext, Failure, UpstreamError, classify
 from coordinator.features import TargetFeatures
 from coordinator.verifier_session import VerifierSession
 from specdec.client import SpecdClient
 from specdec.errors import ContextExhausted, status_for
+from specdec.v1 import verifier_pb2
 
 Code = grpc.StatusCode
 
