@@ -137,6 +137,11 @@ class ModelRunner:
         self.device = device
         # Decode and verify steps feed a few rows; the kernel keeps them memory-bound and batch-invariant.
         self.small_gemm_layers = kernel.install(model) if small_gemm and device.type == "cpu" else 0
+        if self.small_gemm_layers:
+            # The kernel splits each layer among the process's threads itself; torch's own pool would spin
+            # beside it between layers for the small ops it runs there, so torch keeps one thread.
+            kernel.set_threads(torch.get_num_threads())
+            torch.set_num_threads(1)
         # Weights de-quantised from a GGUF are read in its blocks: a fifth of the bytes, the same values.
         self.gguf_block_layers = gguf_blocks.attach(model, gguf_path) if self.small_gemm_layers and gguf_path else 0
         # Drafters may go further: rounding their own weights to blocks costs acceptance at most.

@@ -33,7 +33,7 @@ static inline float sum_lanes(__m256 v) {
 
 /* rows is a compile-time constant at every call site, so acc[] lives in registers. */
 static inline __attribute__((always_inline)) void pass(const float *x, const float *w, const float *bias, float *y,
-                                                       int64_t n_out, int64_t k_in, const int rows) {
+                                                       int64_t n_out, int64_t k_in, int64_t ldy, const int rows) {
     const int64_t k_vec = k_in & ~(int64_t)7;
     for (int64_t n = 0; n < n_out; n++) {
         const float *w_row = w + n * k_in;
@@ -47,15 +47,16 @@ static inline __attribute__((always_inline)) void pass(const float *x, const flo
         for (int m = 0; m < rows; m++) {
             float s = sum_lanes(acc[m]);
             for (int64_t k = k_vec; k < k_in; k++) s += w_row[k] * x[m * k_in + k];
-            y[m * n_out + n] = bias ? s + bias[n] : s;
+            y[m * ldy + n] = bias ? s + bias[n] : s;
         }
     }
 }
 
-#define PASS(r) case r: pass(x + m0 * k_in, w, bias, y + m0 * n_out, n_out, k_in, r); break;
+#define PASS(r) case r: pass(x + m0 * k_in, w, bias, y + m0 * ldy, n_out, k_in, ldy, r); break;
 
-/* x [rows, k_in], w [n_out, k_in], bias [n_out] or NULL, y [rows, n_out]; all contiguous. */
-void small_gemm(const float *x, const float *w, const float *bias, float *y, int64_t rows, int64_t n_out, int64_t k_in) {
+/* Outputs [0, n_out) of w and bias into the columns of y, whose rows are ldy floats apart. */
+static void small_gemm_range(const float *x, const float *w, const float *bias, float *y, int64_t rows, int64_t n_out,
+                             int64_t k_in, int64_t ldy) {
     for (int64_t m0 = 0; m0 < rows; m0 += ROWS_PER_PASS) {
         switch (rows - m0 < ROWS_PER_PASS ? rows - m0 : ROWS_PER_PASS) { PASS(1) PASS(2) PASS(3) PASS(4) PASS(5) PASS(6) PASS(7) PASS(8) }
     }
@@ -115,7 +116,7 @@ static inline __attribute__((always_inline)) void q8_0_weights(const uint8_t *co
  * registers, more than two rows with two outputs spill). */
 static inline __attribute__((always_inline)) void block_outputs(const float *x, const uint8_t *codes, const float *scale,
                                                                 const float *minimum, const float *bias, float *y,
-                                                                int64_t n_out, int64_t k_in, int64_t n, const int rows,
+                                                                int64_t ldy, int64_t k_in, int64_t n, const int rows,
                                                                 const int outs, const int code_bytes) {
     const int64_t blocks = k_in / BLOCK;
     __m256 acc[MAX_OUTS][ROWS_PER_PASS];
@@ -137,36 +138,37 @@ static inline __attribute__((always_inline)) void block_outputs(const float *x, 
     _Pragma("GCC unroll 8") for (int u = 0; u < outs; u++)
         _Pragma("GCC unroll 8") for (int m = 0; m < rows; m++) {
             float s = sum_lanes(acc[u][m]);
-            y[m * n_out + n + u] = bias ? s + bias[n + u] : s;
+            y[m * ldy + n + u] = bias ? s + bias[n + u] : s;
         }
 }
 
 /* codes [n_out, k_in / 32, code_bytes], scale and minimum [n_out, k_in / 32]; k_in % 32 == 0. */
 static inline __attribute__((always_inline)) void block_pass(const float *x, const uint8_t *codes, const float *scale,
                                                              const float *minimum, const float *bias, float *y,
-                                                             int64_t n_out, int64_t k_in, const int rows, const int code_bytes) {
+                                                             int64_t n_out, int64_t k_in, int64_t ldy, const int rows,
+                                                             const int code_bytes) {
     const int outs = OUTPUTS_PER_PASS(rows);
     int64_t n = 0;
-    for (; n + outs <= n_out; n += outs) block_outputs(x, codes, scale, minimum, bias, y, n_out, k_in, n, rows, outs, code_bytes);
-    for (; n < n_out; n++) block_outputs(x, codes, scale, minimum, bias, y, n_out, k_in, n, rows, 1, code_bytes);
+    for (; n + outs <= n_out; n += outs) block_outputs(x, codes, scale, minimum, bias, y, ldy, k_in, n, rows, outs, code_bytes);
+    for (; n < n_out; n++) block_outputs(x, codes, scale, minimum, bias, y, ldy, k_in, n, rows, 1, code_bytes);
 }
 
 /* One function per (format, rows): each gets its registers to itself. */
 #define BLOCK_PASS_FN(name, r, code_bytes)                                                                              \
     static __attribute__((noinline)) void name##_##r(const float *x, const uint8_t *codes, const float *scale,           \
                                                      const float *minimum, const float *bias, float *y, int64_t n_out,  \
-                                                     int64_t k_in) {                                                    \
-        block_pass(x, codes, scale, minimum, bias, y, n_out, k_in, r, code_bytes);                                     \
+                                                     int64_t k_in, int64_t ldy) {                                       \
+        block_pass(x, codes, scale, minimum, bias, y, n_out, k_in, ldy, r, code_bytes);                                \
     }
 #define BLOCK_PASS_FNS(name, code_bytes)                                                                               \
     BLOCK_PASS_FN(name, 1, code_bytes) BLOCK_PASS_FN(name, 2, code_bytes) BLOCK_PASS_FN(name, 3, code_bytes)             \
     BLOCK_PASS_FN(name, 4, code_bytes) BLOCK_PASS_FN(name, 5, code_bytes) BLOCK_PASS_FN(name, 6, code_bytes)             \
     BLOCK_PASS_FN(name, 7, code_bytes) BLOCK_PASS_FN(name, 8, code_bytes)
-#define BLOCK_PASS(name, r) case r: name##_##r(x + m0 * k_in, codes, scale, minimum, bias, y + m0 * n_out, n_out, k_in); break;
+#define BLOCK_PASS(name, r) case r: name##_##r(x + m0 * k_in, codes, scale, minimum, bias, y + m0 * ldy, n_out, k_in, ldy); break;
 #define BLOCK_GEMM(name, code_bytes)                                                                                   \
     BLOCK_PASS_FNS(name, code_bytes)                                                                                   \
-    void name(const float *x, const uint8_t *codes, const float *scale, const float *minimum, const float *bias,       \
-              float *y, int64_t rows, int64_t n_out, int64_t k_in) {                                                   \
+    static void name##_range(const float *x, const uint8_t *codes, const float *scale, const float *minimum,          \
+                             const float *bias, float *y, int64_t rows, int64_t n_out, int64_t k_in, int64_t ldy) {   \
         for (int64_t m0 = 0; m0 < rows; m0 += ROWS_PER_PASS) {                                                         \
             switch (rows - m0 < ROWS_PER_PASS ? rows - m0 : ROWS_PER_PASS) {                                           \
                 BLOCK_PASS(name, 1) BLOCK_PASS(name, 2) BLOCK_PASS(name, 3) BLOCK_PASS(name, 4)                         \
@@ -175,6 +177,120 @@ static inline __attribute__((always_inline)) void block_pass(const float *x, con
         }                                                                                                              \
     }
 
-/* x [rows, k_in], y [rows, n_out]; minimum is ignored (NULL) for Q8_0. */
 BLOCK_GEMM(q4_1_gemm, BLOCK / 2)
 BLOCK_GEMM(q8_0_gemm, BLOCK)
+
+/* Threads. Each output is reduced by the same code whichever thread computes it, so splitting the
+ * outputs of a layer among threads keeps the bits. Workers wait for the next layer spinning for a
+ * little while (the layers of one forward pass come microseconds apart), then sleep. */
+#include <pthread.h>
+#include <stdatomic.h>
+
+#define MAX_THREADS 16
+#define SPIN_ROUNDS 200000  /* about 100 microseconds of pause instructions */
+
+enum { FP32, Q4_1, Q8_0 };
+
+typedef struct {
+    int kind;
+    const float *x, *w, *scale, *minimum, *bias;
+    const uint8_t *codes;
+    float *y;
+    int64_t rows, n_out, k_in;
+} gemm_job;
+
+static void run_outputs(const gemm_job *j, int64_t n0, int64_t n1) {
+    if (n1 <= n0) return;
+    const float *bias = j->bias ? j->bias + n0 : NULL;
+    if (j->kind == FP32) {
+        small_gemm_range(j->x, j->w + n0 * j->k_in, bias, j->y + n0, j->rows, n1 - n0, j->k_in, j->n_out);
+        return;
+    }
+    const int64_t blocks = j->k_in / BLOCK, code_bytes = j->kind == Q4_1 ? BLOCK / 2 : BLOCK;
+    const float *minimum = j->minimum ? j->minimum + n0 * blocks : NULL;
+    (j->kind == Q4_1 ? q4_1_gemm_range : q8_0_gemm_range)(j->x, j->codes + n0 * blocks * code_bytes, j->scale + n0 * blocks,
+                                                           minimum, bias, j->y + n0, j->rows, n1 - n0, j->k_in, j->n_out);
+}
+
+static struct {
+    pthread_mutex_t lock;
+    pthread_cond_t wake;
+    int workers;                   /* started so far */
+    int threads;                   /* threads a layer is split among, the caller's included */
+    gemm_job job;
+    int64_t bounds[MAX_THREADS + 1];
+    atomic_long generation;        /* bumped once per job */
+    atomic_int pending;            /* workers still on the current job */
+    atomic_int busy;               /* a caller holds the workers: another one computes alone */
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 1};
+
+static void *worker(void *arg) {
+    const int id = (int)(intptr_t)arg;
+    long seen = 0;
+    for (;;) {
+        long now;
+        for (int spin = 0; (now = atomic_load_explicit(&pool.generation, memory_order_acquire)) == seen; spin++) {
+            if (spin < SPIN_ROUNDS) { _mm_pause(); continue; }
+            pthread_mutex_lock(&pool.lock);
+            while ((now = atomic_load_explicit(&pool.generation, memory_order_acquire)) == seen)
+                pthread_cond_wait(&pool.wake, &pool.lock);
+            pthread_mutex_unlock(&pool.lock);
+            break;
+        }
+        seen = now;
+        if (id < pool.threads) run_outputs(&pool.job, pool.bounds[id], pool.bounds[id + 1]);
+        atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_release);
+    }
+    return NULL;
+}
+
+/* How many threads split each layer's outputs (1: the caller's alone). Call between forward passes. */
+int small_gemm_set_threads(int threads) {
+    threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+    for (; pool.workers < threads - 1; pool.workers++) {
+        pthread_t thread;
+        if (pthread_create(&thread, NULL, worker, (void *)(intptr_t)(pool.workers + 1)) != 0) break;
+        pthread_detach(thread);
+    }
+    pool.threads = threads < pool.workers + 1 ? threads : pool.workers + 1;
+    return pool.threads;
+}
+
+static void run(const gemm_job *job) {
+    const int threads = pool.threads;
+    if (threads <= 1 || job->n_out < 64 * threads || atomic_exchange_explicit(&pool.busy, 1, memory_order_acquire)) {
+        run_outputs(job, 0, job->n_out);
+        return;
+    }
+    pool.job = *job;
+    for (int t = 0; t <= threads; t++) pool.bounds[t] = (job->n_out * t / threads) & ~(int64_t)3;
+    pool.bounds[threads] = job->n_out;
+    for (int t = threads + 1; t <= pool.workers; t++) pool.bounds[t] = job->n_out;  /* idle workers: empty ranges */
+    atomic_store_explicit(&pool.pending, pool.workers, memory_order_relaxed);
+    pthread_mutex_lock(&pool.lock);
+    atomic_fetch_add_explicit(&pool.generation, 1, memory_order_release);
+    pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.lock);
+    run_outputs(job, pool.bounds[0], pool.bounds[1]);
+    while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0) _mm_pause();
+    atomic_store_explicit(&pool.busy, 0, memory_order_release);
+}
+
+/* x [rows, k_in], w [n_out, k_in], bias [n_out] or NULL, y [rows, n_out]; all contiguous. */
+void small_gemm(const float *x, const float *w, const float *bias, float *y, int64_t rows, int64_t n_out, int64_t k_in) {
+    const gemm_job job = {FP32, x, w, NULL, NULL, bias, NULL, y, rows, n_out, k_in};
+    run(&job);
+}
+
+/* x [rows, k_in], y [rows, n_out]; minimum is ignored (NULL) for Q8_0. */
+void q4_1_gemm(const float *x, const uint8_t *codes, const float *scale, const float *minimum, const float *bias,
+               float *y, int64_t rows, int64_t n_out, int64_t k_in) {
+    const gemm_job job = {Q4_1, x, NULL, scale, minimum, bias, codes, y, rows, n_out, k_in};
+    run(&job);
+}
+
+void q8_0_gemm(const float *x, const uint8_t *codes, const float *scale, const float *minimum, const float *bias,
+               float *y, int64_t rows, int64_t n_out, int64_t k_in) {
+    const gemm_job job = {Q8_0, x, NULL, scale, minimum, bias, codes, y, rows, n_out, k_in};
+    run(&job);
+}

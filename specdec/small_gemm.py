@@ -40,7 +40,7 @@ from specdec.sources import CACHE_DIR
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("small_gemm.c")
-COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-shared", "-fPIC")  # no fused d*q+m: gguf-py rounds twice
+COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-shared", "-fPIC", "-pthread")  # no fused d*q+m: gguf-py rounds twice
 AVX512_FLAGS = ("-mavx512f", "-mavx512vl", "-mavx512dq")  # added where the CPU has them: same bits, faster block passes
 # A verifier step packs the rows of many sessions: the kernel keeps each row's bits independent of the
 # others up to here (the verifier's scheduler never packs more); prefill-sized inputs go to BLAS.
@@ -80,6 +80,9 @@ def load_kernel() -> ctypes.CDLL | None:
     kernel = ctypes.CDLL(str(library))
     kernel.small_gemm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
     kernel.small_gemm.restype = None
+    if hasattr(kernel, "small_gemm_set_threads"):  # a prebuilt library may predate threads
+        kernel.small_gemm_set_threads.argtypes = [ctypes.c_int]
+        kernel.small_gemm_set_threads.restype = ctypes.c_int
     kernel.has_block_kernels = all(hasattr(kernel, name) for name in BLOCK_KERNELS)
     if not kernel.has_block_kernels:
         log.warning("%s predates the GGUF block kernels: layers read fp32 weights; rebuild it", library)
@@ -87,6 +90,12 @@ def load_kernel() -> ctypes.CDLL | None:
         getattr(kernel, name).argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3
         getattr(kernel, name).restype = None
     return kernel
+
+
+def set_threads(threads: int) -> int:
+    """Splits each layer's outputs among `threads` threads (the same bits); returns how many it uses."""
+    kernel = load_kernel()
+    return kernel.small_gemm_set_threads(threads) if hasattr(kernel, "small_gemm_set_threads") else 1
 
 
 def block_kernels_available() -> bool:

@@ -187,6 +187,8 @@ def test_drafters_without_a_gguf_are_rounded_to_q8_0_blocks_they_then_read():
 def test_a_prebuilt_kernel_without_the_block_kernels_leaves_layers_on_fp32(tmp_path, monkeypatch):
     old_source = small_gemm.SOURCE.read_text()
     old_source = old_source[:old_source.index("#define BLOCK 32")]  # the library as built before the block kernels
+    old_source += ("void small_gemm(const float *x, const float *w, const float *bias, float *y, int64_t rows, "
+                   "int64_t n_out, int64_t k_in) { small_gemm_range(x, w, bias, y, rows, n_out, k_in, n_out); }\n")
     (tmp_path / "old.c").write_text(old_source)
     library = tmp_path / "old.so"
     subprocess.run(["cc", *small_gemm.COMPILE_FLAGS, "-o", str(library), str(tmp_path / "old.c")], check=True)

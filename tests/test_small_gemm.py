@@ -72,8 +72,8 @@ def test_installed_models_keep_their_weights_and_outputs(arch):
         cache = model(input_ids=ids[:, :6], use_cache=True).past_key_values
         before = model(input_ids=ids[:, 6:], past_key_values=cache, use_cache=True).logits
     swapped = small_gemm.install(model)
-    linears = sum(type(m) is small_gemm.SmallBatchLinear for m in model.modules())
-    assert swapped == linears > 0  # GPT-2: only its LM head is an nn.Linear (the rest are Conv1D)
+    routed = sum(type(m) in (small_gemm.SmallBatchLinear, small_gemm.SmallBatchConv1D) for m in model.modules())
+    assert swapped == routed > 0  # GPT-2's projections are Conv1D, its LM head an nn.Linear
     assert set(model.state_dict()) == keys
     with torch.inference_mode():
         cache = model(input_ids=ids[:, :6], use_cache=True).past_key_values
@@ -91,3 +91,18 @@ def test_subset_heads_and_model_runners_are_routed_through_it():
     untouched = tiny_model("llama", seed=4)
     assert ModelRunner(untouched, torch.device("cpu")).small_gemm_layers == 0
     assert not any(type(m) is small_gemm.SmallBatchLinear for m in untouched.modules())
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 13, 64])
+def test_splitting_a_layer_among_threads_keeps_every_bit(rows):
+    if small_gemm.load_kernel() is None:
+        pytest.skip("the kernel needs x86 with AVX2 and FMA and a C compiler")
+    torch.manual_seed(rows)
+    x, weight, bias = torch.randn(rows, 320), torch.randn(1000, 320), torch.randn(1000)
+    try:
+        small_gemm.set_threads(1)
+        alone = small_gemm.linear(x, weight, bias)
+        assert small_gemm.set_threads(3) == 3
+        assert torch.equal(small_gemm.linear(x, weight, bias), alone)
+    finally:
+        small_gemm.set_threads(1)
