@@ -46,6 +46,13 @@ class PackedKV:
     def __init__(self, segments: list[Segment]):
         self.segments = segments
         self.layer_kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.masks: dict[tuple[int, int], torch.Tensor] = {}  # (new rows, kv length): the same in every layer
+
+    def mask(self, new_rows: int, kv_length: int, device: torch.device) -> torch.Tensor:
+        key = (new_rows, kv_length)
+        if key not in self.masks:
+            self.masks[key] = causal_mask(new_rows, kv_length, device)
+        return self.masks[key]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, cache_kwargs=None):
         """key_states/value_states: [1, Hkv, N, D] for the packed rows; returns them unchanged."""
@@ -78,10 +85,10 @@ def causal_mask(new_rows: int, kv_length: int, device: torch.device) -> torch.Te
     return positions[None, :] <= own[:, None]
 
 
-def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None) -> torch.Tensor:
-    """query [1, H, n, D] over key/value [1, Hkv, L, D] -> [1, H, n, D], always with an explicit mask so a
-    one-row step and a many-row step take the same SDPA path."""
-    mask = causal_mask(query.shape[2], key.shape[2], query.device)
+def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+            scaling: float | None) -> torch.Tensor:
+    """query [1, H, n, D] over key/value [1, Hkv, L, D] with mask [n, L] -> [1, H, n, D]; the mask is always
+    explicit so a one-row step and a many-row step take the same SDPA path."""
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
                                           enable_gqa=query.shape[1] != key.shape[1])
 
@@ -97,7 +104,8 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     outputs = []
     for seg, (seg_key, seg_value) in zip(packed.segments, packed.layer_kv[module.layer_idx]):
         rows = slice(seg.start, seg.start + seg.length)
-        outputs.append(_attend(query[:, :, rows], seg_key, seg_value, scaling))
+        mask = packed.mask(seg.length, seg_key.shape[2], query.device)
+        outputs.append(_attend(query[:, :, rows], seg_key, seg_value, mask, scaling))
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 

@@ -180,14 +180,17 @@ static inline __attribute__((always_inline)) void block_pass(const float *x, con
 BLOCK_GEMM(q4_1_gemm, BLOCK / 2)
 BLOCK_GEMM(q8_0_gemm, BLOCK)
 
-/* Threads. Each output is reduced by the same code whichever thread computes it, so splitting the
- * outputs of a layer among threads keeps the bits. Workers wait for the next layer spinning for a
- * little while (the layers of one forward pass come microseconds apart), then sleep. */
+/* Threads. Each output is reduced by the same code whichever thread computes it, so splitting a layer's
+ * outputs among threads keeps the bits. The caller and the workers claim chunks of outputs from one
+ * ticket until none are left, so a worker the OS has not scheduled costs nothing: the caller takes its
+ * chunks. Workers wait for the next layer spinning for a little while (the layers of one forward pass
+ * come microseconds apart), then sleep. */
 #include <pthread.h>
 #include <stdatomic.h>
 
 #define MAX_THREADS 16
-#define SPIN_ROUNDS 200000  /* about 100 microseconds of pause instructions */
+#define SPIN_ROUNDS 100000  /* about 50 microseconds of pause instructions */
+#define CHUNK_BITS 20       /* a ticket is (job << CHUNK_BITS) | next chunk */
 
 enum { FP32, Q4_1, Q8_0 };
 
@@ -216,40 +219,56 @@ static struct {
     pthread_mutex_t lock;
     pthread_cond_t wake;
     int workers;                   /* started so far */
-    int threads;                   /* threads a layer is split among, the caller's included */
+    int threads;                   /* threads a layer may be split among, the caller's included */
     gemm_job job;
-    int64_t bounds[MAX_THREADS + 1];
-    atomic_long generation;        /* bumped once per job */
-    atomic_int pending;            /* workers still on the current job */
-    atomic_int busy;               /* a caller holds the workers: another one computes alone */
+    int64_t chunk, chunks;         /* outputs per chunk, chunks in the job */
+    atomic_ulong ticket;
+    atomic_long finished;          /* chunks of the current job done */
+    atomic_int busy;               /* a caller holds the pool: another one computes alone */
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 1};
 
-static void *worker(void *arg) {
-    const int id = (int)(intptr_t)arg;
-    long seen = 0;
+/* Claims and runs chunks of the job `ticket` names while any are left; false when there was none to claim. */
+static int claim_chunks(unsigned long job_id) {
+    int ran = 0;
     for (;;) {
-        long now;
-        for (int spin = 0; (now = atomic_load_explicit(&pool.generation, memory_order_acquire)) == seen; spin++) {
+        unsigned long t = atomic_load_explicit(&pool.ticket, memory_order_acquire);
+        const int64_t chunk = (int64_t)(t & ((1ul << CHUNK_BITS) - 1));
+        if ((t >> CHUNK_BITS) != job_id || chunk >= pool.chunks) return ran;
+        if (!atomic_compare_exchange_weak_explicit(&pool.ticket, &t, t + 1, memory_order_acq_rel, memory_order_relaxed))
+            continue;
+        const int64_t n0 = chunk * pool.chunk, n1 = n0 + pool.chunk < pool.job.n_out ? n0 + pool.chunk : pool.job.n_out;
+        run_outputs(&pool.job, n0, n1);
+        atomic_fetch_add_explicit(&pool.finished, 1, memory_order_release);
+        ran = 1;
+    }
+}
+
+static void *worker(void *arg) {
+    (void)arg;
+    unsigned long seen = 0;
+    for (;;) {
+        unsigned long job_id;
+        for (int spin = 0; (job_id = atomic_load_explicit(&pool.ticket, memory_order_acquire) >> CHUNK_BITS) == seen;
+             spin++) {
             if (spin < SPIN_ROUNDS) { _mm_pause(); continue; }
             pthread_mutex_lock(&pool.lock);
-            while ((now = atomic_load_explicit(&pool.generation, memory_order_acquire)) == seen)
+            while ((job_id = atomic_load_explicit(&pool.ticket, memory_order_acquire) >> CHUNK_BITS) == seen)
                 pthread_cond_wait(&pool.wake, &pool.lock);
             pthread_mutex_unlock(&pool.lock);
             break;
         }
-        seen = now;
-        if (id < pool.threads) run_outputs(&pool.job, pool.bounds[id], pool.bounds[id + 1]);
-        atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_release);
+        seen = job_id;
+        claim_chunks(job_id);
     }
     return NULL;
 }
 
-/* How many threads split each layer's outputs (1: the caller's alone). Call between forward passes. */
+/* How many threads may split each layer's outputs (1: the caller's alone). Call between forward passes. */
 int small_gemm_set_threads(int threads) {
     threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
     for (; pool.workers < threads - 1; pool.workers++) {
         pthread_t thread;
-        if (pthread_create(&thread, NULL, worker, (void *)(intptr_t)(pool.workers + 1)) != 0) break;
+        if (pthread_create(&thread, NULL, worker, NULL) != 0) break;
         pthread_detach(thread);
     }
     pool.threads = threads < pool.workers + 1 ? threads : pool.workers + 1;
@@ -258,21 +277,22 @@ int small_gemm_set_threads(int threads) {
 
 static void run(const gemm_job *job) {
     const int threads = pool.threads;
-    if (threads <= 1 || job->n_out < 64 * threads || atomic_exchange_explicit(&pool.busy, 1, memory_order_acquire)) {
+    if (threads <= 1 || job->n_out < 128 || atomic_exchange_explicit(&pool.busy, 1, memory_order_acquire)) {
         run_outputs(job, 0, job->n_out);
         return;
     }
     pool.job = *job;
-    for (int t = 0; t <= threads; t++) pool.bounds[t] = (job->n_out * t / threads) & ~(int64_t)3;
-    pool.bounds[threads] = job->n_out;
-    for (int t = threads + 1; t <= pool.workers; t++) pool.bounds[t] = job->n_out;  /* idle workers: empty ranges */
-    atomic_store_explicit(&pool.pending, pool.workers, memory_order_relaxed);
+    pool.chunk = ((job->n_out / (4 * threads)) + 3) & ~(int64_t)3;  /* a few chunks per thread, whole groups of 4 */
+    if (pool.chunk < 32) pool.chunk = 32;
+    pool.chunks = (job->n_out + pool.chunk - 1) / pool.chunk;
+    atomic_store_explicit(&pool.finished, 0, memory_order_relaxed);
+    const unsigned long job_id = (atomic_load_explicit(&pool.ticket, memory_order_relaxed) >> CHUNK_BITS) + 1;
     pthread_mutex_lock(&pool.lock);
-    atomic_fetch_add_explicit(&pool.generation, 1, memory_order_release);
+    atomic_store_explicit(&pool.ticket, job_id << CHUNK_BITS, memory_order_release);
     pthread_cond_broadcast(&pool.wake);
     pthread_mutex_unlock(&pool.lock);
-    run_outputs(job, pool.bounds[0], pool.bounds[1]);
-    while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0) _mm_pause();
+    claim_chunks(job_id);
+    while (atomic_load_explicit(&pool.finished, memory_order_acquire) < pool.chunks) _mm_pause();
     atomic_store_explicit(&pool.busy, 0, memory_order_release);
 }
 
