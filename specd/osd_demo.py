@@ -129,9 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drafter-layers", type=int, default=4, help="layers of a target-initialised drafter")
     parser.add_argument("--eagle", default="", help="start from this EAGLE drafter (a preset or directory) and "
                                                     "train it with `specd refine-eagle` instead of `specd train`")
-    parser.add_argument("--refine-every-s", type=float, default=20.0, help="pause between refine-eagle rounds")
+    parser.add_argument("--refine-round-traces", type=int, default=60, help="new traces that start a refine-eagle round")
     parser.add_argument("--refine-traces", type=int, default=1_000, help="newest traces a refine-eagle round reads")
-    parser.add_argument("--refine-holdout", type=int, default=12, help="newest requests a refine-eagle gate scores")
     parser.add_argument("--refine-epochs", type=float, default=2.0)
     parser.add_argument("--domains", default="domain_a,domain_b")
     parser.add_argument("--requests-per-domain", type=int, default=200)
@@ -183,8 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     trainer_log = open(workdir / "trainer.log", "ab")
     trainer_command = (
         ["refine-eagle", "--target", args.target, "--redis-url", redis_url, "--checkpoint-dir", str(store.root),
-         "--eagle-window", str(args.refine_traces), "--eagle-epochs", str(args.refine_epochs),
-         "--eagle-lr", str(args.lr), "--eagle-batch-size", str(args.batch_size), "--threads", "1"] if args.eagle else
+         "--eagle-window", str(args.refine_traces), "--eagle-round-traces", str(args.refine_round_traces),
+         "--eagle-epochs", str(args.refine_epochs), "--eagle-lr", str(args.lr), "--eagle-batch-size", str(args.batch_size),
+         "--holdout-fraction", str(args.holdout_fraction), "--threads", "1"] if args.eagle else
         ["train", "--target", args.target, "--redis-url", redis_url,
          "--checkpoint-dir", str(store.root), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
          "--publish-every", str(args.publish_every), "--loss", args.loss, "--threads", "1", "--metrics-port", "0",
@@ -252,9 +252,9 @@ def report(args: argparse.Namespace, saved: dict) -> None:
     rejected = sum(1 for d in decisions if d["action"] == "reject")
     if args.eagle:
         title, name = "Online learning with the EAGLE drafter", "osd-eagle"
-        trainer_text = (f"trainer: `specd refine-eagle` rounds {args.refine_every_s:g} s apart on the newest "
-                        f"{args.refine_traces} traces, {args.refine_epochs:g} epochs at lr {args.lr}, batch "
-                        f"{args.batch_size}, gate on the newest {args.refine_holdout} requests")
+        trainer_text = (f"trainer: `specd refine-eagle`, a round per {args.refine_round_traces} new traces on the "
+                        f"newest {args.refine_traces}, {args.refine_epochs:g} epochs at lr {args.lr}, batch "
+                        f"{args.batch_size}, gate on {args.holdout_fraction:.0%} held-out requests")
     else:
         steps = max((d.get("metrics", {}).get("steps", 0) for d in decisions), default=0)
         title, name = "Online learning: domain shift", "osd"

@@ -420,15 +420,22 @@ def settings_from_args(role: str, args: argparse.Namespace) -> CommonSettings:
     return load_settings(role, overrides, getattr(args, "config", None))
 
 
+def _shown(value) -> str:
+    """A default as the reference prints it: paths as a user would type them, anything else as its repr."""
+    if isinstance(value, Path):
+        return "~/" + str(value.relative_to(Path.home())) if value.is_relative_to(Path.home()) else str(value)
+    return repr(value)
+
+
 def settings_reference() -> str:
-    """Markdown tables of every setting, for docs/configuration.md."""
+    """Markdown tables of every setting, for the configuration reference in docs/operations.md."""
     lines = []
     schemas = {**SETTINGS_BY_ROLE, "every process (runtime)": RuntimeSettings}
     for role, schema in schemas.items():
         lines += [f"### {role}", "", "| setting | env | default | description |", "|---|---|---|---|"]
         for path, field in _flat_fields(schema):
             env = field.validation_alias if isinstance(field.validation_alias, str) else ENV_PREFIX + path.upper()
-            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            default = "required" if field.is_required() else _shown(field.get_default(call_default_factory=True))
             lines.append(f"| `{path.replace(NESTED_DELIMITER, '.')}` | `{env}` | `{default}` | {field.description or ''} |")
         lines.append("")
     return "\n".join(lines)
