@@ -7,6 +7,11 @@ One thread owns the model. Each step it:
    so a long prompt delays the decode steps of others by one chunk at a time, never by its whole length;
 3. runs the callbacks whose earlier work is done (a release queued behind an abandoned prefill).
 
+Every token costs each session a round trip to its coordinator, so sessions that share one pass come
+back a little apart; taken as they arrive, two sessions would alternate passes forever. Before a pass
+the thread therefore waits, for a fraction of a pass at most, for the sessions of the last passes
+that have not sent their next call yet.
+
 A session's verify rows never share a pass with a prefill chunk: a chunk has more rows than the
 batch-invariant kernel takes, and chunk boundaries depend on the prompt alone, so a session's bits
 are the same whatever else is running.
@@ -28,6 +33,10 @@ from specdec import metrics
 from specdec.kv import KVSession, ModelRunner
 
 log = logging.getLogger(__name__)
+
+GATHER_SHARE = 0.3    # of the last pass's time, the longest a pass waits for sessions still on their way
+MAX_GATHER_S = 0.01
+RECENT_S = 0.5        # sessions not seen in a pass for this long are not waited for
 
 
 @dataclass
@@ -78,6 +87,8 @@ class StepScheduler:
         self.max_step_rows, self.prefill_chunk = max_step_rows, prefill_chunk
         self.sessions_per_pass = 1 if batch_invariant_only else None
         self.service = service
+        self._recent: dict[str, float] = {}   # session id -> when its last verify pass ended (monotonic)
+        self._pass_s = 0.0                    # the last verify pass's duration
         self._cond = threading.Condition()
         self._verifies: deque[VerifyJob] = deque()
         self._prefills: deque[PrefillJob] = deque()
@@ -108,6 +119,11 @@ class StepScheduler:
             self._callbacks.append((self._seq, callback))
             self._cond.notify()
 
+    def forget(self, session_id: str) -> None:
+        """The session ended: passes no longer wait for it."""
+        with self._cond:
+            self._recent.pop(session_id, None)
+
     def close(self) -> None:
         with self._cond:
             self._closed = True
@@ -123,6 +139,8 @@ class StepScheduler:
                     self._cond.wait()
                 if self._closed:
                     return
+                if self._verifies:
+                    self._wait_for_stragglers()
                 verifies = list(self._verifies)
                 self._verifies.clear()
                 prefill = self._prefills[0] if self._prefills else None
@@ -140,6 +158,20 @@ class StepScheduler:
                     callback()
                 except Exception:  # noqa: BLE001 - a failed callback must not stop the step loop
                     log.exception("step callback failed")
+
+    def _wait_for_stragglers(self) -> None:
+        """Holds the pass (lock held) up to GATHER_SHARE of the last pass's time for recently served sessions
+        whose next verify has not arrived; forgets sessions idle for longer than RECENT_S."""
+        now = time.monotonic()
+        for session_id in [s for s, seen in self._recent.items() if now - seen > RECENT_S]:
+            del self._recent[session_id]
+        deadline = now + min(GATHER_SHARE * self._pass_s, MAX_GATHER_S)
+        while not self._closed:
+            queued = {job.session.session_id for job in self._verifies}
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or all(session_id in queued for session_id in self._recent):
+                return
+            self._cond.wait(remaining)
 
     def _ready_callbacks(self) -> list[tuple[int, Callable[[], None]]]:
         oldest = min(self._unfinished, default=None)
@@ -193,6 +225,11 @@ class StepScheduler:
             return
         step = PassStats(rows, len(batch), time.perf_counter() - started)
         self._observe("verify", step)
+        with self._cond:
+            self._pass_s = step.seconds
+            ended = time.monotonic()
+            for job in batch:
+                self._recent[job.session.session_id] = ended
         for job, (logits, hidden) in zip(batch, results):
             try:
                 job.future.set_result(self.decider.finish_verify(job, logits, hidden, step))

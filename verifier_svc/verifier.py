@@ -126,6 +126,7 @@ class VerifierCore:
                              step.seconds * 1e3, decision.lossy, committed_features, step.rows, step.sessions)
 
     def release(self, session_id: str) -> bool:
+        self.scheduler.forget(session_id)
         return self.sessions.release(session_id)
 
     def after_pending(self, callback) -> None:
