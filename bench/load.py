@@ -1,7 +1,7 @@
 """Concurrency sweep: aggregate throughput and latency of specd, transformers and vLLM under N clients.
 
     python -m bench.load                                         # the default sweep (make bench-load)
-    python -m bench.load --clients 1,2 --requests 2 --max-new-tokens 8 --out /tmp/load --results-md ''
+    python -m bench.load --clients 1,2 --requests 2 --max-new-tokens 8 --out bench/out/load --results-md ''
 
 Per level N, N client threads each send greedy requests (ignore_eos, so every request yields
 --max-new-tokens tokens) back to back, after one warm-up request each. Systems, one after another:
