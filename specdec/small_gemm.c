@@ -189,7 +189,7 @@ BLOCK_GEMM(q8_0_gemm, BLOCK)
 #include <stdatomic.h>
 
 #define MAX_THREADS 16
-#define SPIN_ROUNDS 100000  /* about 50 microseconds of pause instructions */
+#define SPIN_ROUNDS 2000    /* a few microseconds to tens of them, by how long a pause instruction takes here */
 #define CHUNK_BITS 20       /* a ticket is (job << CHUNK_BITS) | next chunk */
 
 enum { FP32, Q4_1, Q8_0 };
