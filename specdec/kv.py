@@ -137,10 +137,13 @@ class ModelRunner:
         self.device = device
         # Decode and verify steps feed a few rows; the kernel keeps them memory-bound and batch-invariant.
         self.small_gemm_layers = kernel.install(model) if small_gemm and device.type == "cpu" else 0
+        # The kernel splits each layer among the process's threads itself; torch's own pool would spin
+        # beside it between layers for the small ops it runs there, so torch keeps one thread for passes
+        # the kernel serves and gets them all back for prefill-sized ones, which go to BLAS.
+        self.threads = torch.get_num_threads()
+        self.kernel_rows = kernel.MAX_ROWS if self.small_gemm_layers else 0
         if self.small_gemm_layers:
-            # The kernel splits each layer among the process's threads itself; torch's own pool would spin
-            # beside it between layers for the small ops it runs there, so torch keeps one thread.
-            kernel.set_threads(torch.get_num_threads())
+            kernel.set_threads(self.threads)
             torch.set_num_threads(1)
         # Weights de-quantised from a GGUF are read in its blocks: a fifth of the bytes, the same values.
         self.gguf_block_layers = gguf_blocks.attach(model, gguf_path) if self.small_gemm_layers and gguf_path else 0
@@ -173,7 +176,14 @@ class ModelRunner:
                 session.cache = DynamicCache(config=self.model.config)
             rows.append((session.ids[session.cached_len:], session.cached_len, session.cache))
         keep = keep_logits if isinstance(keep_logits, list) else [keep_logits] * len(sessions)
-        results = packed.packed_forward(self.model, rows, self.device, keep, output_hidden)
+        blas = self.kernel_rows and sum(len(new_ids) for new_ids, _, _ in rows) > self.kernel_rows
+        if blas:
+            torch.set_num_threads(self.threads)
+        try:
+            results = packed.packed_forward(self.model, rows, self.device, keep, output_hidden)
+        finally:
+            if blas:
+                torch.set_num_threads(1)
         for session in sessions:
             session.cached_len = len(session.ids)
         return results
