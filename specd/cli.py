@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--target", default="smollm2-135m")
     up.add_argument("--drafter", default="ngram", help="model dir, .gguf, preset, 'ngram' or 'none'")
     up.add_argument("--mode", default="overlapped", choices=["sequential", "overlapped", "target_only"])
-    up.add_argument("--policy", default="pearl")
+    up.add_argument("--policy", default="smartspec")
     up.add_argument("--prompt-lookup", action="store_true",
                     help="a model drafter drafts prompt-lookup matches first, where the context repeats itself")
     up.add_argument("--threads-verifier", type=int, default=0)
