@@ -9,7 +9,7 @@ Batch invariance: a session's attention is the same call whatever else shares th
 shapes, same mask), and specd's CPU kernel reduces each output row in one order whatever the row
 count (specdec/small_gemm.py). Together they give a session the same bits alone or in a batch.
 Where the linear layers go through a BLAS or cuBLAS GEMM (GPU, bf16, kernel off) the bits can
-depend on the row count; the verifier's `batch_invariant` setting then packs one session per pass.
+depend on the row count; the verifier's `batch_invariant_only` setting then packs one session per pass.
 
 Works with any transformers causal LM whose attention goes through `ALL_ATTENTION_FUNCTIONS` and
 updates `past_key_values` per layer (Llama, Qwen2, Mistral, GPT-2, ...): the model runs with the

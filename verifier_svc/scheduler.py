@@ -201,7 +201,7 @@ class StepScheduler:
         """Consecutive groups of at most max_step_rows rows (a larger block runs alone)."""
         passes, rows = [], 0
         for job in jobs:
-            job_rows = len(job.session.ids) - min(job.session.cached_len, len(job.session.ids) - 1)
+            job_rows = _rows(job)
             full = self.sessions_per_pass is not None and passes and len(passes[-1]) >= self.sessions_per_pass
             if not passes or rows + job_rows > self.max_step_rows or full:
                 passes.append([])
@@ -211,7 +211,7 @@ class StepScheduler:
         return passes
 
     def _verify_pass(self, batch: list[VerifyJob]) -> None:
-        rows = sum(len(j.session.ids) - min(j.session.cached_len, len(j.session.ids) - 1) for j in batch)
+        rows = sum(_rows(job) for job in batch)
         started = time.perf_counter()
         try:
             results = self.runner.extend([j.session for j in batch], output_hidden=any(j.return_hidden for j in batch),
@@ -271,3 +271,9 @@ class StepScheduler:
         metrics.STEP_ROWS.labels(service=self.service, kind=kind).observe(step.rows)
         metrics.STEP_SESSIONS.labels(service=self.service, kind=kind).observe(step.sessions)
         metrics.STEP_SECONDS.labels(service=self.service, kind=kind).observe(step.seconds)
+
+
+def _rows(job: VerifyJob) -> int:
+    """Rows the job's session feeds: its uncached ids, at least its last one (ModelRunner.extend)."""
+    session = job.session
+    return len(session.ids) - min(session.cached_len, len(session.ids) - 1)
