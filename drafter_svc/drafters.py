@@ -12,7 +12,6 @@ import threading
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
 from specdec import packed
 from specdec.eagle import fused_inputs, is_feature_drafter
@@ -278,7 +277,7 @@ class FeatureDrafter(ModelDrafter):
     def _forward_many(self, sessions, runner, output_hidden):
         """Feeds each session's rows in packed passes: first the rows the target's features are now known for,
         then one row per token past them (each reads the feature the previous row predicted)."""
-        plans = [self._plan(session) for session in sessions]
+        plans = [self._plan(session, runner) for session in sessions]
         live = [plan for plan in plans if plan is not None]
         while live:
             groups = [plan.next_group() for plan in live]
@@ -291,7 +290,7 @@ class FeatureDrafter(ModelDrafter):
         return [None if plan is None else (plan.logits, plan.rows.outputs[-1][None] if output_hidden else None)
                 for plan in plans]
 
-    def _plan(self, session: KVSession) -> _FeaturePlan | None:
+    def _plan(self, session: KVSession, runner: ModelRunner) -> _FeaturePlan | None:
         """What `session` must feed before its draft logits exist, after dropping stale rows; None: no proposal."""
         features = session.extra.get("features")
         need = len(session.ids) - 1  # rows 0..need-1; the last one drafts the next token
@@ -310,7 +309,7 @@ class FeatureDrafter(ModelDrafter):
         valid = min(valid, need - 1)  # the last row is always (re)fed: its logits are the draft
         self._crop_rows(session, rows, valid)
         if session.cache is None:
-            session.cache = DynamicCache(config=self.loaded.model.config)
+            session.cache = runner.new_cache()
         session.cached_len = len(session.ids)
         return _FeaturePlan(session, rows, need, known, features)
 

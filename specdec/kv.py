@@ -17,13 +17,14 @@ import torch
 
 from specdec import packed
 from specdec.errors import CapacityExhausted, SessionNotFound
+from specdec.paged_kv import KVPool, PagedCache
 
 
 @dataclass
 class KVSession:
     session_id: str
     ids: list[int] = field(default_factory=list)
-    cache: object | None = None       # a transformers Cache
+    cache: PagedCache | None = None   # dropping it gives its blocks back to the pool
     cached_len: int = 0               # ids[:cached_len] have KV in `cache`
     last_used: float = field(default_factory=time.monotonic)
     request_id: str = ""
@@ -58,19 +59,11 @@ class KVSession:
         return common
 
     def kv_bytes(self) -> int:
-        if self.cache is None:
-            return 0
-        total = 0
-        for layer in getattr(self.cache, "layers", []):
-            for name in ("keys", "values"):
-                tensor = getattr(layer, name, None)
-                if isinstance(tensor, torch.Tensor):
-                    total += tensor.numel() * tensor.element_size()
-        return total
+        return self.cache.kv_bytes() if self.cache is not None else 0
 
 
 def crop_cache(cache, length: int) -> None:
-    """Crops a transformers Cache to its first `length` positions."""
+    """Crops a transformers Cache or a PagedCache to its first `length` positions."""
     current = cache.get_seq_length()
     if length < current:
         cache.crop(length - current) if length > 0 else cache.crop(-current)
@@ -152,6 +145,10 @@ class ModelRunner:
             self.gguf_block_layers = gguf_blocks.quantise_in_place(model, quantise_to)
         # Attention over the packed rows of many sessions, each reading only its own KV.
         packed.install(model)
+        self.pool = KVPool()
+
+    def new_cache(self) -> PagedCache:
+        return PagedCache(self.pool)
 
     @torch.inference_mode()
     def extend(self, sessions: list[KVSession], output_hidden: bool = False,
@@ -163,8 +160,6 @@ class ModelRunner:
         first uncaches its last id); keep_logits is one count for all sessions or one per session, and 0
         means no logits (a prefill chunk that only fills the cache).
         """
-        from transformers import DynamicCache
-
         rows = []
         for session in sessions:
             if not session.ids:
@@ -173,7 +168,7 @@ class ModelRunner:
                 # Logits are not kept, only KV: a fully cached session recomputes its last token.
                 session.crop_kv(len(session.ids) - 1)
             if session.cache is None:
-                session.cache = DynamicCache(config=self.model.config)
+                session.cache = self.new_cache()
             rows.append((session.ids[session.cached_len:], session.cached_len, session.cache))
         keep = keep_logits if isinstance(keep_logits, list) else [keep_logits] * len(sessions)
         blas = self.kernel_rows and sum(len(new_ids) for new_ids, _, _ in rows) > self.kernel_rows

@@ -180,6 +180,133 @@ static inline __attribute__((always_inline)) void block_pass(const float *x, con
 BLOCK_GEMM(q4_1_gemm, BLOCK / 2)
 BLOCK_GEMM(q8_0_gemm, BLOCK)
 
+/* Attention of packed rows over paged KV: each row is one query position of one session, attending to
+ * that session's positions 0 .. row_len-1, whose K and V lie in slots of a shared store, block_size slots
+ * per block, found through the session's block table. Every (row, KV head) item is computed by one thread
+ * in an order fixed by its own length alone, so a row gets the same bits whatever else shares the pass,
+ * and a k-token verify gives each position the bits it gets decoded alone. */
+#include <math.h>
+#include <stdlib.h>
+
+typedef struct {
+    const float *q;                /* [rows, heads, head_dim] */
+    float *out;                    /* [rows, heads, head_dim] */
+    const float *k_store, *v_store;  /* [slots, kv_heads, head_dim] */
+    const int32_t *block_table;    /* every session's blocks, concatenated */
+    const int64_t *row_blocks;     /* [rows]: where the row's session starts in block_table */
+    const int32_t *row_len;        /* [rows]: positions the row attends to, its own included */
+    int64_t heads, kv_heads, head_dim, block_size;
+    float scale;
+} attention_args;
+
+#define DOT_POSITIONS 4  /* independent FMA chains: scores of 4 positions at once */
+#define MAX_HEAD_VECS 32 /* head_dim up to 256 */
+
+/* exp for the lanes of x <= 0 (scores minus their maximum): Cody-Waite reduction and a degree-6
+ * polynomial; lanes below -87 give 0. */
+static inline __m256 exp_nonpositive(__m256 x) {
+    const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(exponent)));
+}
+
+static __thread float *scratch;
+static __thread int64_t scratch_floats;
+
+static float *scratch_for(int64_t floats) {
+    if (floats > scratch_floats) {
+        free(scratch);
+        scratch = aligned_alloc(32, (size_t)((floats + 7) & ~(int64_t)7) * sizeof(float));
+        scratch_floats = scratch ? floats : 0;
+    }
+    return scratch;
+}
+
+/* Where position's K (in k_store) and V (in v_store) of one KV head start. */
+static inline int64_t slot_offset(const attention_args *a, const int32_t *blocks, int64_t position, int64_t kv_head) {
+    const int64_t slot = (int64_t)blocks[position / a->block_size] * a->block_size + position % a->block_size;
+    return (slot * a->kv_heads + kv_head) * a->head_dim;
+}
+
+/* One row's query heads that share KV head kv_head (heads / kv_heads of them). */
+static inline __attribute__((always_inline)) void attend_heads(const attention_args *a, int64_t row, int64_t kv_head,
+                                                               const int64_t head_dim) {
+    const int64_t group = a->heads / a->kv_heads, len = a->row_len[row], padded = (len + 7) & ~(int64_t)7;
+    const int64_t vecs = head_dim / 8, vec_dims = vecs * 8;
+    const int32_t *blocks = a->block_table + a->row_blocks[row];
+    float *scores = scratch_for(group * padded);
+    if (!scores) abort();  /* out of memory: no answer beats a wrong one */
+    /* 1. Scores: each a chain of FMAs over head_dim then a sum of the lanes, the same for any grouping. */
+    for (int64_t j0 = 0; j0 < len; j0 += DOT_POSITIONS) {
+        const float *k[DOT_POSITIONS];
+        for (int i = 0; i < DOT_POSITIONS; i++) k[i] = a->k_store + slot_offset(a, blocks, j0 + i < len ? j0 + i : len - 1, kv_head);
+        for (int64_t h = 0; h < group; h++) {
+            const float *q = a->q + (row * a->heads + kv_head * group + h) * head_dim;
+            __m256 acc[DOT_POSITIONS];
+            for (int i = 0; i < DOT_POSITIONS; i++) acc[i] = _mm256_setzero_ps();
+            for (int64_t d = 0; d < vec_dims; d += 8) {
+                const __m256 qv = _mm256_loadu_ps(q + d);
+                for (int i = 0; i < DOT_POSITIONS; i++) acc[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[i] + d), acc[i]);
+            }
+            for (int i = 0; i < DOT_POSITIONS && j0 + i < len; i++) {
+                float s = sum_lanes(acc[i]);
+                for (int64_t d = vec_dims; d < head_dim; d++) s += q[d] * k[i][d];
+                scores[h * padded + j0 + i] = s * a->scale;
+            }
+        }
+    }
+    for (int64_t h = 0; h < group; h++) {
+        float *s = scores + h * padded;
+        /* 2. Softmax weights, unnormalised: exp(s - max), the padding lanes 0. */
+        float max = s[0];
+        for (int64_t j = 1; j < len; j++) max = s[j] > max ? s[j] : max;
+        for (int64_t j = len; j < padded; j++) s[j] = -INFINITY;
+        const __m256 max_v = _mm256_set1_ps(max);
+        __m256 total = _mm256_setzero_ps();
+        for (int64_t j = 0; j < padded; j += 8) {
+            const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + j), max_v));
+            _mm256_storeu_ps(s + j, e);
+            total = _mm256_add_ps(total, e);
+        }
+        const float inverse = 1.0f / sum_lanes(total);
+        /* 3. The weighted sum of V, position by position. */
+        __m256 acc[MAX_HEAD_VECS];
+        float tail[8] = {0};
+        for (int64_t v = 0; v < vecs; v++) acc[v] = _mm256_setzero_ps();
+        for (int64_t j = 0; j < len; j++) {
+            const float *value = a->v_store + slot_offset(a, blocks, j, kv_head);
+            const __m256 weight = _mm256_set1_ps(s[j]);
+            for (int64_t v = 0; v < vecs; v++) acc[v] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(value + 8 * v), acc[v]);
+            for (int64_t d = vec_dims; d < head_dim; d++) tail[d - vec_dims] += s[j] * value[d];
+        }
+        float *out = a->out + (row * a->heads + kv_head * group + h) * head_dim;
+        const __m256 inverse_v = _mm256_set1_ps(inverse);
+        for (int64_t v = 0; v < vecs; v++) _mm256_storeu_ps(out + 8 * v, _mm256_mul_ps(acc[v], inverse_v));
+        for (int64_t d = vec_dims; d < head_dim; d++) out[d] = tail[d - vec_dims] * inverse;
+    }
+}
+
+static __attribute__((noinline)) void attend_64(const attention_args *a, int64_t row, int64_t kv_head) { attend_heads(a, row, kv_head, 64); }
+static __attribute__((noinline)) void attend_any(const attention_args *a, int64_t row, int64_t kv_head) {
+    attend_heads(a, row, kv_head, a->head_dim);
+}
+
+static void attend(const attention_args *a, int64_t row, int64_t kv_head) {
+    (a->head_dim == 64 ? attend_64 : attend_any)(a, row, kv_head);
+}
+
 /* Threads. Each output is reduced by the same code whichever thread computes it, so splitting a layer's
  * outputs among threads keeps the bits. The caller and the workers claim chunks of outputs from one
  * ticket until none are left, so a worker the OS has not scheduled costs nothing: the caller takes its
@@ -192,18 +319,23 @@ BLOCK_GEMM(q8_0_gemm, BLOCK)
 #define SPIN_ROUNDS 2000    /* a few microseconds to tens of them, by how long a pause instruction takes here */
 #define CHUNK_BITS 20       /* a ticket is (job << CHUNK_BITS) | next chunk */
 
-enum { FP32, Q4_1, Q8_0 };
+enum { FP32, Q4_1, Q8_0, ATTENTION };
 
 typedef struct {
     int kind;
     const float *x, *w, *scale, *minimum, *bias;
     const uint8_t *codes;
     float *y;
-    int64_t rows, n_out, k_in;
+    int64_t rows, n_out, k_in;  /* an attention job's n_out counts its (row, KV head) items */
+    const attention_args *attention;
 } gemm_job;
 
 static void run_outputs(const gemm_job *j, int64_t n0, int64_t n1) {
     if (n1 <= n0) return;
+    if (j->kind == ATTENTION) {
+        for (int64_t item = n0; item < n1; item++) attend(j->attention, item / j->attention->kv_heads, item % j->attention->kv_heads);
+        return;
+    }
     const float *bias = j->bias ? j->bias + n0 : NULL;
     if (j->kind == FP32) {
         small_gemm_range(j->x, j->w + n0 * j->k_in, bias, j->y + n0, j->rows, n1 - n0, j->k_in, j->n_out);
@@ -277,13 +409,19 @@ int small_gemm_set_threads(int threads) {
 
 static void run(const gemm_job *job) {
     const int threads = pool.threads;
-    if (threads <= 1 || job->n_out < 128 || atomic_exchange_explicit(&pool.busy, 1, memory_order_acquire)) {
+    const int attention = job->kind == ATTENTION;
+    if (threads <= 1 || job->n_out < (attention ? 2 : 128) || atomic_exchange_explicit(&pool.busy, 1, memory_order_acquire)) {
         run_outputs(job, 0, job->n_out);
         return;
     }
     pool.job = *job;
-    pool.chunk = ((job->n_out / (4 * threads)) + 3) & ~(int64_t)3;  /* a few chunks per thread, whole groups of 4 */
-    if (pool.chunk < 32) pool.chunk = 32;
+    if (attention) {  /* items vary in length: small chunks balance them */
+        pool.chunk = job->n_out / (4 * threads);
+        if (pool.chunk < 1) pool.chunk = 1;
+    } else {
+        pool.chunk = ((job->n_out / (4 * threads)) + 3) & ~(int64_t)3;  /* a few chunks per thread, whole groups of 4 */
+        if (pool.chunk < 32) pool.chunk = 32;
+    }
     pool.chunks = (job->n_out + pool.chunk - 1) / pool.chunk;
     atomic_store_explicit(&pool.finished, 0, memory_order_relaxed);
     const unsigned long job_id = (atomic_load_explicit(&pool.ticket, memory_order_relaxed) >> CHUNK_BITS) + 1;
@@ -298,19 +436,29 @@ static void run(const gemm_job *job) {
 
 /* x [rows, k_in], w [n_out, k_in], bias [n_out] or NULL, y [rows, n_out]; all contiguous. */
 void small_gemm(const float *x, const float *w, const float *bias, float *y, int64_t rows, int64_t n_out, int64_t k_in) {
-    const gemm_job job = {FP32, x, w, NULL, NULL, bias, NULL, y, rows, n_out, k_in};
+    const gemm_job job = {FP32, x, w, NULL, NULL, bias, NULL, y, rows, n_out, k_in, NULL};
     run(&job);
 }
 
 /* x [rows, k_in], y [rows, n_out]; minimum is ignored (NULL) for Q8_0. */
 void q4_1_gemm(const float *x, const uint8_t *codes, const float *scale, const float *minimum, const float *bias,
                float *y, int64_t rows, int64_t n_out, int64_t k_in) {
-    const gemm_job job = {Q4_1, x, NULL, scale, minimum, bias, codes, y, rows, n_out, k_in};
+    const gemm_job job = {Q4_1, x, NULL, scale, minimum, bias, codes, y, rows, n_out, k_in, NULL};
     run(&job);
 }
 
 void q8_0_gemm(const float *x, const uint8_t *codes, const float *scale, const float *minimum, const float *bias,
                float *y, int64_t rows, int64_t n_out, int64_t k_in) {
-    const gemm_job job = {Q8_0, x, NULL, scale, minimum, bias, codes, y, rows, n_out, k_in};
+    const gemm_job job = {Q8_0, x, NULL, scale, minimum, bias, codes, y, rows, n_out, k_in, NULL};
+    run(&job);
+}
+
+/* q and out [rows, heads, head_dim]; k_store and v_store [slots, kv_heads, head_dim]; head_dim <= 256. */
+void paged_attention(const float *q, float *out, const float *k_store, const float *v_store, const int32_t *block_table,
+                     const int64_t *row_blocks, const int32_t *row_len, int64_t rows, int64_t heads, int64_t kv_heads,
+                     int64_t head_dim, int64_t block_size, float scale) {
+    const attention_args args = {q, out, k_store, v_store, block_table, row_blocks, row_len, heads, kv_heads, head_dim,
+                                 block_size, scale};
+    const gemm_job job = {ATTENTION, NULL, NULL, NULL, NULL, NULL, NULL, NULL, rows, rows * kv_heads, 0, &args};
     run(&job);
 }

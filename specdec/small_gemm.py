@@ -83,6 +83,9 @@ def load_kernel() -> ctypes.CDLL | None:
     if hasattr(kernel, "small_gemm_set_threads"):  # a prebuilt library may predate threads
         kernel.small_gemm_set_threads.argtypes = [ctypes.c_int]
         kernel.small_gemm_set_threads.restype = ctypes.c_int
+    if hasattr(kernel, "paged_attention"):  # a prebuilt library may predate it
+        kernel.paged_attention.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 5 + [ctypes.c_float]
+        kernel.paged_attention.restype = None
     kernel.has_block_kernels = all(hasattr(kernel, name) for name in BLOCK_KERNELS)
     if not kernel.has_block_kernels:
         log.warning("%s predates the GGUF block kernels: layers read fp32 weights; rebuild it", library)
@@ -96,6 +99,27 @@ def set_threads(threads: int) -> int:
     """Splits each layer's outputs among `threads` threads (the same bits); returns how many it uses."""
     kernel = load_kernel()
     return kernel.small_gemm_set_threads(threads) if hasattr(kernel, "small_gemm_set_threads") else 1
+
+
+def attention_kernel_available() -> bool:
+    kernel = load_kernel()
+    return kernel is not None and hasattr(kernel, "paged_attention")
+
+
+def paged_attention(query: torch.Tensor, key_store: torch.Tensor, value_store: torch.Tensor, block_table: torch.Tensor,
+                    row_blocks: torch.Tensor, row_len: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
+    """Each row's attention over its own session's paged KV (fp32, CPU; see small_gemm.c).
+
+    query [N, H, D] contiguous; key_store/value_store [slots, Hkv, D]; block_table int32 [total blocks];
+    row_blocks int64 [N] (where the row's session starts in block_table); row_len int32 [N] (positions
+    it attends to, its own included) -> [N, H, D].
+    """
+    rows, heads, head_dim = query.shape
+    out = torch.empty_like(query)
+    load_kernel().paged_attention(query.data_ptr(), out.data_ptr(), key_store.data_ptr(), value_store.data_ptr(),
+                                  block_table.data_ptr(), row_blocks.data_ptr(), row_len.data_ptr(), rows, heads,
+                                  key_store.shape[1], head_dim, block_size, scale)
+    return out
 
 
 def block_kernels_available() -> bool:

@@ -8,9 +8,9 @@ import time
 import pytest
 import torch
 from conftest import hf_greedy, tiny_model
-from transformers import DynamicCache
 
 from specdec import packed, small_gemm
+from specdec.paged_kv import KVPool, PagedCache
 from specdec.models import load_model
 from specdec.sampling_params import SamplingParams
 from verifier_svc.verifier import VerifierCore
@@ -33,10 +33,9 @@ def test_packed_pass_gives_each_session_its_own_bits(arch):
     model, reference = _kernel_model(arch), tiny_model(arch)
     cpu = torch.device("cpu")
     keep = [min(2, len(p)) for p in PROMPTS]
-    alone = [packed.packed_forward(model, [(p, 0, DynamicCache(config=model.config))], cpu, [k], True)[0]
-             for p, k in zip(PROMPTS, keep)]
-    together = packed.packed_forward(model, [(p, 0, DynamicCache(config=model.config)) for p in PROMPTS], cpu,
-                                     keep, True)
+    pool = KVPool()
+    alone = [packed.packed_forward(model, [(p, 0, PagedCache(pool))], cpu, [k], True)[0] for p, k in zip(PROMPTS, keep)]
+    together = packed.packed_forward(model, [(p, 0, PagedCache(pool)) for p in PROMPTS], cpu, keep, True)
     for prompt, (logits, hidden), (batched_logits, batched_hidden) in zip(PROMPTS, alone, together):
         assert torch.equal(logits, batched_logits) and torch.equal(hidden, batched_hidden)
         expected = reference(input_ids=torch.tensor([prompt])).logits[0, -min(2, len(prompt)):]
