@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from coordinator.verify_stream import VerifyStream
 from specdec import metrics
 from specdec.v1 import verifier_pb2
 
@@ -98,6 +99,7 @@ class Backend:
     serving: bool = True            # as its health service last said
     down_until: float = 0.0         # a failed call keeps it out until then
     failures: int = 0
+    verify_stream: VerifyStream | None = None  # a verifier's multiplexed Verify calls (None: one unary call each)
 
     @property
     def healthy(self) -> bool:
@@ -122,6 +124,12 @@ class BackendPool:
         pool = cls(backends)
         pool.watchers = [asyncio.ensure_future(pool.watch_health(backend)) for backend in backends]
         return pool
+
+    def multiplex_verify(self, metadata: list[tuple[str, str]]) -> None:
+        """Verify calls to each backend (a verifier) go over one VerifyStream, opened on first use, that
+        carries `metadata`."""
+        for backend in self.backends:
+            backend.verify_stream = VerifyStream(backend.stub, metadata)
 
     def pick(self, key: str, exclude: set[str] = frozenset()) -> Backend | None:
         """A healthy backend chosen stably by key (session affinity), or None."""
@@ -171,4 +179,6 @@ class BackendPool:
         for task in self.watchers:
             task.cancel()
         for backend in self.backends:
+            if backend.verify_stream is not None:
+                backend.verify_stream.close()
             await backend.channel.close()

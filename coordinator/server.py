@@ -319,6 +319,8 @@ async def build_servicer(settings: CoordinatorSettings, trace_sink=None) -> Gene
     token = settings.resolved_auth_token()
     settings.resolved_auth_clients()  # a bad clients file fails now, not after waiting for the backends
     metadata = [("authorization", f"Bearer {token}")] if token else []
+    if settings.verify_stream:
+        verifiers.multiplex_verify(metadata)
     wait_s = runtime_settings().backend_wait_s
     target_info = await _backend_info(verifiers, metadata, wait_s, required=True)
     drafter_info = None

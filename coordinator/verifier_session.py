@@ -72,8 +72,10 @@ class VerifierSession:
         while True:
             started = time.perf_counter()
             try:
-                response = await self.backend.stub.Verify(request, timeout=self.calls.timeout(),
-                                                          metadata=self.calls.metadata)
+                stream = self.backend.verify_stream
+                response = await (stream.verify(request, self.calls.timeout()) if stream is not None
+                                  else self.backend.stub.Verify(request, timeout=self.calls.timeout(),
+                                                                metadata=self.calls.metadata))
             except grpc.aio.AioRpcError as err:
                 failure = classified("verifier", err, self.calls.deadline_passed())
                 if failure in (Failure.REQUEST, Failure.INTERNAL):

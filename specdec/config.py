@@ -256,6 +256,8 @@ class CoordinatorSettings(CommonSettings):
         "auto", description="Overlapped mode: keep drafting past the block being verified (PEARL's post-verify); "
                             "auto measures whether it pays (it does not where drafter and verifier share cores).")
     drafter_retry_s: float = Field(5.0, gt=0, description="Wait before trying a failed drafter again.")
+    verify_stream: bool = Field(True, description="Carry every session's Verify calls to a verifier over one "
+                                "multiplexed stream (off: one unary Verify call per round).")
     max_concurrency_per_client: int = Field(16, ge=1)
     max_concurrency: int = Field(64, ge=1, description="Requests generating at once; more wait in the admission queue.")
     max_queued: int = Field(64, ge=0, description="Requests that wait, first come first served, while max_concurrency "

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import Future
+
+import grpc
 
 from specdec import metrics
 from specdec.config import VerifierSettings
 from specdec.convert import dist_from_proto, hidden_to_proto
-from specdec.errors import InvalidRequest
+from specdec.errors import InvalidRequest, status_for
 from specdec.models import LoadedModel, configure_threads, load_model
 from specdec.rpc import Drain, RunningServer, abort_for, expire_sessions_forever, serve_until_signalled, start_server
 from specdec.sampling_params import sampling_from_proto
@@ -24,6 +27,16 @@ def _ended_undelivered(call) -> bool:
     """Whether a finished call's answer cannot have reached its caller: cancelled, or ended past its deadline."""
     remaining = call.time_remaining()
     return call.cancelled() or (remaining is not None and remaining <= 0)
+
+
+def call_error(error: BaseException) -> verifier_pb2.CallError:
+    """A failed call of a VerifyStream, with the status the unary Verify would have ended with."""
+    code = status_for(error)
+    if code is None:  # what an unmapped exception in a unary handler ends as
+        log.error("verify call failed", exc_info=error)
+        return verifier_pb2.CallError(code=grpc.StatusCode.UNKNOWN.value[0],
+                                      message=f"Unexpected {type(error).__name__}: {error}")
+    return verifier_pb2.CallError(code=code.value[0], message=str(error))
 
 
 class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
@@ -77,23 +90,89 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
         return verifier_pb2.PrefillResponse(committed_len=committed, timing=common_pb2.Timing(compute_ms=ms),
                                             hidden=hidden_to_proto(*hidden) if hidden else None)
 
-    async def Verify(self, request, context):
-        try:
-            if request.bild_rollback_threshold < 0:
-                raise InvalidRequest("bild_rollback_threshold must be >= 0")
-            dists = [dist_from_proto(p) for p in request.draft_probs]
-            outcome, wall_ms = await self._run(self.core.submit_verify, request.session_id, request.committed_len,
-                                               list(request.draft_tokens), dists, request.return_top_k,
-                                               request.bild_rollback_threshold, request.return_hidden)
-        except Exception as err:  # noqa: BLE001
-            await abort_for(context, err)
-        self._update_gauges()
+    def _submit_verify(self, request: verifier_pb2.VerifyRequest) -> Future:
+        """Queues one Verify call for the step scheduler: a future of its VerifyOutcome. The unary call and
+        the stream both come through here, so they check and convert alike."""
+        if request.bild_rollback_threshold < 0:
+            raise InvalidRequest("bild_rollback_threshold must be >= 0")
+        dists = [dist_from_proto(p) for p in request.draft_probs]
+        return self.core.submit_verify(request.session_id, request.committed_len, list(request.draft_tokens), dists,
+                                       request.return_top_k, request.bild_rollback_threshold, request.return_hidden)
+
+    @staticmethod
+    def _verify_response(outcome, wall_ms: float) -> verifier_pb2.VerifyResponse:
         return verifier_pb2.VerifyResponse(
             accepted=outcome.accepted, next_token=outcome.next_token, committed_len=outcome.committed_len,
             target_top_k=[common_pb2.TopKProbs(indices=i, probs=p) for i, p in outcome.target_top],
             timing=common_pb2.Timing(compute_ms=outcome.compute_ms, queue_ms=max(wall_ms - outcome.compute_ms, 0.0),
                                      batch_rows=outcome.batch_rows, batch_sessions=outcome.batch_sessions),
             lossy=outcome.lossy, hidden=hidden_to_proto(*outcome.hidden) if outcome.hidden else None)
+
+    async def Verify(self, request, context):
+        try:
+            outcome, wall_ms = await self._run(self._submit_verify, request)
+        except Exception as err:  # noqa: BLE001
+            await abort_for(context, err)
+        self._update_gauges()
+        return self._verify_response(outcome, wall_ms)
+
+    async def VerifyStream(self, request_iterator, context):
+        """Verify calls of many sessions on one stream: every call is queued as it arrives, and each
+        message back carries every result that has finished since the last one. A draining verifier keeps
+        answering here (the calls belong to sessions it holds). When the caller goes, calls that have not
+        started are dropped; their sessions stay until Release or their TTL, as after a unary call."""
+        loop = asyncio.get_running_loop()
+        ready: list[verifier_pb2.VerifyResult] = []
+        pending: dict[int, Future] = {}
+        wake = asyncio.Event()
+
+        def finish(call_id: int, started: float, future: Future | None, error: Exception | None = None) -> None:
+            pending.pop(call_id, None)
+            if future is not None and future.cancelled():
+                return
+            try:
+                if error is not None:
+                    raise error
+                response = self._verify_response(future.result(), (time.perf_counter() - started) * 1e3)
+                ready.append(verifier_pb2.VerifyResult(call_id=call_id, response=response))
+            except Exception as err:  # noqa: BLE001 - reported to that call only
+                ready.append(verifier_pb2.VerifyResult(call_id=call_id, error=call_error(err)))
+            wake.set()
+
+        async def read() -> None:
+            try:
+                async for batch in request_iterator:
+                    for call in batch.calls:
+                        started = time.perf_counter()
+                        try:
+                            future = self._submit_verify(call.request)
+                        except Exception as err:  # noqa: BLE001 - refused before it was queued
+                            finish(call.call_id, started, None, err)
+                            continue
+                        pending[call.call_id] = future
+                        future.add_done_callback(lambda f, call_id=call.call_id, started=started:
+                                                 loop.call_soon_threadsafe(finish, call_id, started, f))
+            finally:
+                wake.set()
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while True:
+                await wake.wait()
+                wake.clear()
+                await asyncio.sleep(0)  # results of the same pass already on their way join this message
+                if ready:
+                    batch = verifier_pb2.VerifyResultBatch(results=ready)
+                    ready.clear()
+                    self._update_gauges()
+                    yield batch
+                if reader.done() and not pending and not ready:
+                    reader.result()  # a broken request stream ends the call with its error
+                    return
+        finally:
+            reader.cancel()
+            for future in pending.values():
+                future.cancel()  # queued, not started: the caller is gone
 
     async def Release(self, request, context):
         # Free the KV now, and once more after the compute already queued: a Prefill that the caller abandoned
@@ -111,12 +190,17 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
                                       eos_token_ids=loaded.eos_token_ids)
 
 
-async def start(settings: VerifierSettings, loaded: LoadedModel | None = None) -> RunningServer:
+def build_servicer(settings: VerifierSettings, loaded: LoadedModel | None = None) -> VerifierServicer:
     configure_threads(settings.threads)
     loaded = loaded or load_model(settings.model, settings.device, settings.dtype, max_context=settings.max_context)
-    servicer = VerifierServicer(VerifierCore(loaded, settings.max_sessions, settings.session_ttl_s, settings.small_gemm,
-                                              settings.max_step_rows, settings.prefill_chunk,
-                                              settings.batch_invariant_only))
+    return VerifierServicer(VerifierCore(loaded, settings.max_sessions, settings.session_ttl_s, settings.small_gemm,
+                                         settings.max_step_rows, settings.prefill_chunk, settings.batch_invariant_only))
+
+
+async def start(settings: VerifierSettings, servicer: VerifierServicer | None = None) -> RunningServer:
+    """Serves `servicer` (by default, one for `settings`) until drained."""
+    servicer = servicer or build_servicer(settings)
+    loaded = servicer.core.loaded
     running = await start_server(settings, lambda s: verifier_pb2_grpc.add_VerifierServicer_to_server(servicer, s),
                                  [SERVICE_NAME], servicer.drain)
     metrics_port = metrics.serve_metrics(settings.metrics_port, settings.metrics_host)

@@ -45,6 +45,11 @@ class VerifierStub:
                 request_serializer=specdec_dot_v1_dot_verifier__pb2.VerifyRequest.SerializeToString,
                 response_deserializer=specdec_dot_v1_dot_verifier__pb2.VerifyResponse.FromString,
                 _registered_method=True)
+        self.VerifyStream = channel.stream_stream(
+                '/specdec.v1.Verifier/VerifyStream',
+                request_serializer=specdec_dot_v1_dot_verifier__pb2.VerifyBatch.SerializeToString,
+                response_deserializer=specdec_dot_v1_dot_verifier__pb2.VerifyResultBatch.FromString,
+                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/specdec.v1.Verifier/Release',
                 request_serializer=specdec_dot_v1_dot_verifier__pb2.ReleaseRequest.SerializeToString,
@@ -73,6 +78,14 @@ class VerifierServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VerifyStream(self, request_iterator, context):
+        """The Verify calls of many sessions over one long-lived stream: each message carries every call (or
+        result) that was ready when it was written, so a call costs no RPC of its own.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Release(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -97,6 +110,11 @@ def add_VerifierServicer_to_server(servicer, server):
                     servicer.Verify,
                     request_deserializer=specdec_dot_v1_dot_verifier__pb2.VerifyRequest.FromString,
                     response_serializer=specdec_dot_v1_dot_verifier__pb2.VerifyResponse.SerializeToString,
+            ),
+            'VerifyStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.VerifyStream,
+                    request_deserializer=specdec_dot_v1_dot_verifier__pb2.VerifyBatch.FromString,
+                    response_serializer=specdec_dot_v1_dot_verifier__pb2.VerifyResultBatch.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
@@ -164,6 +182,33 @@ class Verifier:
             '/specdec.v1.Verifier/Verify',
             specdec_dot_v1_dot_verifier__pb2.VerifyRequest.SerializeToString,
             specdec_dot_v1_dot_verifier__pb2.VerifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/specdec.v1.Verifier/VerifyStream',
+            specdec_dot_v1_dot_verifier__pb2.VerifyBatch.SerializeToString,
+            specdec_dot_v1_dot_verifier__pb2.VerifyResultBatch.FromString,
             options,
             channel_credentials,
             insecure,
