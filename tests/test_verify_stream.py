@@ -19,7 +19,7 @@ from coordinator.verify_stream import VerifyStream
 from specdec.client import SpecdClient
 from specdec.config import load_settings
 from specdec.sampling_params import SamplingParams, sampling_to_proto
-from specdec.v1 import verifier_pb2, verifier_pb2_grpc
+from specdec.v1 import common_pb2, verifier_pb2, verifier_pb2_grpc
 from verifier_svc.server import VerifierServicer, build_servicer, start
 
 Code = grpc.StatusCode
@@ -196,3 +196,17 @@ def test_a_verifier_lost_mid_stream_fails_its_calls_as_transport_and_they_move_t
     assert tokens == expected
     assert 0 < moved < len(PROMPTS) and not lost_healthy and none_left
 
+
+
+def test_results_split_into_messages_under_the_byte_budget_in_order():
+    from verifier_svc.server import BATCH_BYTES, result_batches
+
+    hidden = common_pb2.HiddenStates(data=bytes(BATCH_BYTES // 3))
+    results = [verifier_pb2.VerifyResult(call_id=i, response=verifier_pb2.VerifyResponse(hidden=hidden if i % 2 else None))
+               for i in range(7)]
+    results.append(verifier_pb2.VerifyResult(call_id=7, response=verifier_pb2.VerifyResponse(
+        hidden=common_pb2.HiddenStates(data=bytes(BATCH_BYTES + 1)))))
+    batches = list(result_batches(results))
+    assert [r.call_id for batch in batches for r in batch.results] == list(range(8))
+    assert all(batch.ByteSize() <= BATCH_BYTES for batch in batches[:-1]) and len(batches[-1].results) == 1
+    assert len(batches) == 3  # three results of a third each do not fit one message; the oversized one goes alone

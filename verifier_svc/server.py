@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
 
 import grpc
@@ -21,6 +22,7 @@ from verifier_svc.verifier import VerifierCore
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "specdec.v1.Verifier"
+BATCH_BYTES = 1 << 20  # a VerifyResultBatch stays under the smallest message limit a service can be given
 
 
 def _ended_undelivered(call) -> bool:
@@ -37,6 +39,20 @@ def call_error(error: BaseException) -> verifier_pb2.CallError:
         return verifier_pb2.CallError(code=grpc.StatusCode.UNKNOWN.value[0],
                                       message=f"Unexpected {type(error).__name__}: {error}")
     return verifier_pb2.CallError(code=code.value[0], message=str(error))
+
+
+def result_batches(results: list[verifier_pb2.VerifyResult]) -> Iterator[verifier_pb2.VerifyResultBatch]:
+    """The results in order, as few messages as keep each under BATCH_BYTES (a larger result goes alone)."""
+    batch, size = [], 0
+    for result in results:
+        result_size = result.ByteSize()
+        if batch and size + result_size > BATCH_BYTES:
+            yield verifier_pb2.VerifyResultBatch(results=batch)
+            batch, size = [], 0
+        batch.append(result)
+        size += result_size
+    if batch:
+        yield verifier_pb2.VerifyResultBatch(results=batch)
 
 
 class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
@@ -162,10 +178,11 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
                 wake.clear()
                 await asyncio.sleep(0)  # results of the same pass already on their way join this message
                 if ready:
-                    batch = verifier_pb2.VerifyResultBatch(results=ready)
+                    results = ready[:]
                     ready.clear()
                     self._update_gauges()
-                    yield batch
+                    for batch in result_batches(results):
+                        yield batch
                 if reader.done() and not pending and not ready:
                     reader.result()  # a broken request stream ends the call with its error
                     return
