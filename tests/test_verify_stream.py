@@ -210,3 +210,26 @@ def test_results_split_into_messages_under_the_byte_budget_in_order():
     assert [r.call_id for batch in batches for r in batch.results] == list(range(8))
     assert all(batch.ByteSize() <= BATCH_BYTES for batch in batches[:-1]) and len(batches[-1].results) == 1
     assert len(batches) == 3  # three results of a third each do not fit one message; the oversized one goes alone
+
+
+def test_a_verifier_without_the_stream_gets_unary_calls(tiny_dirs, monkeypatch):
+    async def predates_the_stream(self, request_iterator, context):
+        await context.abort(Code.UNIMPLEMENTED, "Method not found!")  # what gRPC answers for an unknown method
+        yield
+
+    monkeypatch.setattr(VerifierServicer, "VerifyStream", predates_the_stream)
+    target = tiny_dirs["llama"]["target"]
+    expected = hf_greedy(target, PROMPTS[0], 2)
+
+    async def scenario():
+        async with _verifiers(target) as (_servicers, _servers, [addr]), grpc.aio.insecure_channel(addr) as channel:
+            stub = verifier_pb2_grpc.VerifierStub(channel)
+            committed = await _prefill(stub, "s", PROMPTS[0])
+            stream = VerifyStream(stub, [])
+            first = await stream.verify(_verify_request("s", committed), 10.0)
+            tried = stream._open
+            second = await stream.verify(_verify_request("s", first.committed_len), 10.0)
+            return [first.next_token, second.next_token], tried.broken, stream._open is tried
+
+    tokens, tried_broken, not_reopened = asyncio.run(scenario())
+    assert tokens == expected and tried_broken and not_reopened

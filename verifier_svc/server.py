@@ -31,14 +31,13 @@ def _ended_undelivered(call) -> bool:
     return call.cancelled() or (remaining is not None and remaining <= 0)
 
 
-def call_error(error: BaseException) -> verifier_pb2.CallError:
-    """A failed call of a VerifyStream, with the status the unary Verify would have ended with."""
+def call_status(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status and details a unary Verify failing with `error` would have ended with."""
     code = status_for(error)
-    if code is None:  # what an unmapped exception in a unary handler ends as
+    if code is None:  # what gRPC makes of an unexpected exception in a unary handler
         log.error("verify call failed", exc_info=error)
-        return verifier_pb2.CallError(code=grpc.StatusCode.UNKNOWN.value[0],
-                                      message=f"Unexpected {type(error).__name__}: {error}")
-    return verifier_pb2.CallError(code=code.value[0], message=str(error))
+        return grpc.StatusCode.UNKNOWN, f"Unexpected {type(error).__name__}: {error}"
+    return code, str(error)
 
 
 def result_batches(results: list[verifier_pb2.VerifyResult]) -> Iterator[verifier_pb2.VerifyResultBatch]:
@@ -142,18 +141,27 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
         pending: dict[int, Future] = {}
         wake = asyncio.Event()
 
-        def finish(call_id: int, started: float, future: Future | None, error: Exception | None = None) -> None:
-            pending.pop(call_id, None)
+        def finish(call: verifier_pb2.VerifyCall, started: float, future: Future | None,
+                   error: Exception | None = None) -> None:
+            pending.pop(call.call_id, None)
             if future is not None and future.cancelled():
                 return
+            code = grpc.StatusCode.OK
             try:
                 if error is not None:
                     raise error
                 response = self._verify_response(future.result(), (time.perf_counter() - started) * 1e3)
-                ready.append(verifier_pb2.VerifyResult(call_id=call_id, response=response))
+                result = verifier_pb2.VerifyResult(call_id=call.call_id, response=response)
             except Exception as err:  # noqa: BLE001 - reported to that call only
-                ready.append(verifier_pb2.VerifyResult(call_id=call_id, error=call_error(err)))
+                code, message = call_status(err)
+                result = verifier_pb2.VerifyResult(call_id=call.call_id,
+                                                   error=verifier_pb2.CallError(code=code.value[0], message=message))
+            ready.append(result)
             wake.set()
+            if log.isEnabledFor(logging.DEBUG):  # the access-log line a unary call would have had
+                log.debug("verify call finished", extra={"request_id": call.request.request_id, "fields": {
+                    "session_id": call.request.session_id, "code": code.name,
+                    "ms": round((time.perf_counter() - started) * 1e3, 2)}})
 
         async def read() -> None:
             try:
@@ -163,11 +171,11 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
                         try:
                             future = self._submit_verify(call.request)
                         except Exception as err:  # noqa: BLE001 - refused before it was queued
-                            finish(call.call_id, started, None, err)
+                            finish(call, started, None, err)
                             continue
                         pending[call.call_id] = future
-                        future.add_done_callback(lambda f, call_id=call.call_id, started=started:
-                                                 loop.call_soon_threadsafe(finish, call_id, started, f))
+                        future.add_done_callback(lambda f, call=call, started=started:
+                                                 loop.call_soon_threadsafe(finish, call, started, f))
             finally:
                 wake.set()
 
