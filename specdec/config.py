@@ -209,10 +209,12 @@ class VerifierSettings(ModelServiceSettings):
     role: ClassVar[str] = "verifier"
 
     model: str = "smollm2-135m"
-    max_step_rows: int = Field(64, ge=1, le=64, description="Most token rows of all sessions' verifies in one "
-                                                            "forward pass (the batch-invariant kernel's limit).")
-    prefill_chunk: int = Field(256, ge=16, description="Prompt tokens per prefill pass; a long prompt delays other "
-                                                       "sessions' steps by one chunk at a time.")
+    max_step_rows: int = Field(64, ge=1, le=256, description="Most token rows in one forward pass: all sessions' "
+                                                             "verify rows, then prompt rows. Up to 256, the "
+                                                             "batch-invariant kernel's limit.")
+    prefill_chunk: int = Field(64, ge=16, description="Most prompt tokens one pass caches (within max_step_rows): "
+                                                      "a long prompt is cached a chunk per step beside the decoding "
+                                                      "sessions.")
     batch_invariant_only: bool = Field(False, description="One session per forward pass: for devices whose GEMMs "
                                                           "change bits with the row count (CUDA, bf16, kernel off).")
 

@@ -42,9 +42,10 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("small_gemm.c")
 COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-shared", "-fPIC", "-pthread")  # no fused d*q+m: gguf-py rounds twice
 AVX512_FLAGS = ("-mavx512f", "-mavx512vl", "-mavx512dq")  # added where the CPU has them: same bits, faster block passes
-# A verifier step packs the rows of many sessions: the kernel keeps each row's bits independent of the
-# others up to here (the verifier's scheduler never packs more); prefill-sized inputs go to BLAS.
-MAX_ROWS = 64
+# A verifier step packs the rows of many sessions and prompt chunks: the kernel keeps each row's bits
+# independent of the others up to here (the verifier's max_step_rows is at most this); larger inputs go
+# to BLAS. Past about 64 rows both run at the same speed on a 2-core CPU (python -m bench.verify_cost).
+MAX_ROWS = 256
 BLOCK_KERNELS = ("q4_1_gemm", "q8_0_gemm")
 
 

@@ -42,6 +42,20 @@ def test_packed_pass_gives_each_session_its_own_bits(arch):
         torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_prompt_cached_in_any_chunks_beside_any_rows_has_the_same_bits(arch):
+    """The scheduler chunks prompts by the room verifies leave: the chunking and the company must not matter."""
+    model = _kernel_model(arch)
+    cpu, pool = torch.device("cpu"), KVPool()
+    prompt = [(11 * i) % 250 + 1 for i in range(40)]
+    [(whole, _)] = packed.packed_forward(model, [(prompt, 0, PagedCache(pool))], cpu, [1], False)
+    chunked, other = PagedCache(pool), PagedCache(pool)
+    packed.packed_forward(model, [(prompt[:5], 0, chunked), ([9, 8, 7], 0, other)], cpu, [0, 1], False)
+    packed.packed_forward(model, [([6, 5], 3, other), (prompt[5:21], 5, chunked)], cpu, [2, 0], False)
+    _, (last, _) = packed.packed_forward(model, [([1], 5, other), (prompt[21:], 21, chunked)], cpu, [1, 1], False)
+    assert torch.equal(whole, last)
+
+
 def _greedy_by_verifier(core: VerifierCore, session_id: str, prompt: list[int], new_tokens: int,
                         drafts: list[int]) -> tuple[list[int], list[int]]:
     """Decodes greedily through verify calls that each send a few draft tokens (right or wrong):

@@ -1,10 +1,12 @@
 """Continuous batching: every pending Prefill and Verify, across sessions, shares forward passes.
 
 One thread owns the model. Each step it:
-1. takes every queued Verify and runs them as packed passes (specdec/packed.py) of at most
+1. takes every queued Verify and packs them into passes (specdec/packed.py) of at most
    `max_step_rows` rows, each session at its own positions over its own KV;
-2. runs the next chunk (at most `prefill_chunk` tokens) of the oldest Prefill in a pass of its own,
-   so a long prompt delays the decode steps of others by one chunk at a time, never by its whole length;
+2. fills what the last of those passes leaves of `max_step_rows` with prompt rows of the queued
+   Prefills, oldest first, at most `prefill_chunk` of them, so a long prompt is cached a chunk per
+   step beside the decoding sessions instead of stalling them (a prefill runs a pass of its own only
+   when the verifies leave no room);
 3. runs the callbacks whose earlier work is done (a release queued behind an abandoned prefill).
 
 Every token costs each session a round trip to its coordinator, so sessions that share one pass come
@@ -12,9 +14,10 @@ back a little apart; taken as they arrive, two sessions would alternate passes f
 the thread therefore waits, for a fraction of a pass at most, for the sessions of the last passes
 that have not sent their next call yet.
 
-A session's verify rows never share a pass with a prefill chunk: a chunk has more rows than the
-batch-invariant kernel takes, and chunk boundaries depend on the prompt alone, so a session's bits
-are the same whatever else is running.
+Mixing sessions and chunking prompts by load keeps each session's bits: up to the kernel's row limit
+(specdec/small_gemm.py, MAX_ROWS) every row of a linear layer and of attention is reduced in an order
+that depends on that row alone. With `batch_invariant_only` (devices whose GEMMs change bits with the
+row count) a pass holds one session, and prompts go in fixed chunks of `prefill_chunk`.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ class PrefillJob:
     future: Future = field(default_factory=Future)
     hidden_parts: list[torch.Tensor] = field(default_factory=list)
     started: bool = False
+    finished: bool = False
     seq: int = 0
 
 
@@ -81,7 +85,7 @@ class VerifyDecider(Protocol):
 
 class StepScheduler:
     def __init__(self, runner: ModelRunner, decider: VerifyDecider, max_step_rows: int = 64,
-                 prefill_chunk: int = 256, batch_invariant_only: bool = False, service: str = "verifier"):
+                 prefill_chunk: int = 64, batch_invariant_only: bool = False, service: str = "verifier"):
         """batch_invariant_only: one session per pass, for devices whose GEMMs change bits with the row count."""
         self.runner, self.decider = runner, decider
         self.max_step_rows, self.prefill_chunk = max_step_rows, prefill_chunk
@@ -143,13 +147,10 @@ class StepScheduler:
                     self._wait_for_stragglers()
                 verifies = list(self._verifies)
                 self._verifies.clear()
-                prefill = self._prefills[0] if self._prefills else None
-            if verifies:
-                self._run_verifies(verifies)
-            if prefill is not None and self._run_prefill_chunk(prefill):
-                with self._cond:
-                    self._prefills.popleft()
+                prefills = list(self._prefills)
+            self._run_step(verifies, prefills)
             with self._cond:
+                self._prefills = deque(job for job in self._prefills if not job.finished)
                 metrics.STEP_QUEUE.labels(service=self.service).set(len(self._verifies) + len(self._prefills))
                 callbacks = self._ready_callbacks()
                 self._callbacks = [c for c in self._callbacks if c not in callbacks]
@@ -181,7 +182,24 @@ class StepScheduler:
         with self._cond:
             self._unfinished.discard(job.seq)
 
-    def _run_verifies(self, jobs: list[VerifyJob]) -> None:
+    def _run_step(self, verifies: list[VerifyJob], prefills: list[PrefillJob]) -> None:
+        passes = self._passes(self._prepared(verifies))
+        last = passes.pop() if passes else []
+        room = self.max_step_rows - sum(_rows(job) for job in last)
+        if self.sessions_per_pass is not None:
+            room = 0 if last else self.max_step_rows  # one session per pass, prompts in fixed chunks
+        separate = room <= 0
+        chunks = self._prompt_rows(prefills, min(self.prefill_chunk, self.max_step_rows if separate else room))
+        for batch in passes:
+            self._pass(batch, [])
+        if separate:
+            self._pass(last, [])
+            last = []
+        if last or chunks:
+            self._pass(last, chunks)
+
+    def _prepared(self, jobs: list[VerifyJob]) -> list[VerifyJob]:
+        """The jobs still wanted whose acceptance inputs are ready; the others are answered now."""
         ready = []
         for job in jobs:
             if not job.future.set_running_or_notify_cancel():
@@ -194,8 +212,7 @@ class StepScheduler:
                 self._done(job)
                 continue
             ready.append(job)
-        for batch in self._passes(ready):
-            self._verify_pass(batch)
+        return ready
 
     def _passes(self, jobs: list[VerifyJob]) -> list[list[VerifyJob]]:
         """Consecutive groups of at most max_step_rows rows (a larger block runs alone)."""
@@ -210,62 +227,75 @@ class StepScheduler:
             rows += job_rows
         return passes
 
-    def _verify_pass(self, batch: list[VerifyJob]) -> None:
-        rows = sum(_rows(job) for job in batch)
+    def _prompt_rows(self, prefills: list[PrefillJob], budget: int) -> list[tuple[PrefillJob, list[int]]]:
+        """Up to `budget` prompt ids to cache this step, oldest prefill first: (job, ids) per prefill."""
+        chunks = []
+        for job in prefills:
+            if budget <= 0 or (chunks and self.sessions_per_pass is not None):
+                break
+            if not job.started:
+                if not job.future.set_running_or_notify_cancel():
+                    job.finished = True
+                    self._done(job)
+                    continue
+                job.started = True
+            if not job.to_cache:  # a one-token prompt: nothing to cache
+                self._finish_prefill(job)
+                continue
+            chunks.append((job, job.to_cache[:budget]))
+            budget -= len(chunks[-1][1])
+        return chunks
+
+    def _pass(self, verifies: list[VerifyJob], chunks: list[tuple[PrefillJob, list[int]]]) -> None:
+        """One forward over the verifies' rows and the prompt chunks; answers every job it finishes."""
+        for job, ids in chunks:
+            del job.to_cache[:len(ids)]
+            job.session.ids.extend(ids)
+        prefills = [job for job, _ in chunks]
+        rows = sum(_rows(job) for job in verifies) + sum(len(ids) for _, ids in chunks)
         started = time.perf_counter()
         try:
-            results = self.runner.extend([j.session for j in batch], output_hidden=any(j.return_hidden for j in batch),
-                                         keep_logits=[len(j.draft_tokens) + 1 for j in batch])
+            results = self.runner.extend([j.session for j in verifies + prefills],
+                                         output_hidden=any(j.return_hidden for j in verifies + prefills),
+                                         keep_logits=[len(j.draft_tokens) + 1 for j in verifies] + [0] * len(prefills))
         except Exception as err:  # noqa: BLE001 - the pass failed for all of its sessions
-            log.exception("verify pass failed")
-            for job in batch:
+            log.exception("forward pass failed")
+            for job in verifies:
                 self.decider.abort_verify(job)
                 job.future.set_exception(err)
                 self._done(job)
+            for job in prefills:
+                job.future.set_exception(err)
+                job.finished = True
+                self._done(job)
             return
-        step = PassStats(rows, len(batch), time.perf_counter() - started)
-        self._observe("verify", step)
-        with self._cond:
-            self._pass_s = step.seconds
-            ended = time.monotonic()
-            for job in batch:
-                self._recent[job.session.session_id] = ended
-        for job, (logits, hidden) in zip(batch, results):
+        step = PassStats(rows, len(verifies) + len(prefills), time.perf_counter() - started)
+        self._observe("verify" if verifies else "prefill", step)
+        if verifies:
+            with self._cond:
+                self._pass_s = step.seconds
+                ended = time.monotonic()
+                for job in verifies:
+                    self._recent[job.session.session_id] = ended
+        for job, (logits, hidden) in zip(verifies, results):
             try:
                 job.future.set_result(self.decider.finish_verify(job, logits, hidden, step))
             except Exception as err:  # noqa: BLE001
                 self.decider.abort_verify(job)
                 job.future.set_exception(err)
             self._done(job)
+        for job, (_, hidden) in zip(prefills, results[len(verifies):]):
+            if job.return_hidden and hidden is not None:
+                job.hidden_parts.append(hidden)
+            if not job.to_cache:
+                self._finish_prefill(job)
 
-    def _run_prefill_chunk(self, job: PrefillJob) -> bool:
-        """Feeds the next chunk of `job`'s prompt; True when the prefill is over (done, failed or cancelled)."""
-        if not job.started:
-            if not job.future.set_running_or_notify_cancel():
-                self._done(job)
-                return True
-            job.started = True
-        session = job.session
-        try:
-            if job.to_cache:
-                chunk = job.to_cache[:self.prefill_chunk]
-                del job.to_cache[:len(chunk)]
-                session.ids.extend(chunk)
-                started = time.perf_counter()
-                _, hidden = self.runner.extend([session], output_hidden=job.return_hidden, keep_logits=0)[0]
-                self._observe("prefill", PassStats(len(chunk), 1, time.perf_counter() - started))
-                if hidden is not None:
-                    job.hidden_parts.append(hidden)
-            if job.to_cache:
-                return False
-            session.ids.append(job.last_token)
-            hidden = torch.cat(job.hidden_parts) if job.hidden_parts else None
-            job.future.set_result((len(session.ids), (0, hidden) if hidden is not None else None))
-        except Exception as err:  # noqa: BLE001
-            log.exception("prefill chunk failed")
-            job.future.set_exception(err)
+    def _finish_prefill(self, job: PrefillJob) -> None:
+        job.session.ids.append(job.last_token)
+        hidden = torch.cat(job.hidden_parts) if job.hidden_parts else None
+        job.future.set_result((len(job.session.ids), (0, hidden) if hidden is not None else None))
+        job.finished = True
         self._done(job)
-        return True
 
     def _observe(self, kind: str, step: PassStats) -> None:
         metrics.STEP_ROWS.labels(service=self.service, kind=kind).observe(step.rows)

@@ -38,7 +38,7 @@ class VerifierCore:
     """Validates calls, queues them for the step scheduler, and decides acceptance per session."""
 
     def __init__(self, loaded: LoadedModel, max_sessions: int = 64, session_ttl_s: float = 300.0,
-                 small_gemm: bool = False, max_step_rows: int = 64, prefill_chunk: int = 256,
+                 small_gemm: bool = False, max_step_rows: int = 64, prefill_chunk: int = 64,
                  batch_invariant_only: bool = False):
         self.loaded = loaded
         self.runner = ModelRunner(loaded.model, loaded.device, small_gemm, loaded.gguf_path)
