@@ -10,7 +10,7 @@ Per level N, N client threads each send greedy requests (ignore_eos, so every re
 - transformers' batched `generate` in this process: the N clients' requests as one left-padded batch;
 - vLLM's CPU build, when its virtualenv exists (bench/setup_vllm.sh), through bench/vllm_runner.py:
   N requests in flight, continuously batched.
-Every system gets the same --threads cores: specd's verifier gets what its drafter leaves.
+Every system gets the same --threads cores: specd's verifier all of them, its drafter's threads sharing them.
 Every output is checked against transformers' unbatched greedy output of the same prompt.
 """
 
@@ -33,15 +33,14 @@ import torch
 
 from bench.report import percentile
 from specd.results import update_results_md
-from specd.stack import LocalStack, default_threads
+from specd.stack import UP_POLICY, LocalStack, default_threads
 from specdec.client import SpecdClient
-from specdec.config import CoordinatorSettings
 from specdec.conversion import materialise
 from specdec.models import load_model
 from specdec.sources import resolve_source
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_POLICY = CoordinatorSettings.model_fields["policy"].default  # what `specd up` serves
+DEFAULT_POLICY = UP_POLICY
 DEFAULT_VLLM_VENV = Path.home() / ".cache" / "specd" / "vllm-venv"
 TARGET_ONLY = "specd target-only"
 VLLM = "vllm"
@@ -335,6 +334,7 @@ class Sweep:
     max_new_tokens: int
     threads: int
     threads_drafter: int
+    threads_verifier: int      # 0: --threads
     vllm_venv: Path
     work: Path                 # service logs and vLLM's job files
 
@@ -357,7 +357,7 @@ def run_system(sweep: Sweep, system: System) -> tuple[dict[int, list[Timed]], st
         return timed, ""
     target_only = system.drafter == "none"
     drafter_threads = 0 if target_only else sweep.threads_drafter
-    stack = LocalStack(sweep.target, system.drafter, threads_verifier=max(1, sweep.threads - drafter_threads),
+    stack = LocalStack(sweep.target, system.drafter, threads_verifier=sweep.threads_verifier or sweep.threads,
                        threads_drafter=max(1, drafter_threads), log_dir=str(sweep.work),
                        coordinator_args=["--mode", "target_only"] if target_only else None)
     try:
@@ -387,7 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-count", type=int, default=16, help="chat prompts first, then the file's others")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="cores each system gets")
     parser.add_argument("--threads-drafter", type=int, default=default_threads()[1],
-                        help="of --threads, those of specd's drafter (default as `specd up`)")
+                        help="specd's drafter's threads, sharing the cores (default as `specd up`)")
+    parser.add_argument("--threads-verifier", type=int, default=0,
+                        help="specd's verifier's threads (default --threads, as `specd up`)")
     parser.add_argument("--vllm-venv", default=os.environ.get("SPECD_VLLM_VENV", str(DEFAULT_VLLM_VENV)),
                         help="vLLM's virtualenv (bench/setup_vllm.sh); its row is left out when absent")
     parser.add_argument("--out", default=str(HERE / "results" / "load"))
@@ -421,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"reference outputs of {len(used)} prompts, {time.monotonic() - started:.0f}s", flush=True)
 
     sweep = Sweep(args.target, target.model, pad_id, prompts, plans, args.max_new_tokens, args.threads,
-                  args.threads_drafter, venv, Path(tempfile.mkdtemp(prefix="specd-load-")))
+                  args.threads_drafter, args.threads_verifier, venv, Path(tempfile.mkdtemp(prefix="specd-load-")))
     timed: dict[str, dict[int, list[Timed]]] = {}
     vllm_version = ""
     for system in systems:
@@ -440,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"command": command, "machine": machine(args.threads), "date": date, "target": args.target,
             "systems": [asdict(s) for s in systems], "clients": levels, "max_new_tokens": args.max_new_tokens,
             "prompts": prompt_names, "requests_per_level": {n: sum(map(len, plans[n])) for n in levels},
-            "threads": args.threads, "threads_drafter": args.threads_drafter, "vllm_version": vllm_version,
+            "threads": args.threads, "threads_drafter": args.threads_drafter,
+            "threads_verifier": args.threads_verifier or args.threads, "vllm_version": vllm_version,
             "seconds": round(time.monotonic() - started)}
     (out / "results.json").write_text(json.dumps({
         "meta": meta, "summary": summary, "mismatches": bad,

@@ -117,8 +117,13 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
 
+# The speculation policy `specd up` and the shipped deployments serve: the one bench.load measures best.
+UP_POLICY = "smartspec"
+
+
 def default_threads() -> tuple[int, int]:
-    """Gives the drafter its own core(s) so it drafts while the verifier verifies."""
+    """(verifier, drafter) threads: the verifier takes every core and the drafter's share them. When SmartSpec
+    stops drafting under load the verifier has the whole machine; while both run, the kernel lets the verifier's
+    own thread take the chunks of a worker the drafter holds up (bench/RESULTS.md compares the layouts)."""
     cores = os.cpu_count() or 2
-    drafter = max(1, cores // 4)
-    return max(1, cores - drafter), drafter
+    return cores, max(1, cores // 4)

@@ -106,4 +106,4 @@ def test_systems_pair_each_drafter_with_its_policy_and_end_with_the_baselines():
     systems = build_systems(["ngram", "none", "eagle"], ["static"], with_vllm=True)
     assert [(s.name, s.drafter, s.policy) for s in systems] == [
         ("specd target-only", "none", ""), ("specd [ngram, static]", "ngram", "static"),
-        ("specd [eagle, pearl]", "eagle", "pearl"), ("transformers batched generate", "", ""), ("vllm", "", "")]
+        ("specd [eagle, smartspec]", "eagle", "smartspec"), ("transformers batched generate", "", ""), ("vllm", "", "")]
