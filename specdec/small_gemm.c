@@ -31,21 +31,44 @@ static inline float sum_lanes(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+#if defined(__AVX512F__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+/* AVX-512 (built where the CPU has it): 32 registers, and each output accumulates in 16 lanes, so an
+ * FMA does twice the work of an AVX2 one (on CPUs with full-width 512-bit units, about 1.7x the
+ * multiply-adds per second). All kernels of a build, at every row count, reduce each output in its
+ * build's one order: batch-invariant within a build, other bits than the AVX2 build's. */
+#define WIDE 1
+typedef __m512 vec;
+#define LANES 16
+#define vec_zero _mm512_setzero_ps
+#define vec_load _mm512_loadu_ps
+#define vec_fma _mm512_fmadd_ps
+static inline float vec_sum(__m512 v) {
+    return sum_lanes(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
+}
+#else
+typedef __m256 vec;
+#define LANES 8
+#define vec_zero _mm256_setzero_ps
+#define vec_load _mm256_loadu_ps
+#define vec_fma _mm256_fmadd_ps
+#define vec_sum sum_lanes
+#endif
+
 /* rows is a compile-time constant at every call site, so acc[] lives in registers. */
 static inline __attribute__((always_inline)) void pass(const float *x, const float *w, const float *bias, float *y,
                                                        int64_t n_out, int64_t k_in, int64_t ldy, const int rows) {
-    const int64_t k_vec = k_in & ~(int64_t)7;
+    const int64_t k_vec = k_in & ~(int64_t)(LANES - 1);
     for (int64_t n = 0; n < n_out; n++) {
         const float *w_row = w + n * k_in;
-        __m256 acc[ROWS_PER_PASS];
-        for (int m = 0; m < rows; m++) acc[m] = _mm256_setzero_ps();
-        for (int64_t k = 0; k < k_vec; k += 8) {
+        vec acc[ROWS_PER_PASS];
+        for (int m = 0; m < rows; m++) acc[m] = vec_zero();
+        for (int64_t k = 0; k < k_vec; k += LANES) {
             if (rows > 1 && (k & 15) == 0) _mm_prefetch((const char *)(w_row + k + PREFETCH_AHEAD), _MM_HINT_T1);
-            __m256 w_vec = _mm256_loadu_ps(w_row + k);
-            for (int m = 0; m < rows; m++) acc[m] = _mm256_fmadd_ps(w_vec, _mm256_loadu_ps(x + m * k_in + k), acc[m]);
+            const vec w_vec = vec_load(w_row + k);
+            for (int m = 0; m < rows; m++) acc[m] = vec_fma(w_vec, vec_load(x + m * k_in + k), acc[m]);
         }
         for (int m = 0; m < rows; m++) {
-            float s = sum_lanes(acc[m]);
+            float s = vec_sum(acc[m]);
             for (int64_t k = k_vec; k < k_in; k++) s += w_row[k] * x[m * k_in + k];
             y[m * ldy + n] = bias ? s + bias[n] : s;
         }
@@ -65,15 +88,7 @@ static void small_gemm_range(const float *x, const float *w, const float *bias, 
 #define BLOCK 32
 #define MAX_OUTS 4
 
-#if defined(__AVX512F__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
-/* AVX-512 (built where the CPU has it): 32 vector registers and half the de-quantising instructions.
- * The weights are rebuilt 16 at a time with the same per-lane operations, then split into the four
- * 8-wide vectors the FMAs use, so every output is still reduced in the same order: same bits. */
-#define WIDE 1
-static inline __attribute__((always_inline)) void split_halves(__m512 v, __m256 out[2]) {
-    out[0] = _mm512_castps512_ps256(v);
-    out[1] = _mm512_extractf32x8_ps(v, 1);
-}
+#ifdef WIDE
 /* Independent FMA chains per pass; with 32 registers two rows can take four outputs and 3-8 rows
  * two without spilling (bench/RESULTS.md times the whole model against the AVX2 build). */
 #define OUTPUTS_PER_PASS(rows) ((rows) <= 2 ? 4 : 2)
@@ -82,15 +97,17 @@ static inline __attribute__((always_inline)) void split_halves(__m512 v, __m256 
 #endif
 #define CODES_PREFETCH_AHEAD 4096  /* bytes of codes: 4 KiB */
 
-/* Weights k0..k0+31 of one Q4_1 block: codes 0-15 in the low nibbles of its 16 bytes, 16-31 in the high ones. */
-static inline __attribute__((always_inline)) void q4_1_weights(const uint8_t *codes, float scale, float minimum, __m256 w[4]) {
+/* Weights k0..k0+31 of one Q4_1 block, LANES per vector: codes 0-15 in the low nibbles of its 16 bytes, 16-31
+ * in the high ones. */
+static inline __attribute__((always_inline)) void q4_1_weights(const uint8_t *codes, float scale, float minimum,
+                                                               vec w[BLOCK / LANES]) {
     const __m128i bytes = _mm_loadu_si128((const __m128i *)codes);
     const __m128i low_nibbles = _mm_set1_epi8(0x0F);
     const __m128i lo = _mm_and_si128(bytes, low_nibbles), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low_nibbles);
 #ifdef WIDE
     const __m512 d = _mm512_set1_ps(scale), m = _mm512_set1_ps(minimum);
-    split_halves(_mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo))), m), w);
-    split_halves(_mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi))), m), w + 2);
+    w[0] = _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo))), m);
+    w[1] = _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi))), m);
 #else
     const __m256 d = _mm256_set1_ps(scale), m = _mm256_set1_ps(minimum);
     const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
@@ -99,11 +116,11 @@ static inline __attribute__((always_inline)) void q4_1_weights(const uint8_t *co
 #endif
 }
 
-static inline __attribute__((always_inline)) void q8_0_weights(const uint8_t *codes, float scale, __m256 w[4]) {
+static inline __attribute__((always_inline)) void q8_0_weights(const uint8_t *codes, float scale, vec w[BLOCK / LANES]) {
 #ifdef WIDE
     const __m512 d = _mm512_set1_ps(scale);
-    split_halves(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)codes))), d), w);
-    split_halves(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(codes + 16)))), d), w + 2);
+    w[0] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)codes))), d);
+    w[1] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(codes + 16)))), d);
 #else
     const __m256 d = _mm256_set1_ps(scale);
     _Pragma("GCC unroll 8") for (int j = 0; j < 4; j++)
@@ -119,25 +136,25 @@ static inline __attribute__((always_inline)) void block_outputs(const float *x, 
                                                                 int64_t ldy, int64_t k_in, int64_t n, const int rows,
                                                                 const int outs, const int code_bytes) {
     const int64_t blocks = k_in / BLOCK;
-    __m256 acc[MAX_OUTS][ROWS_PER_PASS];
+    vec acc[MAX_OUTS][ROWS_PER_PASS];
     _Pragma("GCC unroll 8") for (int u = 0; u < outs; u++)
-        _Pragma("GCC unroll 8") for (int m = 0; m < rows; m++) acc[u][m] = _mm256_setzero_ps();
+        _Pragma("GCC unroll 8") for (int m = 0; m < rows; m++) acc[u][m] = vec_zero();
     for (int64_t b = 0; b < blocks; b++) {
         _Pragma("GCC unroll 8") for (int u = 0; u < outs; u++) {
             const int64_t block = (n + u) * blocks + b;
             const uint8_t *block_codes = codes + block * code_bytes;
             if ((block * code_bytes) % 64 < code_bytes) _mm_prefetch((const char *)(block_codes + CODES_PREFETCH_AHEAD), _MM_HINT_T1);
-            __m256 w[4];
+            vec w[BLOCK / LANES];
             if (code_bytes == BLOCK / 2) q4_1_weights(block_codes, scale[block], minimum[block], w);
             else q8_0_weights(block_codes, scale[block], w);
-            _Pragma("GCC unroll 8") for (int j = 0; j < 4; j++)
+            _Pragma("GCC unroll 8") for (int j = 0; j < BLOCK / LANES; j++)
                 _Pragma("GCC unroll 8") for (int m = 0; m < rows; m++)
-                    acc[u][m] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(x + m * k_in + b * BLOCK + 8 * j), acc[u][m]);
+                    acc[u][m] = vec_fma(w[j], vec_load(x + m * k_in + b * BLOCK + LANES * j), acc[u][m]);
         }
     }
     _Pragma("GCC unroll 8") for (int u = 0; u < outs; u++)
         _Pragma("GCC unroll 8") for (int m = 0; m < rows; m++) {
-            float s = sum_lanes(acc[u][m]);
+            float s = vec_sum(acc[u][m]);
             y[m * ldy + n + u] = bias ? s + bias[n + u] : s;
         }
 }

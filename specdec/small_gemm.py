@@ -12,9 +12,10 @@ Layers of a model loaded from GGUF can also carry their weight in its Q4_1 or Q8
 decode step reads a fifth of the bytes, with the same output bits.
 
 The kernel is compiled on first use with the system C compiler into the cache directory, with
-AVX-512 where the CPU has it (32 registers and wider de-quantising: the same bits; a whole
-SmolLM2 decode step about 9% faster and a 2-token verify 20%, bench/RESULTS.md); images
-build an AVX2 one ahead and name it in SPECD_SMALL_GEMM_LIB. Without a compiler, AVX2 or
+AVX-512 where the CPU has it: 32 registers, and 16-lane accumulators, so an FMA does twice an
+AVX2 one's work (an 8-session SmolLM2 decode step 24 ms -> 17 ms, python -m bench.step_cost).
+Each build is batch-invariant on its own; the AVX-512 build's bits differ from the AVX2 build's
+by rounding. Images build an AVX2 one ahead and name it in SPECD_SMALL_GEMM_LIB. Without a compiler, AVX2 or
 FMA, layers use torch's linear; services turn it off with the small_gemm setting.
 """
 
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("small_gemm.c")
 COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-shared", "-fPIC", "-pthread")  # no fused d*q+m: gguf-py rounds twice
-AVX512_FLAGS = ("-mavx512f", "-mavx512vl", "-mavx512dq")  # added where the CPU has them: same bits, faster block passes
+AVX512_FLAGS = ("-mavx512f", "-mavx512vl", "-mavx512dq")  # added where the CPU has them: 16-lane accumulators
 # A verifier step packs the rows of many sessions and prompt chunks: the kernel keeps each row's bits
 # independent of the others up to here (the verifier's max_step_rows is at most this); larger inputs go
 # to BLAS. Past about 64 rows both run at the same speed on a 2-core CPU (python -m bench.verify_cost).
