@@ -217,6 +217,9 @@ class VerifierSettings(ModelServiceSettings):
                                                       "sessions.")
     batch_invariant_only: bool = Field(False, description="One session per forward pass: for devices whose GEMMs "
                                                           "change bits with the row count (CUDA, bf16, kernel off).")
+    prefix_caching: bool = Field(True, description="A prompt shares the KV of the full 16-token blocks it has in "
+                                                   "common with an earlier prompt (a system prompt) instead of "
+                                                   "computing them.")
 
 
 class DrafterSettings(ModelServiceSettings):

@@ -35,6 +35,8 @@ STEP_SESSIONS = Histogram("specd_step_sessions", "Sessions in one batched forwar
                           buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64))
 STEP_SECONDS = Histogram("specd_step_seconds", "Time of one batched forward pass", ["service", "kind"],
                          buckets=LATENCY_BUCKETS)
+PREFIX_CACHE_HITS = Counter("specd_prefix_cache_hit_tokens", "Prompt tokens whose KV was shared from an earlier "
+                            "prompt instead of computed", ["service"])
 STEP_QUEUE = Gauge("specd_step_queue_depth", "Prefill and verify calls waiting for a forward pass", ["service"])
 
 

@@ -61,8 +61,9 @@ class PackedKV:
         self.pool = segments[0].cache.pool
         if any(seg.cache.pool is not self.pool for seg in segments):
             raise ValueError("the sessions of one pass must share a KV pool")
-        self.slots = torch.tensor([seg.cache.slot(p) for seg in segments for p in range(seg.first, seg.first + seg.length)],
-                                  dtype=torch.long, device=device)  # [N]: where each row's K and V go
+        positions = [(seg, p) for seg in segments for p in range(seg.first, seg.first + seg.length)]
+        self.slots = torch.tensor([seg.cache.slot(p) for seg, p in positions], dtype=torch.long,
+                                  device=device)  # [N]: where each row's K and V go
         table_start, starts = 0, []
         for seg in segments:
             starts.append(table_start)
@@ -70,8 +71,7 @@ class PackedKV:
         self.block_table = torch.tensor([b for seg in segments for b in seg.cache.blocks], dtype=torch.int32)
         self.row_blocks = torch.tensor([s for seg, s in zip(segments, starts) for _ in range(seg.length)],
                                        dtype=torch.int64)  # [N]
-        self.row_len = torch.tensor([p + 1 for seg in segments for p in range(seg.first, seg.first + seg.length)],
-                                    dtype=torch.int32)  # [N]
+        self.row_len = torch.tensor([p + 1 for _, p in positions], dtype=torch.int32)  # [N]
         self._gathers: list[torch.Tensor] | None = None
         self.masks: dict[tuple[int, int], torch.Tensor] = {}  # (new rows, kv length): the same in every layer
 
@@ -174,6 +174,8 @@ def packed_forward(model: torch.nn.Module, rows: list[tuple[list[int], int, obje
             raise ValueError(f"logits for {k} rows asked of a session feeding {len(new_ids)}")
         if cache.length != first_position:
             raise ValueError(f"a session with KV for {cache.length} positions cannot feed position {first_position}")
+        if first_position < cache.shared:
+            raise ValueError(f"position {first_position} lies in a prefix block other sessions share")
         cache.reserve(first_position + len(new_ids))
         segments.append(Segment(start, len(new_ids), first_position, cache))
         ids.extend(new_ids)

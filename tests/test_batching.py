@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import hf_greedy, tiny_model
 
-from specdec import packed, small_gemm
-from specdec.paged_kv import KVPool, PagedCache
+from specdec import metrics, packed, small_gemm
 from specdec.models import load_model
+from specdec.paged_kv import KVPool, PagedCache
 from specdec.sampling_params import SamplingParams
 from verifier_svc.verifier import VerifierCore
 
@@ -54,6 +54,46 @@ def test_a_prompt_cached_in_any_chunks_beside_any_rows_has_the_same_bits(arch):
     packed.packed_forward(model, [([6, 5], 3, other), (prompt[5:21], 5, chunked)], cpu, [2, 0], False)
     _, (last, _) = packed.packed_forward(model, [([1], 5, other), (prompt[21:], 21, chunked)], cpu, [1, 1], False)
     assert torch.equal(whole, last)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_shared_prompt_prefix_gives_the_bits_of_computing_it(arch):
+    model = _kernel_model(arch)
+    cpu, pool = torch.device("cpu"), KVPool()
+    system = [(13 * i) % 250 + 1 for i in range(35)]  # two full blocks in common
+    first, second = system + [7, 8, 9], system + [60, 61]
+    [(alone, _)] = packed.packed_forward(model, [(second, 0, PagedCache(pool))], cpu, [1], False)
+    owner = PagedCache(pool)
+    packed.packed_forward(model, [(first, 0, owner)], cpu, [1], False)
+    owner.publish_prefix(first)
+    sharer = PagedCache(pool)
+    assert sharer.adopt_prefix(second) == 32
+    [(shared, _)] = packed.packed_forward(model, [(second[32:], 32, sharer)], cpu, [1], False)
+    assert torch.equal(alone, shared)
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_prefix_caching_changes_no_token(tiny_dirs, prefix_caching):
+    """Prompts with a common preamble decode, concurrently, exactly what each decodes alone without sharing."""
+    target_dir = tiny_dirs["llama"]["target"]
+    core = VerifierCore(load_model(target_dir), small_gemm=True, prefix_caching=prefix_caching)
+    preamble = [(17 * i) % 250 + 1 for i in range(40)]
+    prompts = [preamble + p for p in PROMPTS]
+    hits = metrics.PREFIX_CACHE_HITS.labels(service="verifier")
+    try:
+        reference = [hf_greedy(target_dir, p, 10) for p in prompts]
+        results = {0: _greedy_by_verifier(core, "first", prompts[0], 10, [0])[0]}  # computes the preamble
+        before = hits._value.get()
+        threads = [threading.Thread(target=lambda i=i, p=p: results.__setitem__(
+            i, _greedy_by_verifier(core, f"s{i}", p, 10, [0])[0])) for i, p in enumerate(prompts) if i]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert [results[i] for i in range(len(prompts))] == reference
+        assert hits._value.get() - before == (32 * (len(prompts) - 1) if prefix_caching else 0)
+    finally:
+        core.close()
 
 
 def _greedy_by_verifier(core: VerifierCore, session_id: str, prompt: list[int], new_tokens: int,

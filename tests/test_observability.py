@@ -25,6 +25,7 @@ COUNTERS = {
     "specd_trace_published_total": set(),
     "specd_trace_dropped_total": set(),
     "specd_trainer_steps_total": set(),
+    "specd_prefix_cache_hit_tokens_total": {"service"},
 }
 GAUGES = {
     "specd_active_sessions": {"service"},
@@ -33,6 +34,7 @@ GAUGES = {
     "specd_trace_stream_lag": set(),
     "specd_trainer_loss": set(),
     "specd_queue_depth": set(),
+    "specd_step_queue_depth": {"service"},
 }
 HISTOGRAMS = {
     "specd_accepted_length": {"policy"},
@@ -41,6 +43,9 @@ HISTOGRAMS = {
     "specd_draft_latency_seconds": set(),
     "specd_verify_latency_seconds": set(),
     "specd_queue_wait_seconds": set(),
+    "specd_step_rows": {"service", "kind"},
+    "specd_step_sessions": {"service", "kind"},
+    "specd_step_seconds": {"service", "kind"},
 }
 ALL_METRICS = {**COUNTERS, **GAUGES, **HISTOGRAMS}
 TARGET_LABELS = {"instance", "job", "role"}  # added by Prometheus / our scrape config

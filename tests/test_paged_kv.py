@@ -121,3 +121,55 @@ def test_the_sdpa_path_serves_passes_the_kernel_cannot(arch, monkeypatch):
     for logits, ids, keep in expectations:
         torch.testing.assert_close(logits, reference(input_ids=torch.tensor([ids])).logits[0, -keep:],
                                    rtol=1e-4, atol=1e-4)
+
+
+def _computed(pool: KVPool, tokens: list[int]) -> PagedCache:
+    """A cache that computed `tokens` (its blocks reserved and counted) and offered its full blocks."""
+    cache = PagedCache(pool)
+    cache.reserve(len(tokens))
+    cache.length = len(tokens)
+    cache.publish_prefix(tokens)
+    return cache
+
+
+def test_a_prompt_shares_the_full_blocks_an_earlier_prompt_computed():
+    pool = KVPool(block_size=4)
+    first = _computed(pool, list(range(10)))  # blocks [0..3], [4..7] published; 8, 9 private
+    second = PagedCache(pool)
+    assert second.adopt_prefix(list(range(8)) + [99, 98, 97, 96]) == 8
+    assert second.blocks == first.blocks[:2] and second.shared == 8
+    third = PagedCache(pool)
+    assert third.adopt_prefix([0, 1, 2, 99, 4, 5, 6, 7]) == 0  # differs inside the first block
+    assert PagedCache(pool).adopt_prefix([0, 1, 2]) == 0  # no full block
+
+
+def test_cached_blocks_outlive_their_sessions_until_their_slots_are_needed():
+    pool = KVPool(block_size=4)
+    first = _computed(pool, list(range(8)))
+    shared = list(first.blocks)
+    del first
+    gc.collect()
+    assert pool.cached_blocks == 2  # nobody holds them; still cached
+    again = PagedCache(pool)
+    assert again.adopt_prefix(list(range(8))) == 8 and again.blocks == shared
+    del again
+    gc.collect()
+    filler = PagedCache(pool)
+    filler.reserve(4 * pool.free_blocks)  # every free slot and both cached blocks
+    assert pool.cached_blocks == 0
+    assert PagedCache(pool).adopt_prefix(list(range(8))) == 0
+
+
+def test_a_pass_never_writes_into_a_shared_block():
+    model = tiny_model("llama")
+    packed.install(model)
+    pool = KVPool(block_size=4)
+    prompt = [5, 9, 14, 2, 77, 31, 8, 3, 40]
+    owner = PagedCache(pool)
+    packed.packed_forward(model, [(prompt, 0, owner)], torch.device("cpu"), [1], False)
+    owner.publish_prefix(prompt)
+    sharer = PagedCache(pool)
+    assert sharer.adopt_prefix(prompt) == 8
+    crop_cache(sharer, 6)
+    with pytest.raises(ValueError, match="share"):
+        packed.packed_forward(model, [([1, 2], 6, sharer)], torch.device("cpu"), [1], False)

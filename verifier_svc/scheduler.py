@@ -9,6 +9,11 @@ One thread owns the model. Each step it:
    when the verifies leave no room);
 3. runs the callbacks whose earlier work is done (a release queued behind an abandoned prefill).
 
+With `prefix_caching`, a prompt first shares the cached blocks of its longest full-block prefix that
+an earlier prompt computed (specdec/paged_kv.py) and feeds only the rest; its own full blocks are
+offered to later prompts as they are computed. A prefill that returns the target's features computes
+every position.
+
 Every token costs each session a round trip to its coordinator, so sessions that share one pass come
 back a little apart; taken as they arrive, two sessions would alternate passes forever. Before a pass
 the thread therefore waits, for a fraction of a pass at most, for the sessions of the last passes
@@ -85,10 +90,12 @@ class VerifyDecider(Protocol):
 
 class StepScheduler:
     def __init__(self, runner: ModelRunner, decider: VerifyDecider, max_step_rows: int = 64,
-                 prefill_chunk: int = 64, batch_invariant_only: bool = False, service: str = "verifier"):
+                 prefill_chunk: int = 64, batch_invariant_only: bool = False, prefix_caching: bool = True,
+                 service: str = "verifier"):
         """batch_invariant_only: one session per pass, for devices whose GEMMs change bits with the row count."""
         self.runner, self.decider = runner, decider
         self.max_step_rows, self.prefill_chunk = max_step_rows, prefill_chunk
+        self.prefix_caching = prefix_caching
         self.sessions_per_pass = 1 if batch_invariant_only else None
         self.service = service
         self._recent: dict[str, float] = {}   # session id -> when its last verify pass ended (monotonic)
@@ -239,7 +246,9 @@ class StepScheduler:
                     self._done(job)
                     continue
                 job.started = True
-            if not job.to_cache:  # a one-token prompt: nothing to cache
+                if self.prefix_caching and not job.return_hidden:
+                    self._share_prefix(job)
+            if not job.to_cache:  # a one-token prompt, or one whose every full block was cached
                 self._finish_prefill(job)
                 continue
             chunks.append((job, job.to_cache[:budget]))
@@ -285,10 +294,22 @@ class StepScheduler:
                 job.future.set_exception(err)
             self._done(job)
         for job, (_, hidden) in zip(prefills, results[len(verifies):]):
+            if self.prefix_caching:
+                job.session.cache.publish_prefix(job.session.ids)
             if job.return_hidden and hidden is not None:
                 job.hidden_parts.append(hidden)
             if not job.to_cache:
                 self._finish_prefill(job)
+
+    def _share_prefix(self, job: PrefillJob) -> None:
+        session = job.session
+        if session.cache is None:
+            session.cache = self.runner.new_cache()
+        shared = session.cache.adopt_prefix(job.to_cache)
+        session.ids.extend(job.to_cache[:shared])
+        session.cached_len = shared
+        del job.to_cache[:shared]
+        metrics.PREFIX_CACHE_HITS.labels(service=self.service).inc(shared)
 
     def _finish_prefill(self, job: PrefillJob) -> None:
         job.session.ids.append(job.last_token)

@@ -219,7 +219,8 @@ def build_servicer(settings: VerifierSettings, loaded: LoadedModel | None = None
     configure_threads(settings.threads)
     loaded = loaded or load_model(settings.model, settings.device, settings.dtype, max_context=settings.max_context)
     return VerifierServicer(VerifierCore(loaded, settings.max_sessions, settings.session_ttl_s, settings.small_gemm,
-                                         settings.max_step_rows, settings.prefill_chunk, settings.batch_invariant_only))
+                                         settings.max_step_rows, settings.prefill_chunk, settings.batch_invariant_only,
+                                         settings.prefix_caching))
 
 
 async def start(settings: VerifierSettings, servicer: VerifierServicer | None = None) -> RunningServer:

@@ -39,11 +39,12 @@ class VerifierCore:
 
     def __init__(self, loaded: LoadedModel, max_sessions: int = 64, session_ttl_s: float = 300.0,
                  small_gemm: bool = False, max_step_rows: int = 64, prefill_chunk: int = 64,
-                 batch_invariant_only: bool = False):
+                 batch_invariant_only: bool = False, prefix_caching: bool = True):
         self.loaded = loaded
         self.runner = ModelRunner(loaded.model, loaded.device, small_gemm, loaded.gguf_path)
         self.sessions = SessionStore(max_sessions, session_ttl_s)
-        self.scheduler = StepScheduler(self.runner, self, max_step_rows, prefill_chunk, batch_invariant_only)
+        self.scheduler = StepScheduler(self.runner, self, max_step_rows, prefill_chunk, batch_invariant_only,
+                                       prefix_caching)
 
     # 1. Prefill: cache all but the last prompt token, a chunk per step.
     def submit_prefill(self, session_id: str, token_ids: list[int], sampling: SamplingParams, max_new_tokens: int,
