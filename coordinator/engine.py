@@ -11,6 +11,8 @@ One `Generation` per request wires the parts and runs the loop, in numbered step
 3. verify the block; an empty block is a target-only step (drafter down,
    too slow, nothing to propose, or the policy judged speculation not to pay);
    every controller then observes the round's `RoundOutcome` (coordinator/rounds.py);
+   a round known to take no draft is sent before the previous round's tokens go out
+   to the caller, so the verifier's next pass does not wait for detokenising and writing;
 4. commit the accepted prefix plus the correction/bonus token, drop draft
    tokens built on a rejected prefix, and cut at stop conditions.
 
@@ -90,6 +92,8 @@ class Generation:
         self.drafts = DraftStream(drafters, self.calls, session_id, request.request_id, request.sampling,
                                   drafter_timeout_s, self.features, self.stats)
         self.draft_wait = draft_wait if request.mode == "overlapped" else None
+        self._ahead: asyncio.Future | None = None  # the next draftless round's Verify, already sent
+        self._ahead_sent = 0.0
         self.observers: list[RoundObserver] = [self.stats.observe, RoundMetrics(request.policy.name).observe,
                                                request.policy.observe]
         if self.draft_wait is not None:
@@ -107,8 +111,12 @@ class Generation:
             await self.verifier.open(self.committed, self._remaining())              # step 1
             while not self.finish_reason:
                 round_started = time.perf_counter()
-                block = await self._gather_block()                                    # step 2
-                block, response, verify_s = await self._verify(block)                 # step 3
+                if self._ahead is not None:
+                    ahead, self._ahead, round_started = self._ahead, None, self._ahead_sent
+                    block, response, verify_s = await ahead                           # step 3, sent early
+                else:
+                    block = await self._gather_block()                                # step 2
+                    block, response, verify_s = await self._verify(block)             # step 3
                 outcome = RoundOutcome(sent=len(block), accepted=response.accepted, committed=response.accepted + 1,
                                        round_s=time.perf_counter() - round_started, verify_s=verify_s,
                                        lossy=response.lossy, batch_rows=response.timing.batch_rows,
@@ -118,11 +126,15 @@ class Generation:
                     observe(outcome)
                 new_tokens = self._apply(block, response)                             # step 4
                 self._draft_ahead()
+                self._verify_ahead()
                 if new_tokens:
                     if not self.stats.ttft_ms:
                         self.stats.ttft_ms = (time.perf_counter() - self._started) * 1e3
                     yield new_tokens
         finally:
+            if self._ahead is not None:
+                self._ahead.cancel()
+                await asyncio.gather(self._ahead, return_exceptions=True)
             self.drafts.close()
             self.stats.add_timings(time.perf_counter() - self._started, self.drafts.intervals,
                                    self.verifier.intervals)
@@ -157,10 +169,7 @@ class Generation:
         if self.req.mode == "target_only":
             return []
         if policy.block_size() == 0:
-            # The policy turned speculation off: stop the drafter competing for compute meanwhile.
-            if self.drafts.tokens or self.drafts.streaming():
-                self.drafts.reset()
-            self.stats.speculation_off_rounds += 1
+            self._speculation_off_round()
             return []
         want, size, horizon = self._block_plan()
         if size == 0:
@@ -173,6 +182,12 @@ class Generation:
         wait_s = self.draft_wait.budget_s() if self.draft_wait is not None else None
         return await self.drafts.gather(self.committed, want, size, horizon, policy.stop_rule(), wait_s,
                                         overlapped=self.req.mode == "overlapped")
+
+    def _speculation_off_round(self) -> None:
+        """The policy turned speculation off: stop the drafter competing for compute meanwhile."""
+        if self.drafts.tokens or self.drafts.streaming():
+            self.drafts.reset()
+        self.stats.speculation_off_rounds += 1
 
     def _block_plan(self) -> tuple[int, int, int]:
         """(draft tokens to wait for, block size, how far past the committed text to draft) this round,
@@ -194,6 +209,18 @@ class Generation:
         if self.finish_reason or self.req.mode == "target_only" or policy.block_size() == 0 or not self.drafts.ready():
             return
         self.drafts.keep_drafting(self.committed, self._block_plan()[2], policy.stop_rule())
+
+    def _verify_ahead(self) -> None:
+        """Sends the next round's Verify now when it takes no draft (target-only, or the policy turned speculation
+        off): the verifier's next pass then overlaps the coordinator's work on this round's tokens."""
+        if self.finish_reason:
+            return
+        if self.req.mode != "target_only":
+            if self.req.policy.block_size() != 0:
+                return
+            self._speculation_off_round()
+        self._ahead_sent = time.perf_counter()
+        self._ahead = asyncio.ensure_future(self._verify([]))
 
     # -- step 3: verify -----------------------------------------------------------------------------
 
