@@ -36,6 +36,14 @@ class _OpenStream:
         self.pending: dict[int, asyncio.Future] = {}
         self.broken = False
         self.tasks = [asyncio.ensure_future(self._send()), asyncio.ensure_future(self._receive())]
+        for task in self.tasks:
+            task.add_done_callback(self._task_ended)
+
+    def _task_ended(self, task: asyncio.Task) -> None:
+        """A sender or receiver that stops for any reason breaks the stream, so no call waits on it forever."""
+        if not self.broken:
+            reason = "stopped" if task.cancelled() or task.exception() is None else repr(task.exception())
+            self.fail(call_failed(grpc.StatusCode.UNAVAILABLE, f"the verify stream's task {reason}"))
 
     def submit(self, call_id: int, request: verifier_pb2.VerifyRequest) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
@@ -54,8 +62,8 @@ class _OpenStream:
                 await self.call.write(batch)
         except grpc.aio.AioRpcError as err:
             self.fail(err)
-        except (grpc.aio.UsageError, asyncio.InvalidStateError) as err:  # the call ended under the write
-            self.fail(call_failed(grpc.StatusCode.UNAVAILABLE, f"the verify stream ended: {err}"))
+        except Exception as err:  # noqa: BLE001 - the call ended under the write (UsageError, InvalidStateError, ...)
+            self.fail(call_failed(grpc.StatusCode.UNAVAILABLE, f"the verify stream ended: {err!r}"))
 
     async def _receive(self) -> None:
         try:
@@ -72,6 +80,8 @@ class _OpenStream:
             self.fail(call_failed(grpc.StatusCode.UNAVAILABLE, "the verifier ended the verify stream"))
         except grpc.aio.AioRpcError as err:
             self.fail(err)
+        except Exception as err:  # noqa: BLE001 - anything else ends the stream too
+            self.fail(call_failed(grpc.StatusCode.UNAVAILABLE, f"the verify stream ended: {err!r}"))
 
     def fail(self, error: grpc.aio.AioRpcError) -> None:
         """Breaks the stream: every call on it fails with `error`, as each unary call on a lost channel would."""

@@ -200,9 +200,10 @@ class ModelServiceSettings(CommonSettings):
     max_sessions: int = Field(64, ge=1, description="Concurrent KV sessions; beyond it RESOURCE_EXHAUSTED.")
     session_ttl_s: float = Field(300.0, gt=0, description="Idle sessions are released after this long.")
     max_context: int = Field(0, ge=0, description="Cap on context length (0: the model's own).")
-    small_gemm: bool = Field(True, description="Run decode/verify-sized fp32 CPU linears through specd's AVX2 "
-                                               "kernel (single-threaded, batch-invariant; a GGUF model's linears "
-                                               "read the file's Q4_1/Q8_0 blocks, same bits); off: torch's BLAS.")
+    small_gemm: bool = Field(True, description="Run fp32 CPU passes of up to 256 rows (linears and attention) "
+                                               "through specd's batch-invariant kernel, split among the threads; a "
+                                               "GGUF model's linears read the file's Q4_1/Q8_0 blocks, same bits. "
+                                               "Off: torch's BLAS and SDPA.")
 
 
 class VerifierSettings(ModelServiceSettings):

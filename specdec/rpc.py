@@ -203,6 +203,12 @@ def _deny_handler(handler: grpc.RpcMethodHandler | None, request_id: str) -> grp
                    request_deserializer=deserializer, response_serializer=handler.response_serializer)
 
 
+# Servers accept the coordinators' keepalive pings (coordinator/backends.py KEEPALIVE_OPTIONS), which find a
+# verifier that vanished without closing its connections under a long-lived stream.
+SERVER_KEEPALIVE_OPTIONS = [("grpc.keepalive_permit_without_calls", 1),
+                            ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000)]
+
+
 def message_options(settings: CommonSettings) -> list[tuple[str, int]]:
     limit = settings.max_message_mb * 1024 * 1024
     return [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
@@ -290,7 +296,7 @@ async def start_server(settings: CommonSettings, register: Callable[[grpc.aio.Se
     """Builds, binds and starts a server with our interceptors, health and reflection; `work` is what
     its drain refuses and waits for (nothing, if not given)."""
     server = grpc.aio.server(interceptors=[_RequestContextInterceptor(settings.resolved_auth_token(), settings.resolved_auth_clients())],
-                             options=message_options(settings))
+                             options=message_options(settings) + SERVER_KEEPALIVE_OPTIONS)
     register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
