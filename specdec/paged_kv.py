@@ -38,6 +38,7 @@ class KVPool:
         self._free: list[int] = []
         self._lock = threading.RLock()  # RLock: a cache dropped inside allocate gives its blocks back there
         self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (K, V) [slots, Hkv, D]
+        self._block_bytes = 0  # K and V of one block, every layer: the gauges read it per call
         self._block_of: dict[bytes, int] = {}       # prefix digest -> the block holding its last BLOCK_SIZE positions
         self._digest_of: dict[int, bytes] = {}
         self._holders: dict[int, int] = {}          # cached block -> sessions holding it
@@ -100,14 +101,16 @@ class KVPool:
         if stores is None or stores[0].shape[0] < slots:
             shape = (slots, like.shape[-3], like.shape[-1])
             grown = tuple(torch.empty(shape, dtype=like.dtype, device=like.device) for _ in range(2))
-            if stores is not None:
+            if stores is None:
+                self._block_bytes += 2 * grown[0][0].nbytes * self.block_size
+            else:
                 for new, old in zip(grown, stores):
                     new[: old.shape[0]].copy_(old)
             stores = self.layers[layer_idx] = grown
         return stores
 
     def bytes_per_block(self) -> int:
-        return sum(2 * k.stride(0) * k.element_size() for k, _ in self.layers.values()) * self.block_size
+        return self._block_bytes
 
 
 class PagedCache:
