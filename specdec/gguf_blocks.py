@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from specdec.small_gemm import BLOCK_SIZE, CODE_BYTES, BlockWeight, SmallBatchLinear, block_kernels_available
+from specdec.small_gemm import BLOCK_SIZE, CODE_BYTES, BlockWeight, SmallBatchLinear, kernel_available
 from specdec.sources import CACHE_DIR, file_cache_key
 from specdec.vocab_head import SubsetLMHead
 
@@ -127,7 +127,7 @@ def quantise_in_place(model: torch.nn.Module, kind: str = "q8_0") -> int:
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize
 
-    modules = _kernel_linears(model) if block_kernels_available() else {}
+    modules = _kernel_linears(model) if kernel_available() else {}
     with torch.no_grad():
         for module in modules.values():
             blocks = _split_blocks(kind, quantize(module.weight.detach().numpy(), GGMLQuantizationType[kind.upper()]))
@@ -138,7 +138,7 @@ def quantise_in_place(model: torch.nn.Module, kind: str = "q8_0") -> int:
 
 def attach(model: torch.nn.Module, gguf_path: Path) -> int:
     """Gives each kernel-routed linear of `model` whose weight came from `gguf_path`'s blocks those blocks; returns how many."""
-    candidates = _kernel_linears(model) if block_kernels_available() else {}
+    candidates = _kernel_linears(model) if kernel_available() else {}
     if not candidates:
         return 0
     cache = _cache_file(gguf_path)

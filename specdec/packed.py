@@ -120,7 +120,7 @@ def causal_mask(new_rows: int, kv_length: int, device: torch.device) -> torch.Te
 def _kernel_serves(query: torch.Tensor, key_store: torch.Tensor) -> bool:
     return (query.device.type == "cpu" and query.dtype == torch.float32 and key_store.dtype == torch.float32
             and query.shape[-1] <= MAX_KERNEL_HEAD_DIM and query.shape[1] % key_store.shape[1] == 0
-            and small_gemm.attention_kernel_available())
+            and small_gemm.kernel_available())
 
 
 def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):

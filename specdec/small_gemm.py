@@ -70,42 +70,58 @@ def compile_flags() -> tuple[str, ...]:
     return COMPILE_FLAGS + (AVX512_FLAGS if wide else ())
 
 
+ABI_VERSION = 2  # small_gemm_abi_version() of the functions below: a library of another is not loaded
+
+
 @functools.cache
 def load_kernel() -> ctypes.CDLL | None:
     """The compiled kernel, built once per source version; None where it cannot run here."""
     if not _cpu_has_avx2_fma():
         return None
     prebuilt = runtime_settings().small_gemm_lib
-    library = Path(prebuilt) if prebuilt else _build()
-    if library is None:
+    kernel = _open(Path(prebuilt)) if prebuilt else None
+    if prebuilt and kernel is None:
+        log.warning("%s is not a kernel library of calling convention %d: building the kernel from source",
+                    prebuilt, ABI_VERSION)
+    if kernel is None:
+        library = _build()
+        kernel = _open(library) if library is not None else None
+    if kernel is None:
         return None
-    kernel = ctypes.CDLL(str(library))
     kernel.small_gemm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
     kernel.small_gemm.restype = None
-    if hasattr(kernel, "small_gemm_set_threads"):  # a prebuilt library may predate threads
-        kernel.small_gemm_set_threads.argtypes = [ctypes.c_int]
-        kernel.small_gemm_set_threads.restype = ctypes.c_int
-    if hasattr(kernel, "paged_attention"):  # a prebuilt library may predate it
-        kernel.paged_attention.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 5 + [ctypes.c_float]
-        kernel.paged_attention.restype = None
-    kernel.has_block_kernels = all(hasattr(kernel, name) for name in BLOCK_KERNELS)
-    if not kernel.has_block_kernels:
-        log.warning("%s predates the GGUF block kernels: layers read fp32 weights; rebuild it", library)
-    for name in BLOCK_KERNELS if kernel.has_block_kernels else ():
+    for name in BLOCK_KERNELS:
         getattr(kernel, name).argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3
         getattr(kernel, name).restype = None
+    kernel.small_gemm_set_threads.argtypes = [ctypes.c_int]
+    kernel.small_gemm_set_threads.restype = ctypes.c_int
+    kernel.paged_attention.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 7 + [ctypes.c_float]
+    kernel.paged_attention.restype = ctypes.c_int
     return kernel
+
+
+def _open(library: Path) -> ctypes.CDLL | None:
+    """The library at `library` if it loads and speaks this module's calling convention."""
+    try:
+        kernel = ctypes.CDLL(str(library))
+        kernel.small_gemm_abi_version.restype = ctypes.c_int
+    except (OSError, AttributeError):
+        return None
+    return kernel if kernel.small_gemm_abi_version() == ABI_VERSION else None
 
 
 def set_threads(threads: int) -> int:
     """Splits each layer's outputs among `threads` threads (the same bits); returns how many it uses."""
     kernel = load_kernel()
-    return kernel.small_gemm_set_threads(threads) if hasattr(kernel, "small_gemm_set_threads") else 1
+    return kernel.small_gemm_set_threads(threads) if kernel is not None else 1
 
 
-def attention_kernel_available() -> bool:
-    kernel = load_kernel()
-    return kernel is not None and hasattr(kernel, "paged_attention")
+def kernel_available() -> bool:
+    return load_kernel() is not None
+
+
+ATTENTION_ERRORS = {1: "a head count or size out of range", 2: "a row's length or blocks outside its block table",
+                    3: "a block table entry outside the KV store"}
 
 
 def paged_attention(query: torch.Tensor, key_store: torch.Tensor, value_store: torch.Tensor, block_table: torch.Tensor,
@@ -114,19 +130,34 @@ def paged_attention(query: torch.Tensor, key_store: torch.Tensor, value_store: t
 
     query [N, H, D] contiguous; key_store/value_store [slots, Hkv, D]; block_table int32 [total blocks];
     row_blocks int64 [N] (where the row's session starts in block_table); row_len int32 [N] (positions
-    it attends to, its own included) -> [N, H, D].
+    it attends to, its own included) -> [N, H, D]. Raises ValueError, having read nothing, for inputs the
+    kernel would read out of range with.
     """
+    _check_tensor("query", query, torch.float32, 3)
     rows, heads, head_dim = query.shape
+    for name, store in (("key_store", key_store), ("value_store", value_store)):
+        _check_tensor(name, store, torch.float32, 3)
+        if store.shape[2] != head_dim or store.shape != key_store.shape:
+            raise ValueError(f"{name} {tuple(store.shape)} does not match query {tuple(query.shape)}")
+    _check_tensor("block_table", block_table, torch.int32, 1)
+    for name, index, dtype in (("row_blocks", row_blocks, torch.int64), ("row_len", row_len, torch.int32)):
+        _check_tensor(name, index, dtype, 1)
+        if index.shape[0] != rows:
+            raise ValueError(f"{name} has {index.shape[0]} entries for {rows} rows")
     out = torch.empty_like(query)
-    load_kernel().paged_attention(query.data_ptr(), out.data_ptr(), key_store.data_ptr(), value_store.data_ptr(),
-                                  block_table.data_ptr(), row_blocks.data_ptr(), row_len.data_ptr(), rows, heads,
-                                  key_store.shape[1], head_dim, block_size, scale)
+    status = load_kernel().paged_attention(
+        query.data_ptr(), out.data_ptr(), key_store.data_ptr(), value_store.data_ptr(), block_table.data_ptr(),
+        row_blocks.data_ptr(), row_len.data_ptr(), rows, heads, key_store.shape[1], head_dim, block_size,
+        key_store.shape[0], block_table.shape[0], scale)
+    if status:
+        raise ValueError(f"paged attention refused its inputs: {ATTENTION_ERRORS[status]}")
     return out
 
 
-def block_kernels_available() -> bool:
-    kernel = load_kernel()
-    return kernel is not None and kernel.has_block_kernels
+def _check_tensor(name: str, tensor: torch.Tensor, dtype: torch.dtype, dims: int) -> None:
+    if tensor.dtype != dtype or tensor.dim() != dims or tensor.device.type != "cpu" or not tensor.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous {dims}-d {dtype} CPU tensor, not {tensor.dtype} "
+                         f"{tuple(tensor.shape)} on {tensor.device}" + ("" if tensor.is_contiguous() else ", strided"))
 
 
 def _build() -> Path | None:
@@ -158,11 +189,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     holds the same weight in GGUF blocks (blocks.dequantize() equals weight bit for bit).
     """
     in_features = weight.shape[-1]
+    if x.shape[-1] != in_features:
+        raise ValueError(f"input features {x.shape[-1]} do not match the weight's {tuple(weight.shape)}")
     rows = x.numel() // in_features if in_features else 0
     kernel = load_kernel()
     if (kernel is None or not 0 < rows <= MAX_ROWS or x.device.type != "cpu"
             or x.dtype != torch.float32 or weight.dtype != torch.float32 or not weight.is_contiguous()
-            or (bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()))
+            or (bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()
+                                      or bias.shape != weight.shape[:1]))
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return torch.nn.functional.linear(x, weight, bias)
     flat = x.reshape(rows, in_features).contiguous()  # [rows, K]
@@ -171,6 +205,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if blocks is None or not blocks.still_matches(weight):
         kernel.small_gemm(flat.data_ptr(), weight.data_ptr(), bias_ptr, out.data_ptr(), rows, weight.shape[0], in_features)
     else:
+        if blocks.codes.shape[:2] != (weight.shape[0], in_features // BLOCK_SIZE):
+            raise ValueError(f"blocks {tuple(blocks.codes.shape)} do not hold the weight {tuple(weight.shape)}")
         gemm = kernel.q4_1_gemm if blocks.kind == "q4_1" else kernel.q8_0_gemm
         minimum = None if blocks.minimum is None else blocks.minimum.data_ptr()
         gemm(flat.data_ptr(), blocks.codes.data_ptr(), blocks.scale.data_ptr(), minimum, bias_ptr, out.data_ptr(),
@@ -195,6 +231,20 @@ class BlockWeight:
     scale: torch.Tensor            # fp32 [N, K / 32]
     minimum: torch.Tensor | None   # fp32 [N, K / 32] for Q4_1, else None
     weight_version: int | None = None  # the weight's in-place version when checked equal; None: not tracked
+
+    def __post_init__(self):
+        """The kernel reads codes, scales and minimums by the codes' shape: each must hold what it says."""
+        if self.kind not in CODE_BYTES:
+            raise ValueError(f"unknown block kind {self.kind!r}")
+        _check_tensor("codes", self.codes, torch.uint8, 3)
+        if self.codes.shape[2] != CODE_BYTES[self.kind]:
+            raise ValueError(f"{self.kind} codes hold {CODE_BYTES[self.kind]} bytes a block, not {self.codes.shape[2]}")
+        for name, values in (("scale", self.scale), ("minimum", self.minimum)):
+            if name == "minimum" and self.kind != "q4_1":
+                continue
+            _check_tensor(name, values, torch.float32, 2)
+            if values.shape != self.codes.shape[:2]:
+                raise ValueError(f"{name} {tuple(values.shape)} does not match codes {tuple(self.codes.shape)}")
 
     def still_matches(self, weight: torch.Tensor) -> bool:
         """False once the weight was changed in place (an optimizer step, load_state_dict) since the check."""

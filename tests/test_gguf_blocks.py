@@ -196,9 +196,9 @@ def test_drafters_without_a_gguf_are_rounded_to_q8_0_blocks_they_then_read():
     assert torch.equal(head(x)[:, head.token_ids], small_gemm.linear(x, head.weight))  # the fp32 kernel's bits
 
 
-def test_a_prebuilt_kernel_without_the_block_kernels_leaves_layers_on_fp32(tmp_path, monkeypatch):
+def test_a_prebuilt_kernel_of_another_calling_convention_is_not_loaded(tmp_path, monkeypatch, caplog):
     old_source = small_gemm.SOURCE.read_text()
-    old_source = old_source[:old_source.index("#define BLOCK 32")]  # the library as built before the block kernels
+    old_source = old_source[:old_source.index("#define BLOCK 32")]  # a library from before the block kernels and the ABI
     old_source += ("void small_gemm(const float *x, const float *w, const float *bias, float *y, int64_t rows, "
                    "int64_t n_out, int64_t k_in) { small_gemm_range(x, w, bias, y, rows, n_out, k_in, n_out); }\n")
     (tmp_path / "old.c").write_text(old_source)
@@ -208,8 +208,11 @@ def test_a_prebuilt_kernel_without_the_block_kernels_leaves_layers_on_fp32(tmp_p
     monkeypatch.setattr(gguf_blocks, "CACHE_DIR", tmp_path / "cache")
     small_gemm.load_kernel.cache_clear()
     try:
+        with caplog.at_level("WARNING", logger="specdec.small_gemm"):
+            kernel = small_gemm.load_kernel()
+        assert kernel._name != str(library) and "building the kernel from source" in caplog.text
         model, path = _quantised_llama(tmp_path, seed=12)
         runner = ModelRunner(model, torch.device("cpu"), small_gemm=True, gguf_path=path, quantise_to="q8_0")
-        assert runner.small_gemm_layers == 15 and runner.gguf_block_layers == 0
+        assert runner.small_gemm_layers == 15 and runner.gguf_block_layers == 15
     finally:
         small_gemm.load_kernel.cache_clear()

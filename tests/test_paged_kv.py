@@ -82,7 +82,7 @@ def _kernel_rows(query, keys, values, tables, rows_of, block_size, scale):
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 16), (6, 2, 12), (2, 1, 128)])
 def test_kernel_matches_sdpa_and_gives_a_row_the_same_bits_in_any_company(heads, kv_heads, head_dim):
-    if not small_gemm.attention_kernel_available():
+    if not small_gemm.kernel_available():
         pytest.skip("the attention kernel needs x86 with AVX2 and FMA and a C compiler")
     generator = torch.Generator().manual_seed(heads * 1000 + head_dim)
     block_size, lengths = 16, [1, 37, 16, 130]
@@ -102,11 +102,42 @@ def test_kernel_matches_sdpa_and_gives_a_row_the_same_bits_in_any_company(heads,
         torch.testing.assert_close(together[i], expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bad", ["past_the_table", "empty_row", "block_outside_the_store", "negative_start",
+                                 "int64_table", "strided_query", "rows_and_lengths_disagree", "head_dim_mismatch"])
+def test_inputs_that_would_index_out_of_range_raise_before_the_kernel_reads(bad):
+    if not small_gemm.kernel_available():
+        pytest.skip("the attention kernel needs x86 with AVX2 and FMA and a C compiler")
+    generator = torch.Generator().manual_seed(5)
+    block_size, heads, kv_heads, head_dim = 16, 4, 2, 16
+    keys, values, tables = _scattered_store([20, 5], kv_heads, head_dim, block_size, generator)
+    table = torch.tensor([b for t in tables for b in t], dtype=torch.int32)
+    starts, lengths = torch.tensor([0, 2]), torch.tensor([20, 5], dtype=torch.int32)
+    query = torch.randn(2, heads, head_dim, generator=generator)
+    if bad == "past_the_table":
+        lengths[1] = 2 * block_size  # two blocks from the table's last entry
+    elif bad == "empty_row":
+        lengths[0] = 0
+    elif bad == "block_outside_the_store":
+        table[1] = keys.shape[0] // block_size
+    elif bad == "negative_start":
+        starts[1] = -1
+    elif bad == "int64_table":
+        table = table.long()
+    elif bad == "strided_query":
+        query = torch.randn(heads, 2, head_dim).transpose(0, 1)
+    elif bad == "rows_and_lengths_disagree":
+        lengths = lengths[:1]
+    else:
+        keys = keys[..., :8].contiguous()
+    with pytest.raises(ValueError):
+        small_gemm.paged_attention(query, keys, values, table, starts, lengths, block_size, 0.25)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_the_sdpa_path_serves_passes_the_kernel_cannot(arch, monkeypatch):
     """Without the kernel (CUDA, bf16, no compiler) a packed pass gathers each session's KV for SDPA: the same
     logits as the model's own forward, and decoding on after a rollback still matches."""
-    monkeypatch.setattr(small_gemm, "attention_kernel_available", lambda: False)
+    monkeypatch.setattr(small_gemm, "kernel_available", lambda: False)
     model, reference = tiny_model(arch), tiny_model(arch)
     packed.install(model)
     cpu = torch.device("cpu")

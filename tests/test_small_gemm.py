@@ -106,3 +106,20 @@ def test_splitting_a_layer_among_threads_keeps_every_bit(rows):
         assert torch.equal(small_gemm.linear(x, weight, bias), alone)
     finally:
         small_gemm.set_threads(1)
+
+
+def test_inputs_the_kernel_would_misread_raise():
+    if small_gemm.load_kernel() is None:
+        pytest.skip("the kernel needs x86 with AVX2 and FMA and a C compiler")
+    weight = torch.randn(64, 32)
+    with pytest.raises(ValueError, match="input features"):
+        small_gemm.linear(torch.randn(2, 16), weight)  # 32 numbers that reshape to one row of 32: a wrong answer
+    blocks = small_gemm.BlockWeight("q8_0", torch.zeros(64, 1, 32, dtype=torch.uint8), torch.ones(64, 1), None)
+    with pytest.raises(ValueError, match="do not hold the weight"):
+        small_gemm.linear(torch.randn(2, 64), torch.randn(64, 64), blocks=blocks)
+    with pytest.raises(ValueError, match="codes hold 16 bytes"):
+        small_gemm.BlockWeight("q4_1", torch.zeros(64, 1, 32, dtype=torch.uint8), torch.ones(64, 1), torch.ones(64, 1))
+    with pytest.raises(ValueError, match="does not match codes"):
+        small_gemm.BlockWeight("q8_0", torch.zeros(64, 2, 32, dtype=torch.uint8), torch.ones(64, 1), None)
+    with pytest.raises(ValueError, match="contiguous"):
+        small_gemm.BlockWeight("q8_0", torch.zeros(2, 64, 32, dtype=torch.uint8).transpose(0, 1), torch.ones(64, 2), None)
