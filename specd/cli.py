@@ -12,7 +12,7 @@ import sys
 from specd.stack import UP_POLICY, LocalStack, check_health, default_threads, exit_on_sigterm
 from specdec.config import ConfigError, add_settings_flags, settings_from_args
 
-SERVE_ROLES = ("verifier", "drafter", "coordinator")
+SERVE_ROLES = ("verifier", "drafter", "coordinator", "http")
 
 
 def _serve(args) -> int:
@@ -28,6 +28,8 @@ def _serve(args) -> int:
         from verifier_svc.server import serve
     elif args.role == "drafter":
         from drafter_svc.server import serve
+    elif args.role == "http":
+        from http_svc.server import serve
     else:
         from coordinator.server import serve
     try:

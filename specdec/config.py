@@ -241,6 +241,20 @@ class DrafterSettings(ModelServiceSettings):
     swap_poll_s: float = Field(2.0, gt=0, description="How often the checkpoint pointer is checked.")
 
 
+def _comma_separated(cls, value):
+    """Lists of addresses come from the environment as "host:port,host:port", not JSON."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def _check_host_ports(addrs: list[str]) -> None:
+    for addr in addrs:
+        host, sep, port = addr.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"address {addr!r} is not host:port")
+
+
 class CoordinatorSettings(CommonSettings):
     role: ClassVar[str] = "coordinator"
 
@@ -264,6 +278,9 @@ class CoordinatorSettings(CommonSettings):
     drafter_retry_s: float = Field(5.0, gt=0, description="Wait before trying a failed drafter again.")
     verify_stream: bool = Field(True, description="Carry every session's Verify calls to a verifier over one "
                                 "multiplexed stream (off: one unary Verify call per round).")
+    verifier_wait_s: float = Field(30.0, ge=0, description="How long a new request waits for a healthy verifier "
+                                   "when none is (before the first health check answers, or while one restarts), "
+                                   "within its own deadline; then UNAVAILABLE.")
     max_concurrency_per_client: int = Field(16, ge=1)
     max_concurrency: int = Field(64, ge=1, description="Requests generating at once; more wait in the admission queue.")
     max_queued: int = Field(64, ge=0, description="Requests that wait, first come first served, while max_concurrency "
@@ -274,23 +291,44 @@ class CoordinatorSettings(CommonSettings):
     trace_sample_rate: float = Field(1.0, ge=0.0, le=1.0)
     trace_top_k: int = Field(16, ge=0, le=256)
 
-    @field_validator("verifier_addrs", "drafter_addrs", mode="before")
-    @classmethod
-    def _split(cls, value):
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
+    _split = field_validator("verifier_addrs", "drafter_addrs", mode="before")(_comma_separated)
 
     @model_validator(mode="after")
     def _needs_verifier(self):
         if not self.verifier_addrs:
             raise ValueError("verifier_addrs needs at least one host:port")
-        for addr in [*self.verifier_addrs, *self.drafter_addrs]:
-            host, sep, port = addr.rpartition(":")
-            if not sep or not host or not port.isdigit():
-                raise ValueError(f"address {addr!r} is not host:port")
+        _check_host_ports([*self.verifier_addrs, *self.drafter_addrs])
         if self.draft_length > self.max_draft_length:
             raise ValueError("draft_length must not exceed max_draft_length")
+        return self
+
+
+class HttpSettings(CommonSettings):
+    """The OpenAI-compatible HTTP tier: a gRPC client of the coordinators, with no model of its own."""
+
+    role: ClassVar[str] = "http"
+
+    port: int = Field(0, ge=0, le=65535, description="HTTP port of the OpenAI-compatible API, which also serves "
+                                                      "/health and /metrics (0: pick a free one).")
+    coordinator_addrs: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="host:port of each coordinator; requests take them in turn, skipping "
+                                          "one that is unavailable.")
+    model: str = Field("smollm2-135m", description="The model id requests name and /v1/models lists: the "
+                                                   "coordinators' target.")
+    drafter: str = Field("", description="The coordinators' drafter, shown as metadata in /v1/models.")
+    default_max_tokens: int = Field(256, ge=1, description="Tokens generated for a request that sets neither "
+                                                           "max_tokens nor max_completion_tokens.")
+    max_body_mb: float = Field(8.0, gt=0, description="Largest request body; a larger one is answered 413.")
+    request_timeout_s: float = Field(600.0, gt=0, description="Deadline of one generation; past it the "
+                                                              "request is answered 504 (or its stream ends).")
+
+    _split = field_validator("coordinator_addrs", mode="before")(_comma_separated)
+
+    @model_validator(mode="after")
+    def _needs_coordinator(self):
+        if not self.coordinator_addrs:
+            raise ValueError("coordinator_addrs needs at least one host:port")
+        _check_host_ports(self.coordinator_addrs)
         return self
 
 
@@ -358,6 +396,7 @@ SETTINGS_BY_ROLE: dict[str, type[CommonSettings]] = {
     "drafter": DrafterSettings,
     "coordinator": CoordinatorSettings,
     "trainer": TrainerSettings,
+    "http": HttpSettings,
 }
 
 

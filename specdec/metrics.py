@@ -38,6 +38,9 @@ STEP_SECONDS = Histogram("specd_step_seconds", "Time of one batched forward pass
 PREFIX_CACHE_HITS = Counter("specd_prefix_cache_hit_tokens", "Prompt tokens whose KV was shared from an earlier "
                             "prompt instead of computed", ["service"])
 STEP_QUEUE = Gauge("specd_step_queue_depth", "Prefill and verify calls waiting for a forward pass", ["service"])
+HTTP_REQUESTS = Counter("specd_http_requests", "OpenAI-compatible API requests answered, by endpoint and HTTP status",
+                        ["endpoint", "status"])
+HTTP_OPEN_REQUESTS = Gauge("specd_http_open_requests", "API requests the HTTP tier is generating or streaming")
 
 
 def register(registry: CollectorRegistry, cls, name: str, doc: str, labels=()):

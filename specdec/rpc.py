@@ -34,10 +34,9 @@ FINAL_STOP_S = 1.0  # once open work is done: time for last responses to leave (
 MALFORMED_DETAILS = "the request is not a valid protobuf message (corrupt bytes, or a string that is not UTF-8)"
 
 
-class _RequestContextInterceptor(grpc.aio.ServerInterceptor):
-    """Checks the bearer token (constant-time), binds the request id and the authenticated client id
-    for logs, echoes the request id to the caller in the trailing metadata and writes a debug
-    access-log line per RPC."""
+class BearerTokens:
+    """The `Authorization` headers a service accepts: its shared token and one per client of
+    auth_clients_file, compared in constant time. Every service, gRPC or HTTP, checks callers with it."""
 
     def __init__(self, token: str, clients: dict[str, str] | None = None):
         # "Bearer <token>" -> the client id it authenticates ('' for the shared service token)
@@ -45,12 +44,30 @@ class _RequestContextInterceptor(grpc.aio.ServerInterceptor):
         if token:
             self._accepted[f"Bearer {token}".encode()] = ""
 
-    def _authenticate(self, supplied: bytes) -> str | None:
+    @classmethod
+    def from_settings(cls, settings: CommonSettings) -> "BearerTokens":
+        return cls(settings.resolved_auth_token(), settings.resolved_auth_clients())
+
+    @property
+    def required(self) -> bool:
+        return bool(self._accepted)
+
+    def authenticate(self, authorization: bytes) -> str | None:
+        """The client id the header authenticates ('' for the shared token), or None if it is not accepted."""
         matched = None
         for header, client_id in self._accepted.items():  # compares every entry: no early exit to time
-            if hmac.compare_digest(supplied, header) and matched is None:
+            if hmac.compare_digest(authorization, header) and matched is None:
                 matched = client_id
         return matched
+
+
+class _RequestContextInterceptor(grpc.aio.ServerInterceptor):
+    """Checks the bearer token (constant-time), binds the request id and the authenticated client id
+    for logs, echoes the request id to the caller in the trailing metadata and writes a debug
+    access-log line per RPC."""
+
+    def __init__(self, tokens: BearerTokens):
+        self._tokens = tokens
 
     async def intercept_service(self, continuation, handler_call_details):
         metadata = dict(handler_call_details.invocation_metadata or ())
@@ -59,8 +76,8 @@ class _RequestContextInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         handler = await continuation(handler_call_details)
         client_id = ""
-        if self._accepted and not method.startswith(UNAUTHENTICATED_METHODS):
-            matched = self._authenticate(metadata.get("authorization", "").encode())
+        if self._tokens.required and not method.startswith(UNAUTHENTICATED_METHODS):
+            matched = self._tokens.authenticate(metadata.get("authorization", "").encode())
             if matched is None:
                 log.debug("unauthenticated call refused", extra={"fields": {"method": method}})
                 return _deny_handler(handler, request_id)
@@ -295,7 +312,7 @@ async def start_server(settings: CommonSettings, register: Callable[[grpc.aio.Se
                        service_names: list[str], work: Drain | None = None) -> RunningServer:
     """Builds, binds and starts a server with our interceptors, health and reflection; `work` is what
     its drain refuses and waits for (nothing, if not given)."""
-    server = grpc.aio.server(interceptors=[_RequestContextInterceptor(settings.resolved_auth_token(), settings.resolved_auth_clients())],
+    server = grpc.aio.server(interceptors=[_RequestContextInterceptor(BearerTokens.from_settings(settings))],
                              options=message_options(settings) + SERVER_KEEPALIVE_OPTIONS)
     register(server)
     health_servicer = health.aio.HealthServicer()

@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Lower number = lower layer. A package may import its own layer's package and anything below,
 # except that the services in the middle never import one another.
-LAYERS = {"specdec": 0, "coordinator": 1, "verifier_svc": 1, "drafter_svc": 1, "trainer": 1, "specd": 2, "bench": 3}
+LAYERS = {"specdec": 0, "coordinator": 1, "verifier_svc": 1, "drafter_svc": 1, "trainer": 1, "http_svc": 1, "specd": 2,
+          "bench": 3}
 
 
 def _modules() -> dict[str, Path]:
@@ -82,6 +83,12 @@ def test_no_import_cycles():
 
 def test_coordinator_does_not_load_torch():
     probe = "import sys, coordinator.server; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_http_tier_loads_neither_torch_nor_a_tokenizer():
+    probe = "import sys, http_svc.server; print('torch' in sys.modules or 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
