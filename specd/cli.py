@@ -1,4 +1,4 @@
-"""The `specd` command line: serve, up, generate, health (and the trainer's commands)."""
+"""The `specd` command line: serve, up, generate, health, models (and the trainer's commands)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 
+from specd.model_install import add_subcommands as add_model_commands
 from specd.stack import UP_POLICY, LocalStack, check_health, default_threads, exit_on_sigterm
 from specdec.config import ConfigError, add_settings_flags, settings_from_args
 
@@ -165,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--service", default="")
     health.add_argument("--timeout", type=float, default=2.0)
     health.set_defaults(handler=_health)
+
+    add_model_commands(commands)
 
     # Listed for --help only: main() hands every argument after it to the demo's own parser.
     commands.add_parser("osd-demo", help="live online-learning demo: acceptance over a domain shift", add_help=False)
