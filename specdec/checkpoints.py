@@ -18,7 +18,6 @@ are logged, never raised. Version numbers are ints here and "vN" strings
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from specdec.sources import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +71,6 @@ def parse_version(text: str | int) -> int:
     if not match:
         raise ValueError(f"not a checkpoint version: {text!r}")
     return int(match.group(1))
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

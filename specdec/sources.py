@@ -118,6 +118,14 @@ def resolve_source(spec: str) -> ModelSource:
     raise ModelLoadError(f"unknown model {spec!r}: not a preset ({', '.join(PRESETS)}), directory or .gguf file")
 
 
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(8 << 20):  # streamed: model files run to gigabytes
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def file_cache_key(path: Path, format_version: int) -> str:
     """A cache key that changes when the file, or the format of what is derived from it, does."""
     stat = path.stat()

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from specd.model_install import file_sha256
-from specdec.sources import ARTIFACTS, MODELS_DIR, load_tokenizer
+from specdec.sources import ARTIFACTS, MODELS_DIR, load_tokenizer, sha256_file
 
 pytestmark = pytest.mark.real_models
 
@@ -45,7 +44,7 @@ def _facts(path: Path) -> dict:
 def test_installed_files_match_their_pinned_checksums(name):
     path = _installed(name)
     assert path.stat().st_size == ARTIFACTS[name].size
-    assert file_sha256(path) == ARTIFACTS[name].sha256
+    assert sha256_file(path) == ARTIFACTS[name].sha256
 
 
 def test_the_target_is_a_28_layer_qwen2_in_k_quants():
