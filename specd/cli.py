@@ -60,12 +60,15 @@ def _up(args) -> int:
     stack = LocalStack(args.target, args.drafter, args.threads_verifier or verifier_threads,
                        args.threads_drafter or drafter_threads, log_dir=log_dir,
                        coordinator_args=["--mode", args.mode, "--policy", args.policy],
-                       drafter_args=["--prompt-lookup"] if args.prompt_lookup else None)
+                       drafter_args=["--prompt-lookup"] if args.prompt_lookup else None, http=True)
     print(f"specd: starting verifier ({args.target}) and drafter ({args.drafter}); logs in {log_dir}", file=sys.stderr,
           flush=True)
     try:
         address = stack.start()
         print(address, flush=True)
+        print(f"{stack.http_url}/v1", flush=True)
+        print(f"specd: OpenAI-compatible API at {stack.http_url}/v1; try\n  {curl_line(stack.http_url, args.target)}",
+              file=sys.stderr, flush=True)
         if args.demo:
             return _stream_to_terminal(address, DEMO_PROMPT, args.demo_tokens, 0.0, raw=False, as_json=False)
         while True:
@@ -77,6 +80,11 @@ def _up(args) -> int:
         return 1
     finally:
         stack.stop()
+
+
+def curl_line(base_url: str, model: str) -> str:
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 32})
+    return f"curl -s {base_url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'"
 
 
 # -- generate ---------------------------------------------------------------------------------------

@@ -23,6 +23,18 @@ def check_health(addr: str, service: str = "", timeout_s: float = 2.0) -> bool:
     return response.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def check_http_health(base_url: str, timeout_s: float = 2.0) -> bool:
+    """Whether an HTTP tier answers its /health with 200 (it does once a coordinator is serving)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{base_url}/health", timeout=timeout_s) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
@@ -34,8 +46,9 @@ class LocalStack:
 
     def __init__(self, target: str, drafter: str, threads_verifier: int, threads_drafter: int, extra_env=None,
                  coordinator_args: list[str] | None = None, verifier_count: int = 1, log_dir: str | None = None,
-                 drafter_args: list[str] | None = None):
+                 drafter_args: list[str] | None = None, http: bool = False):
         self.target, self.drafter = target, drafter
+        self.http = http  # also start the OpenAI-compatible HTTP tier in front of the coordinator
         self.threads_verifier, self.threads_drafter = threads_verifier, threads_drafter
         self.env = {**os.environ, **(extra_env or {})}
         self.coordinator_args = coordinator_args or []
@@ -62,7 +75,9 @@ class LocalStack:
                 if process.poll() is not None:
                     raise RuntimeError(f"{name} exited with code {process.returncode}"
                                        + (f"; see {self.log_dir}/{name}.log" if self.log_dir else ""))
-                if check_health(f"127.0.0.1:{self.ports[name]}", timeout_s=1.0):
+                healthy = (check_http_health(self.http_url, timeout_s=1.0) if name == "http"
+                           else check_health(f"127.0.0.1:{self.ports[name]}", timeout_s=1.0))
+                if healthy:
                     pending.discard(name)
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{', '.join(sorted(pending))} not healthy within {timeout_s}s")
@@ -84,11 +99,20 @@ class LocalStack:
             coordinator += ["--drafter-addrs", f"127.0.0.1:{self.ports['drafter']}"]
         self._spawn("coordinator", "coordinator", coordinator + self.coordinator_args)
         self._wait_healthy(["coordinator"], timeout_s)
+        if self.http:
+            self._spawn("http", "http", ["--coordinator-addrs", self.address, "--model", self.target,
+                                         "--drafter", self.drafter])
+            self._wait_healthy(["http"], timeout_s)
         return self.address
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.ports['coordinator']}"
+
+    @property
+    def http_url(self) -> str:
+        """The HTTP tier's base URL; OpenAI clients take it with /v1 appended."""
+        return f"http://127.0.0.1:{self.ports['http']}"
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         self.processes[name].send_signal(sig)

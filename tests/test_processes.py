@@ -120,9 +120,10 @@ def test_sigterm_to_specd_up_stops_its_services(tiny_dirs, tmp_path):
     try:
         address = up.stdout.readline().strip()  # printed once the stack is healthy
         assert address.startswith("127.0.0.1:"), address
+        assert up.stdout.readline().strip().endswith("/v1")  # the HTTP tier's base URL
         with open(f"/proc/{up.pid}/task/{up.pid}/children") as children:
             services = [int(pid) for pid in children.read().split()]
-        assert len(services) == 3
+        assert len(services) == 4  # verifier, drafter, coordinator and the HTTP tier
         up.send_signal(signal.SIGTERM)
         assert up.wait(60) == 128 + signal.SIGTERM
         for pid in services:
