@@ -4,6 +4,7 @@ classification of what an upstream failure says about the endpoint and the reque
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import hashlib
 import logging
@@ -114,18 +115,22 @@ class Backend:
 class BackendPool:
     backends: list[Backend] = field(default_factory=list)
     watchers: list[asyncio.Task] = field(default_factory=list)
+    wait_s: float = 0.0             # the longest a new session waits in `wait_healthy` for a backend
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)  # set, and replaced, on every health change
 
     @classmethod
     def connect(cls, addrs: list[str], stub_cls, credentials: grpc.ChannelCredentials | None,
-                options: list[tuple[str, int]]) -> "BackendPool":
-        """Channels to `addrs`, each watched by its health service from now on (needs a running loop)."""
+                options: list[tuple[str, int]], wait_s: float = 0.0) -> "BackendPool":
+        """Channels to `addrs`, each watched by its health service from now on (needs a running loop).
+        With `wait_s`, a backend is taken only once its health service has said SERVING, and a new session
+        that finds none healthy waits up to `wait_s` for one (at start-up, or while one restarts)."""
         backends = []
         for addr in addrs:
             channel_options = [*options, *RECONNECT_OPTIONS, *KEEPALIVE_OPTIONS]
             channel = (grpc.aio.secure_channel(addr, credentials, options=channel_options) if credentials
                        else grpc.aio.insecure_channel(addr, options=channel_options))
-            backends.append(Backend(addr, channel, stub_cls(channel)))
-        pool = cls(backends)
+            backends.append(Backend(addr, channel, stub_cls(channel), serving=wait_s == 0))
+        pool = cls(backends, wait_s=wait_s)
         pool.watchers = [asyncio.ensure_future(pool.watch_health(backend)) for backend in backends]
         return pool
 
@@ -161,9 +166,32 @@ class BackendPool:
         """What the backend's health service says; SERVING re-admits it at once, failure marks included."""
         if serving and not backend.serving:
             log.info("backend serving", extra={"fields": {"addr": backend.addr}})
+        elif backend.serving and not serving:
+            log.warning("backend not serving", extra={"fields": {"addr": backend.addr}})
         if serving:
             self.mark_up(backend)
         backend.serving = serving
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def any_serving(self) -> bool:
+        return any(backend.serving for backend in self.backends)
+
+    def next_change(self) -> asyncio.Event:
+        """The event the next health report sets (take it before reading the state it may change)."""
+        return self._changed
+
+    async def wait_healthy(self, until: float) -> bool:
+        """Waits until a backend is healthy or time.monotonic() reaches `until`; whether one is. Woken by
+        the health watches, and when a failure mark of a serving backend runs out."""
+        while not any(backend.healthy for backend in self.backends):
+            now = time.monotonic()
+            if now >= until:
+                return False
+            marked = [b.down_until for b in self.backends if b.serving and b.down_until > now]
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.next_change().wait(), min([until, *marked]) - now)
+        return True
 
     async def watch_health(self, backend: Backend) -> None:
         """Follows the backend's overall health (`Health.Watch` of the empty service name) for as long as
@@ -175,6 +203,7 @@ class BackendPool:
                     self.set_serving(backend, message.status == health_pb2.HealthCheckResponse.SERVING)
             except grpc.aio.AioRpcError as err:
                 if err.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    self.set_serving(backend, True)
                     return  # no health service there: failed calls alone mark it
                 self.set_serving(backend, False)
             await asyncio.sleep(WATCH_RETRY_S)

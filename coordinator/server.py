@@ -17,6 +17,7 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+from grpc_health.v1 import health_pb2
 
 from coordinator.admission import AdmissionQueue, QueueFull, QueueTimeout
 from coordinator.backends import BackendPool
@@ -314,7 +315,8 @@ async def _backend_info(pool: BackendPool, metadata, wait_s: float, required: bo
 async def build_servicer(settings: CoordinatorSettings, trace_sink=None) -> GenerationServicer:
     credentials = channel_credentials(settings)
     options = message_options(settings)
-    verifiers = BackendPool.connect(settings.verifier_addrs, verifier_pb2_grpc.VerifierStub, credentials, options)
+    verifiers = BackendPool.connect(settings.verifier_addrs, verifier_pb2_grpc.VerifierStub, credentials, options,
+                                    wait_s=settings.verifier_wait_s)
     drafters = BackendPool.connect(settings.drafter_addrs, drafter_pb2_grpc.DrafterStub, credentials, options)
     token = settings.resolved_auth_token()
     settings.resolved_auth_clients()  # a bad clients file fails now, not after waiting for the backends
@@ -356,12 +358,27 @@ async def start(settings: CoordinatorSettings, trace_sink=None) -> RunningServer
     running = await start_server(settings, lambda s: generation_pb2_grpc.add_GenerationServicer_to_server(servicer, s),
                                  [SERVICE_NAME], servicer.drain)
     running.background += servicer.verifiers.watchers + servicer.drafters.watchers  # health watches end with it
+    running.background.append(asyncio.ensure_future(_serve_while_a_verifier_serves(servicer.verifiers, running.health)))
     if isinstance(trace_sink, TraceSink):
         running.on_stop(trace_sink.close)
     metrics_port = metrics.serve_metrics(settings.metrics_port, settings.metrics_host)
     log.info("coordinator ready", extra={"fields": {"port": running.port, "metrics_port": metrics_port,
                                                     "verifiers": settings.verifier_addrs, "drafters": settings.drafter_addrs}})
     return running
+
+
+async def _serve_while_a_verifier_serves(verifiers: BackendPool, health) -> None:
+    """The coordinator's overall health is SERVING only while some verifier's is, so a balancer routes no request
+    to a coordinator that has none yet (at start-up) or none left. The service's own name stays SERVING while the
+    process runs: the liveness probe asks for it, so a coordinator is not restarted for its verifiers' sake."""
+    last = None
+    while True:
+        changed = verifiers.next_change()
+        status = health_pb2.HealthCheckResponse.SERVING if verifiers.any_serving() else health_pb2.HealthCheckResponse.NOT_SERVING
+        if status != last:
+            await health.set("", status)
+            last = status
+        await changed.wait()
 
 
 async def serve(settings: CoordinatorSettings) -> None:

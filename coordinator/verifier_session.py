@@ -31,14 +31,26 @@ class VerifierSession:
 
     async def open(self, committed: list[int], remaining: int, exclude: set[str] = frozenset()) -> None:
         """Prefills `committed` on a healthy verifier, trying the others in turn: an unreachable one is
-        marked down, an overloaded one only skipped; any other failure goes to the caller."""
+        marked down, an overloaded one only skipped; any other failure goes to the caller. A new session
+        (nothing excluded) that finds no verifier healthy waits for one, up to the request's deadline and
+        the pool's `wait_s` (a verifier starting or restarting); a session moving off a lost verifier does not."""
         last_error = "; ".join(f"verifier {b.addr} is draining or unreachable" for b in self.verifiers.backends
                                if not b.serving) or "no verifier is configured"  # why pick may find none
         overloaded = False
         tried = set(exclude)
+        may_wait = not exclude
+        wait_until = time.monotonic() + self.verifiers.wait_s
+        if self.calls.deadline is not None:
+            wait_until = min(wait_until, self.calls.deadline)
         while True:
             backend = self.verifiers.pick(self.session_id, tried)
+            if backend is None and may_wait and not overloaded and await self.verifiers.wait_healthy(wait_until):
+                tried = set(exclude)
+                continue
             if backend is None:
+                if self.calls.deadline_passed():
+                    raise UpstreamError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                        f"the request deadline passed while no verifier was healthy: {last_error}")
                 code = grpc.StatusCode.RESOURCE_EXHAUSTED if overloaded else grpc.StatusCode.UNAVAILABLE
                 raise UpstreamError(code, f"no healthy verifier left: {last_error}")
             request = verifier_pb2.PrefillRequest()

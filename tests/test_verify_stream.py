@@ -83,15 +83,39 @@ async def _verifiers(target: str, count: int = 1):
             await server.server.stop(0)
 
 
+HOLD_S = 60.0  # the longest a test holds a verifier's compute thread, or waits for a state of its calls
+
+
 @contextlib.contextmanager
 def _held(servicer: VerifierServicer):
-    """The verifier's compute thread waits meanwhile: calls queue up and stay pending."""
-    gate = threading.Event()
-    servicer.core.after_pending(gate.wait)
+    """The verifier's compute thread waits meanwhile: calls queue up and stay pending.
+
+    `after_pending` only queues the hold: the compute thread runs it after the step it is about to take,
+    and that step computes (and answers) every call that arrived before it woke. So this returns only once
+    the thread is inside the hold; until then no call sent in the block could stay pending."""
+    holding, gate = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        holding.set()
+        gate.wait(HOLD_S)
+
+    servicer.core.after_pending(hold)
+    assert holding.wait(HOLD_S), "the verifier's compute thread did not take the hold"
     try:
         yield
     finally:
         gate.set()
+
+
+async def _until(condition, what: str) -> None:
+    """Waits, HOLD_S at most, for `condition` (a state of the loop this test runs in) to hold."""
+    async def reached():
+        while not condition():
+            await asyncio.sleep(0.01)
+    try:
+        await asyncio.wait_for(reached(), HOLD_S)
+    except asyncio.TimeoutError:
+        raise AssertionError(f"not reached within {HOLD_S}s: {what}") from None
 
 
 async def _prefill(stub, session_id: str, prompt: list[int]) -> int:
@@ -180,14 +204,15 @@ def test_a_verifier_lost_mid_stream_fails_its_calls_as_transport_and_they_move_t
                 await session.open(prompt, NEW_TOKENS)
             lost = sessions[0].backend
             on_lost = [s for s in sessions if s.backend is lost]
-            with _held(servicers[addrs.index(lost.addr)]):
+            held = servicers[addrs.index(lost.addr)]
+            with _held(held):
                 calls = [asyncio.ensure_future(s.verify(_verify_request(s.session_id, len(p)), p, NEW_TOKENS))
                          for s, p in zip(sessions, PROMPTS)]
-                while lost.verify_stream._open is None or len(lost.verify_stream._open.pending) < len(on_lost):
-                    await asyncio.sleep(0.01)
-                await asyncio.sleep(0.1)  # the calls reach the verifier and wait for its compute
+                # The verifier is held, so every call on it stays pending until the server stops.
+                await _until(lambda: len(held.core.scheduler._verifies) == len(on_lost),
+                             "the calls wait for the held verifier's compute")
                 await servers[addrs.index(lost.addr)].server.stop(0)  # as if killed
-                responses = await asyncio.gather(*calls)
+                responses = await asyncio.wait_for(asyncio.gather(*calls), HOLD_S)
             await pool.close()
             return ([r.next_token for r, _seconds in responses], len(on_lost), lost.healthy,
                     all(s.backend is not lost for s in sessions))
