@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import json
 import os
 import signal
 import sys
 
 from specd.model_install import add_subcommands as add_model_commands
-from specd.stack import UP_POLICY, LocalStack, check_health, default_threads, exit_on_sigterm
+from specd.stack import UP_POLICY, LocalStack, check_health, check_http_health, default_threads, exit_on_sigterm
 from specdec.config import ConfigError, add_settings_flags, settings_from_args
 
 SERVE_ROLES = ("verifier", "drafter", "coordinator", "http")
@@ -24,6 +25,9 @@ def _serve(args) -> int:
     except ConfigError as err:
         print(f"specd: {err}", file=sys.stderr)
         return 2
+    # A native crash (SIGSEGV, SIGBUS, SIGFPE, SIGABRT, SIGILL) writes the signal and every thread's Python
+    # stack to stderr, the service's log, before the process dies.
+    faulthandler.enable(all_threads=True)
     setup_logging(args.role, settings.log_level, settings.log_json)
     if args.role == "verifier":
         from verifier_svc.server import serve
@@ -44,7 +48,10 @@ def _serve(args) -> int:
 # -- health ---------------------------------------------------------------------------------------
 
 def _health(args) -> int:
-    ok = check_health(args.addr, args.service, args.timeout)
+    if args.addr.startswith(("http://", "https://")):  # the HTTP tier: its /health
+        ok = check_http_health(args.addr.rstrip("/"), args.timeout)
+    else:
+        ok = check_health(args.addr, args.service, args.timeout)
     print("SERVING" if ok else "NOT_SERVING")
     return 0 if ok else 1
 
@@ -170,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(handler=_generate)
 
     health = commands.add_parser("health", help="exit 0 when a service reports SERVING")
-    health.add_argument("--addr", required=True)
+    health.add_argument("--addr", required=True, help="host:port of a gRPC service, or the HTTP tier's http://host:port")
     health.add_argument("--service", default="")
     health.add_argument("--timeout", type=float, default=2.0)
     health.set_defaults(handler=_health)

@@ -43,6 +43,7 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
 # The contract the services implement.
 GRPC_PORTS = {"coordinator": 50050, "verifier": 50051, "drafter": 50052}
+HTTP_PORT = 8000  # the OpenAI-compatible API (role http)
 METRICS_PORT = 9100
 K8S_VERSIONS = ["1.28", "1.37"]  # oldest and newest cluster versions we validate against
 SECRET_PLACEHOLDER = "REPLACE-ME"
@@ -297,6 +298,20 @@ def test_compose_services(variant):
             assert port["target"] in (settings.port, settings.metrics_port), f"{where}: publishes unknown port {port}"
         assert (Path(svc["build"]["context"]) / svc["build"]["dockerfile"]).is_file(), f"{where}: {svc['build']}"
 
+        if role == "http":
+            assert settings.port == HTTP_PORT, f"{where}: SPECD_PORT {settings.port} != {HTTP_PORT}"
+            probe = parse_cli(svc["healthcheck"]["test"][1:], where)
+            assert probe.command == "health" and probe.addr == f"http://127.0.0.1:{HTTP_PORT}", \
+                f"{where}: healthcheck must run `specd health --addr http://127.0.0.1:{HTTP_PORT}`"
+            assert any(p["target"] == HTTP_PORT and p["published"] == str(HTTP_PORT) for p in svc["ports"]), \
+                f"{where}: the HTTP API must be published on its own port"
+            assert parse_duration_s(svc.get("stop_grace_period", "10s")) > settings.grace_period_s, where
+            assert settings.coordinator_addrs, f"{where}: no coordinator addresses"
+            for addr in settings.coordinator_addrs:
+                host, _, port = addr.rpartition(":")
+                assert specd.get(host, (None,))[0] == "coordinator", f"{where}: {addr} is not a coordinator service"
+                assert int(port) == GRPC_PORTS["coordinator"], f"{where}: {addr} vs port {GRPC_PORTS['coordinator']}"
+                assert host in (svc.get("depends_on") or {}), f"{where}: must wait for {host}"
         if role == "coordinator":
             assert any(p["target"] == settings.port and p["published"] == str(settings.port) for p in svc["ports"]), \
                 f"{where}: coordinator gRPC must be published on its own port"
@@ -584,7 +599,7 @@ def test_raycluster(overlay):
 # Pod component label -> the settings role its containers load. The Ray head
 # pod runs the single trainer driver, so it carries trainer settings.
 COMPONENT_ROLE = {"verifier": "verifier", "drafter": "drafter", "coordinator": "coordinator",
-                  "trainer": "trainer", "ray-head": "trainer"}
+                  "trainer": "trainer", "ray-head": "trainer", "http": "http"}
 
 
 def pod_workloads(objects) -> list[tuple[str, str, dict]]:
@@ -734,6 +749,8 @@ def test_network_policies(overlay):
         ("drafter", 50052): {"coordinator"},
         ("redis", 6379): {"coordinator", "trainer", "drafter"},
         ("coordinator", 50050): set(sources),
+        ("http", HTTP_PORT): set(sources),
+        ("http", METRICS_PORT): {"prometheus"},
         ("verifier", METRICS_PORT): {"prometheus"},
         ("coordinator", METRICS_PORT): {"prometheus"},
         ("trainer", METRICS_PORT + 1): {"prometheus", "trainer", "ray-head"},  # actor 1 metrics; Ray pods talk freely
@@ -796,6 +813,35 @@ def test_k8s_ports_probes_services_and_drain(overlay):
     assert set(secret["stringData"]) == {"auth-token", "redis-password"}
     for key, value in secret["stringData"].items():
         assert value.startswith(SECRET_PLACEHOLDER), f"Secret key {key}: keep the placeholder in git"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_http_tier_probes_its_health_and_reaches_the_coordinators(overlay):
+    objects = render(overlay)
+    deployment, service = by_kind(objects, "Deployment")["http"], by_kind(objects, "Service")["http"]
+    template = deployment["spec"]["template"]
+    [container] = template["spec"]["containers"]
+    where = f"{overlay}: Deployment/http"
+    settings = load_role("http", effective_env(objects, container, where), {}, where)
+    assert settings.port == HTTP_PORT and container_command(container) == ["specd", "serve", "http"], where
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": HTTP_PORT, "metrics": METRICS_PORT}
+    for probe in ("startupProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/health", "port": "http"}, f"{where}: {probe}"
+    # A coordinator outage makes the tier unready, never restarts it.
+    assert "httpGet" not in container["livenessProbe"], f"{where}: liveness must not depend on the coordinators"
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert template["spec"]["terminationGracePeriodSeconds"] > settings.grace_period_s + float(pre_stop[1]), where
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True, where
+    ports = {p["name"]: p for p in service["spec"]["ports"]}
+    assert ports["http"]["port"] == HTTP_PORT and service["spec"].get("clusterIP") != "None", where
+    services = by_kind(objects, "Service")
+    for addr in settings.coordinator_addrs:
+        host, _, port = addr.rpartition(":")
+        assert host in services and int(port) == GRPC_PORTS["coordinator"], f"{where}: {addr}"
+        assert services[host]["spec"]["selector"]["app.kubernetes.io/component"] == "coordinator", f"{where}: {addr}"
+    hpa = by_kind(objects, "HorizontalPodAutoscaler")["http"]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "http" and "replicas" not in deployment["spec"], where
+    assert "http" in by_kind(objects, "PodDisruptionBudget"), where
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
