@@ -100,13 +100,13 @@ class Upstream:
             raise ApiError(502, "the coordinator ended the stream without its final chunk", "server_error")
         return chunk
 
-    async def collect(self) -> tuple[str, int, generation_pb2.GenerateChunk]:
-        """The whole generation: its text, its token count and the final chunk (with the stats)."""
+    async def collect(self) -> tuple[str, list[int], generation_pb2.GenerateChunk]:
+        """The whole generation: its text, its token ids and the final chunk (with the stats)."""
         chunk = await self.first()
-        pieces, tokens = [], 0
+        pieces, tokens = [], []
         while True:
             pieces.append(chunk.text)
-            tokens += len(chunk.token_ids)
+            tokens.extend(chunk.token_ids)
             if chunk.done:
                 return "".join(pieces), tokens, chunk
             chunk = await self.next()
@@ -222,8 +222,8 @@ class FrontDoor:
                 yield sse(first_chat_chunk(call))
             while True:
                 tokens += len(chunk.token_ids)
-                if chunk.text:
-                    yield sse(chunk_body(call, chunk.text))
+                if chunk.text or (call.return_token_ids and chunk.token_ids):
+                    yield sse(chunk_body(call, chunk.text, token_ids=chunk.token_ids))
                 if chunk.done:
                     break
                 chunk = await upstream.next()

@@ -79,6 +79,8 @@ class _Request(BaseModel):
     frequency_penalty: float | None = None
     logit_bias: dict[str, Any] | None = None
     speculation: Speculation | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
+    return_token_ids: bool = False  # vLLM's extension: each choice also carries its token ids
     # What the core cannot honour; each refused below, unless it holds its "off" value.
     best_of: int | None = None
 
@@ -158,6 +160,7 @@ class ApiCall:
     include_usage: bool
     client_id: str  # the OpenAI `user`, for the coordinator's per-client limits ('' : none given)
     unknown_fields: list[str]
+    return_token_ids: bool
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -206,7 +209,7 @@ def parse_call(kind: str, body: bytes, default_max_tokens: int, request_id: str)
         raise ApiError.invalid(name, f"{name}: {why}")
     return ApiCall(kind, parsed.model, _generate_request(parsed, default_max_tokens, request_id), parsed.stream,
                    bool(parsed.stream_options and parsed.stream_options.include_usage), parsed.user or "",
-                   sorted(set(parsed.model_extra or ()) - NO_EFFECT))
+                   sorted(set(parsed.model_extra or ()) - NO_EFFECT), parsed.return_token_ids)
 
 
 def _generate_request(parsed: _Request, default_max_tokens: int, request_id: str) -> generation_pb2.GenerateRequest:
@@ -233,7 +236,8 @@ def _generate_request(parsed: _Request, default_max_tokens: int, request_id: str
                              top_p=1.0 if parsed.top_p is None else parsed.top_p,
                              top_k=max(parsed.top_k or 0, 0), seed=parsed.seed, stop=stop,
                              mode=speculation.mode or "", policy=speculation.policy or "",
-                             draft_length=speculation.draft_length or 0, request_id=request_id)
+                             draft_length=speculation.draft_length or 0, ignore_eos=parsed.ignore_eos,
+                             request_id=request_id)
     except UnicodeEncodeError:  # JSON can escape a lone surrogate, which is no text
         raise ApiError.invalid(None, "the request holds a string that is not valid Unicode (a lone surrogate)") \
             from None
@@ -257,27 +261,33 @@ def usage(stats: generation_pb2.GenerationStats, completion_tokens: int) -> dict
             "total_tokens": stats.prompt_tokens + completion_tokens}
 
 
-def _choice(kind: str, text: str | None, finish_reason: str | None, streaming: bool) -> dict:
-    if kind == COMPLETION:
-        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-    if streaming:
-        return {"index": 0, "delta": {} if text is None else {"content": text}, "logprobs": None,
-                "finish_reason": finish_reason}
-    return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-            "finish_reason": finish_reason}
+def _choice(call: ApiCall, text: str | None, finish_reason: str | None, streaming: bool,
+            token_ids: list[int]) -> dict:
+    if call.kind == COMPLETION:
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+    elif streaming:
+        choice = {"index": 0, "delta": {} if text is None else {"content": text}, "logprobs": None,
+                  "finish_reason": finish_reason}
+    else:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                  "finish_reason": finish_reason}
+    if call.return_token_ids:
+        choice["token_ids"] = token_ids
+    return choice
 
 
-def response_body(call: ApiCall, text: str, completion_tokens: int, final: generation_pb2.GenerateChunk) -> dict:
+def response_body(call: ApiCall, text: str, token_ids: list[int], final: generation_pb2.GenerateChunk) -> dict:
     return {"id": call.id, "object": call.kind, "created": call.created, "model": call.model,
-            "choices": [_choice(call.kind, text, FINISH_REASONS.get(final.finish_reason, "stop"), False)],
-            "usage": usage(final.stats, completion_tokens), "speculation": speculation_stats(final.stats)}
+            "choices": [_choice(call, text, FINISH_REASONS.get(final.finish_reason, "stop"), False, token_ids)],
+            "usage": usage(final.stats, len(token_ids)), "speculation": speculation_stats(final.stats)}
 
 
-def chunk_body(call: ApiCall, text: str | None, finish_reason: str | None = None, **extra) -> dict:
+def chunk_body(call: ApiCall, text: str | None, finish_reason: str | None = None, token_ids: list[int] = (),
+               **extra) -> dict:
     """One stream chunk; `extra` adds the usage and speculation objects to the final ones."""
     kind = "chat.completion.chunk" if call.kind == CHAT else COMPLETION
     body = {"id": call.id, "object": kind, "created": call.created, "model": call.model,
-            "choices": [_choice(call.kind, text, finish_reason, True)]}
+            "choices": [_choice(call, text, finish_reason, True, list(token_ids))]}
     if call.include_usage:
         body["usage"] = None  # OpenAI's chunks say null until the usage chunk
     body.update(extra)

@@ -92,9 +92,10 @@ def _speculation(response) -> dict:
 
 def test_chat_completion_equals_the_grpc_answer(client, grpc_client):
     response = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=24, temperature=0,
-                                              extra_body={"speculation": SPECULATION})
+                                              extra_body={"speculation": SPECULATION, "return_token_ids": True})
     reference = grpc_client.generate(messages=MESSAGES, max_new_tokens=24, temperature=0, **SPECULATION)
     choice = response.choices[0]
+    assert choice.model_extra["token_ids"] == reference.token_ids
     assert choice.message.content == reference.text and choice.message.role == "assistant"
     assert response.usage.completion_tokens == len(reference.token_ids)
     assert response.usage.prompt_tokens == reference.stats["prompt_tokens"]
@@ -109,8 +110,10 @@ def test_chat_completion_equals_the_grpc_answer(client, grpc_client):
 def test_text_completions_from_text_and_token_ids_equal_the_grpc_answers(client, grpc_client):
     for prompt, grpc_input in (("Once upon a time", {"prompt": "Once upon a time", "raw": True}),
                                ([5, 6, 7, 8, 9], {"token_ids": [5, 6, 7, 8, 9]})):
-        response = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0)
-        reference = grpc_client.generate(max_new_tokens=20, temperature=0, **grpc_input)
+        response = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0,
+                                             extra_body={"return_token_ids": True, "ignore_eos": True})
+        reference = grpc_client.generate(max_new_tokens=20, temperature=0, ignore_eos=True, **grpc_input)
+        assert response.choices[0].model_extra["token_ids"] == reference.token_ids
         assert response.choices[0].text == reference.text
         assert response.usage.completion_tokens == len(reference.token_ids)
         assert response.object == "text_completion" and "speculation" in response.model_extra
@@ -118,10 +121,12 @@ def test_text_completions_from_text_and_token_ids_equal_the_grpc_answers(client,
 
 def test_streamed_chat_equals_the_grpc_stream(client, grpc_client):
     stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=32, temperature=0,
-                                            stream=True, stream_options={"include_usage": True})
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body={"return_token_ids": True})
     chunks = list(stream)
     reference = grpc_client.generate(messages=MESSAGES, max_new_tokens=32, temperature=0)
     assert chunks[0].choices[0].delta.role == "assistant"
+    assert [t for c in chunks if c.choices for t in c.choices[0].model_extra["token_ids"]] == reference.token_ids
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == reference.text
     finishing = [c for c in chunks if c.choices and c.choices[0].finish_reason]
