@@ -324,181 +324,65 @@ static void attend(const attention_args *a, int64_t row, int64_t kv_head) {
     (a->head_dim == 64 ? attend_64 : attend_any)(a, row, kv_head);
 }
 
-/* Threads. Each output is reduced by the same code whichever thread computes it, so splitting a layer's
- * outputs among threads keeps the bits. The caller and the workers claim chunks of outputs until none are
- * left, so a worker the OS has not scheduled costs nothing: the caller takes its chunks. Workers wait for
- * the next layer spinning for a little while (the layers of one forward pass come microseconds apart),
- * then sleep.
- *
- * One caller holds the pool at a time (another computes alone). It publishes a job in two steps: it fills
- * pool.job, then release-stores a ticket that names the job, its chunk count and the next chunk to claim.
- * Every claim is a compare-and-swap of that one word, so a claim of chunk c of job J succeeds only while J
- * is the published job and c is unclaimed; J's caller is then still waiting for c, and pool.job still holds
- * J, unchanged until that caller has counted every chunk finished and returned. A thread enters a job by a
- * claim and leaves it by counting the chunk finished; between jobs it reads nothing but the ticket. */
-#include <pthread.h>
-#include <stdatomic.h>
-
-#define MAX_THREADS 16
-#define SPIN_ROUNDS 2000    /* a few microseconds to tens of them, by how long a pause instruction takes here */
-#define CHUNK_BITS 16       /* a ticket is job id (32 bits) | chunks (16) | next chunk (16) */
-#define CHUNK_MASK ((1ull << CHUNK_BITS) - 1)
-#define MAX_CHUNKS ((int64_t)CHUNK_MASK)
-
-enum { FP32, Q4_1, Q8_0, ATTENTION };
+/* Each kernel's outputs are split among the pool's threads (kernel_pool.c): its arguments travel in the job. */
+#include "kernel_pool.h"
 
 typedef struct {
-    int kind;
     const float *x, *w, *scale, *minimum, *bias;
     const uint8_t *codes;
     float *y;
-    int64_t rows, n_out, k_in;  /* an attention job's n_out counts its (row, KV head) items */
-    int64_t chunk;              /* outputs per chunk, set when the pool splits the job */
-    attention_args attention;   /* a copy: no thread reads the caller's frame */
-} gemm_job;
+    int64_t rows, n_out, k_in;
+} linear_args;
 
-static void run_outputs(const gemm_job *j, int64_t n0, int64_t n1) {
-    if (n1 <= n0) return;
-    if (j->kind == ATTENTION) {
-        for (int64_t item = n0; item < n1; item++) attend(&j->attention, item / j->attention.kv_heads, item % j->attention.kv_heads);
-        return;
-    }
+static void fp32_chunk(const void *args, int64_t n0, int64_t n1) {
+    const linear_args *j = args;
     const float *bias = j->bias ? j->bias + n0 : NULL;
-    if (j->kind == FP32) {
-        small_gemm_range(j->x, j->w + n0 * j->k_in, bias, j->y + n0, j->rows, n1 - n0, j->k_in, j->n_out);
-        return;
-    }
-    const int64_t blocks = j->k_in / BLOCK, code_bytes = j->kind == Q4_1 ? BLOCK / 2 : BLOCK;
-    const float *minimum = j->minimum ? j->minimum + n0 * blocks : NULL;
-    (j->kind == Q4_1 ? q4_1_gemm_range : q8_0_gemm_range)(j->x, j->codes + n0 * blocks * code_bytes, j->scale + n0 * blocks,
-                                                           minimum, bias, j->y + n0, j->rows, n1 - n0, j->k_in, j->n_out);
+    small_gemm_range(j->x, j->w + n0 * j->k_in, bias, j->y + n0, j->rows, n1 - n0, j->k_in, j->n_out);
 }
 
-static struct {
-    pthread_mutex_t lock;          /* guards workers, and the sleep and wake of waiting workers */
-    pthread_cond_t wake;
-    int workers;                   /* started so far */
-    atomic_int threads;            /* threads a layer may be split among, the caller's included */
-    atomic_int busy;               /* a caller holds the pool */
-    gemm_job job;                  /* the published job: written only by the caller that holds the pool, before its ticket */
-    _Atomic uint64_t ticket;       /* job id | chunks | next chunk; job id 0: none yet */
-    atomic_long finished;          /* chunks of the published job done */
-} pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER, .threads = 1};
-
-static inline uint64_t ticket_job(uint64_t t) { return t >> (2 * CHUNK_BITS); }
-static inline int64_t ticket_chunks(uint64_t t) { return (int64_t)((t >> CHUNK_BITS) & CHUNK_MASK); }
-static inline int64_t ticket_next(uint64_t t) { return (int64_t)(t & CHUNK_MASK); }
-
-/* Claims and runs chunks of job job_id while any are left. */
-static void claim_chunks(uint64_t job_id) {
-    uint64_t t = atomic_load_explicit(&pool.ticket, memory_order_acquire);
-    while (ticket_job(t) == job_id && ticket_next(t) < ticket_chunks(t)) {
-        if (!atomic_compare_exchange_weak_explicit(&pool.ticket, &t, t + 1, memory_order_acquire, memory_order_acquire))
-            continue;  /* t now holds the ticket as it is */
-        const gemm_job *job = &pool.job;
-        const int64_t n0 = ticket_next(t) * job->chunk, n1 = n0 + job->chunk < job->n_out ? n0 + job->chunk : job->n_out;
-        run_outputs(job, n0, n1);
-        atomic_fetch_add_explicit(&pool.finished, 1, memory_order_release);  /* the last read of pool.job comes before */
-        t = atomic_load_explicit(&pool.ticket, memory_order_acquire);
+#define BLOCK_CHUNK_FN(name, code_bytes)                                                                                \
+    static void name##_chunk(const void *args, int64_t n0, int64_t n1) {                                               \
+        const linear_args *j = args;                                                                                   \
+        const int64_t blocks = j->k_in / BLOCK;                                                                        \
+        name##_range(j->x, j->codes + n0 * blocks * (code_bytes), j->scale + n0 * blocks,                              \
+                     j->minimum ? j->minimum + n0 * blocks : NULL, j->bias ? j->bias + n0 : NULL, j->y + n0, j->rows,  \
+                     n1 - n0, j->k_in, j->n_out);                                                                      \
     }
+BLOCK_CHUNK_FN(q4_1_gemm, BLOCK / 2)
+BLOCK_CHUNK_FN(q8_0_gemm, BLOCK)
+
+static void attention_chunk(const void *args, int64_t n0, int64_t n1) {
+    const attention_args *a = args;
+    for (int64_t item = n0; item < n1; item++) attend(a, item / a->kv_heads, item % a->kv_heads);
 }
 
-static void *worker(void *arg) {
-    (void)arg;
-    uint64_t seen = 0;
-    for (;;) {
-        uint64_t job_id;
-        for (int spin = 0; (job_id = ticket_job(atomic_load_explicit(&pool.ticket, memory_order_acquire))) == seen;
-             spin++) {
-            if (spin < SPIN_ROUNDS) { _mm_pause(); continue; }
-            pthread_mutex_lock(&pool.lock);
-            while ((job_id = ticket_job(atomic_load_explicit(&pool.ticket, memory_order_acquire))) == seen)
-                pthread_cond_wait(&pool.wake, &pool.lock);
-            pthread_mutex_unlock(&pool.lock);
-            break;
-        }
-        seen = job_id;
-        claim_chunks(job_id);
-    }
-    return NULL;
-}
-
-/* How many threads may split each layer's outputs (1: the caller's alone); returns how many will. */
-int small_gemm_set_threads(int threads) {
-    threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
-    pthread_mutex_lock(&pool.lock);
-    for (; pool.workers < threads - 1; pool.workers++) {
-        pthread_t thread;
-        if (pthread_create(&thread, NULL, worker, NULL) != 0) break;
-        pthread_detach(thread);
-    }
-    const int used = threads < pool.workers + 1 ? threads : pool.workers + 1;
-    atomic_store_explicit(&pool.threads, used, memory_order_relaxed);
-    pthread_mutex_unlock(&pool.lock);
-    return used;
-}
-
-/* Outputs per chunk: a few chunks per thread, and never more chunks than a ticket counts. */
-static int64_t chunk_size(const gemm_job *job, int threads) {
-    int64_t chunk;
-    if (job->kind == ATTENTION) {  /* items vary in length: small chunks balance them */
-        chunk = job->n_out / (4 * threads);
-        if (chunk < 1) chunk = 1;
-    } else {
-        chunk = ((job->n_out / (4 * threads)) + 3) & ~(int64_t)3;  /* whole groups of 4 outputs */
-        if (chunk < 32) chunk = 32;
-    }
-    while ((job->n_out + chunk - 1) / chunk > MAX_CHUNKS) chunk *= 2;
-    return chunk;
-}
-
-static void run(const gemm_job *job) {
-    const int threads = atomic_load_explicit(&pool.threads, memory_order_relaxed);
-    if (threads <= 1 || job->n_out < (job->kind == ATTENTION ? 2 : 128)
-        || atomic_exchange_explicit(&pool.busy, 1, memory_order_acquire)) {
-        run_outputs(job, 0, job->n_out);
-        return;
-    }
-    /* Every thread that entered the previous job left it before its caller released the pool. */
-    pool.job = *job;
-    pool.job.chunk = chunk_size(job, threads);
-    const int64_t chunks = (job->n_out + pool.job.chunk - 1) / pool.job.chunk;
-    atomic_store_explicit(&pool.finished, 0, memory_order_relaxed);
-    uint64_t job_id = (ticket_job(atomic_load_explicit(&pool.ticket, memory_order_relaxed)) + 1) & 0xFFFFFFFFull;
-    if (job_id == 0) job_id = 1;  /* 0 names no job */
-    pthread_mutex_lock(&pool.lock);
-    atomic_store_explicit(&pool.ticket, (job_id << (2 * CHUNK_BITS)) | ((uint64_t)chunks << CHUNK_BITS), memory_order_release);
-    pthread_cond_broadcast(&pool.wake);
-    pthread_mutex_unlock(&pool.lock);
-    claim_chunks(job_id);
-    while (atomic_load_explicit(&pool.finished, memory_order_acquire) < chunks) _mm_pause();
-    atomic_store_explicit(&pool.busy, 0, memory_order_release);
-}
+static const pool_split LINEAR_SPLIT = {.granule = 4, .min_chunk = 32, .min_split = 128};  /* whole groups of 4 outputs */
+static const pool_split ATTENTION_SPLIT = {.granule = 1, .min_chunk = 1, .min_split = 2};  /* items vary: small chunks balance them */
 
 /* The calling convention of this library's functions; a library of another one is not loaded. */
-int small_gemm_abi_version(void) { return 2; }
+int small_gemm_abi_version(void) { return 3; }
 
 /* x [rows, k_in], w [n_out, k_in], bias [n_out] or NULL, y [rows, n_out]; all contiguous. */
 void small_gemm(const float *x, const float *w, const float *bias, float *y, int64_t rows, int64_t n_out, int64_t k_in) {
-    const gemm_job job = {.kind = FP32, .x = x, .w = w, .bias = bias, .y = y, .rows = rows, .n_out = n_out, .k_in = k_in};
-    run(&job);
+    const linear_args args = {.x = x, .w = w, .bias = bias, .y = y, .rows = rows, .n_out = n_out, .k_in = k_in};
+    pool_run(fp32_chunk, &args, sizeof args, n_out, LINEAR_SPLIT);
 }
 
 /* x [rows, k_in], codes [n_out, k_in / 32, 16], scale and minimum [n_out, k_in / 32], y [rows, n_out]. */
 void q4_1_gemm(const float *x, const uint8_t *codes, const float *scale, const float *minimum, const float *bias,
                float *y, int64_t rows, int64_t n_out, int64_t k_in) {
-    const gemm_job job = {.kind = Q4_1, .x = x, .codes = codes, .scale = scale, .minimum = minimum, .bias = bias, .y = y,
-                          .rows = rows, .n_out = n_out, .k_in = k_in};
-    run(&job);
+    const linear_args args = {.x = x, .codes = codes, .scale = scale, .minimum = minimum, .bias = bias, .y = y,
+                              .rows = rows, .n_out = n_out, .k_in = k_in};
+    pool_run(q4_1_gemm_chunk, &args, sizeof args, n_out, LINEAR_SPLIT);
 }
 
 /* As q4_1_gemm with codes [n_out, k_in / 32, 32]; minimum is ignored (NULL). */
 void q8_0_gemm(const float *x, const uint8_t *codes, const float *scale, const float *minimum, const float *bias,
                float *y, int64_t rows, int64_t n_out, int64_t k_in) {
-    const gemm_job job = {.kind = Q8_0, .x = x, .codes = codes, .scale = scale, .bias = bias, .y = y, .rows = rows,
-                          .n_out = n_out, .k_in = k_in};
+    const linear_args args = {.x = x, .codes = codes, .scale = scale, .bias = bias, .y = y, .rows = rows,
+                              .n_out = n_out, .k_in = k_in};
     (void)minimum;
-    run(&job);
+    pool_run(q8_0_gemm_chunk, &args, sizeof args, n_out, LINEAR_SPLIT);
 }
 
 enum { ATTENTION_OK = 0, ATTENTION_BAD_SHAPE = 1, ATTENTION_BAD_ROW = 2, ATTENTION_BAD_BLOCK = 3 };
@@ -524,10 +408,9 @@ static int check_attention(const attention_args *a, int64_t rows, int64_t slots,
 int paged_attention(const float *q, float *out, const float *k_store, const float *v_store, const int32_t *block_table,
                     const int64_t *row_blocks, const int32_t *row_len, int64_t rows, int64_t heads, int64_t kv_heads,
                     int64_t head_dim, int64_t block_size, int64_t slots, int64_t table_len, float scale) {
-    const gemm_job job = {.kind = ATTENTION, .rows = rows, .n_out = rows * kv_heads,
-                          .attention = {q, out, k_store, v_store, block_table, row_blocks, row_len, heads, kv_heads,
-                                        head_dim, block_size, scale}};
-    const int status = check_attention(&job.attention, rows, slots, table_len);
-    if (status == ATTENTION_OK) run(&job);
+    const attention_args args = {q, out, k_store, v_store, block_table, row_blocks, row_len, heads, kv_heads, head_dim,
+                                 block_size, scale};
+    const int status = check_attention(&args, rows, slots, table_len);
+    if (status == ATTENTION_OK) pool_run(attention_chunk, &args, sizeof args, rows * kv_heads, ATTENTION_SPLIT);
     return status;
 }

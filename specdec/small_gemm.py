@@ -41,8 +41,13 @@ from specdec.sources import CACHE_DIR
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("small_gemm.c")
-COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-shared", "-fPIC", "-pthread")  # no fused d*q+m: gguf-py rounds twice
+# The library's translation units (the thread pool, the fp32 and GGUF-block linears and attention, the
+# 8-bit-activation linears of quant_gemm.c) and the header they share.
+SOURCES = (SOURCE, SOURCE.with_name("kernel_pool.c"), SOURCE.with_name("quant_gemm.c"))
+HEADERS = (SOURCE.with_name("kernel_pool.h"),)
+COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-shared", "-fPIC", "-pthread")  # no fused d*q+m: gguf-py rounds twice
 AVX512_FLAGS = ("-mavx512f", "-mavx512vl", "-mavx512dq")  # added where the CPU has them: 16-lane accumulators
+VNNI_FLAGS = ("-mavx512bw", "-mavx512vnni")  # and these where it has them too: quant_gemm.c's integer dot products
 # A verifier step packs the rows of many sessions and prompt chunks: the kernel keeps each row's bits
 # independent of the others up to here (the verifier's max_step_rows is at most this); larger inputs go
 # to BLAS. Past about 64 rows both run at the same speed on a 2-core CPU (python -m bench.verify_cost).
@@ -66,11 +71,13 @@ def _cpu_has_avx2_fma() -> bool:
 
 def compile_flags() -> tuple[str, ...]:
     """The flags this CPU's build takes: AVX-512 where every instruction it adds runs here."""
-    wide = {"avx512f", "avx512vl", "avx512dq"} <= _cpu_flags()
-    return COMPILE_FLAGS + (AVX512_FLAGS if wide else ())
+    flags = _cpu_flags()
+    wide = {"avx512f", "avx512vl", "avx512dq"} <= flags
+    vnni = wide and {"avx512bw", "avx512_vnni"} <= flags
+    return COMPILE_FLAGS + (AVX512_FLAGS if wide else ()) + (VNNI_FLAGS if vnni else ())
 
 
-ABI_VERSION = 2  # small_gemm_abi_version() of the functions below: a library of another is not loaded
+ABI_VERSION = 3  # small_gemm_abi_version() of the functions below: a library of another is not loaded
 
 
 @functools.cache
@@ -163,9 +170,9 @@ def _check_tensor(name: str, tensor: torch.Tensor, dtype: torch.dtype, dims: int
 def _build() -> Path | None:
     """Compiles the kernel once per source version into the cache directory."""
     compiler = shutil.which(runtime_settings().compiler) or shutil.which("gcc")
-    source = SOURCE.read_bytes()
     flags = compile_flags()
-    digest = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in SOURCES + HEADERS) + " ".join(flags).encode())
+    digest = digest.hexdigest()[:16]
     library = CACHE_DIR / "kernels" / f"small_gemm-{digest}.so"
     if not library.exists():
         if compiler is None:
@@ -173,9 +180,9 @@ def _build() -> Path | None:
             return None
         library.parent.mkdir(parents=True, exist_ok=True)
         staging = library.with_name(library.name + f".tmp{os.getpid()}")
-        result = subprocess.run([compiler, *flags, "-o", str(staging), str(SOURCE)], capture_output=True, text=True)
+        result = subprocess.run([compiler, *flags, "-o", str(staging), *map(str, SOURCES)], capture_output=True, text=True)
         if result.returncode != 0:
-            log.warning("compiling %s failed, using torch's linear: %s", SOURCE.name, result.stderr.strip()[-500:])
+            log.warning("compiling the kernel failed, using torch's linear: %s", result.stderr.strip()[-500:])
             return None
         staging.rename(library)  # atomic: concurrent services never load a half-written file
     return library

@@ -5,7 +5,7 @@ instrumented code is the kernel's), computes every job once on the caller's thre
 them all again from two Python threads at once with the pool split over two threads, in a shuffled
 order each round, and exits non-zero if any output differs by a bit from its single-thread one, or if
 attention inputs that index outside their block table or store are not refused.
-The jobs mix every kernel kind, row counts from 1 to past a pass of 8, widths that do and do not
+The jobs mix every kernel kind (quant_gemm.c's formats among them), row counts from 1 to past a pass of 8, widths that do and do not
 fill a chunk, and attention lengths of 1, at a block's boundary and long.
 """
 
@@ -20,6 +20,14 @@ import numpy as np
 
 BLOCK_SIZE = 16  # KV slots per block
 CODE_BYTES = {"q4_1": 16, "q8_0": 32}
+# quant_gemm.c's formats: their number, (weights, bytes) of a GGUF block, the offsets of its fp16 scales.
+QUANT_FORMATS = {"q4_k": (1, (256, 144), (0, 2)), "q6_k": (2, (256, 210), (208,)), "q5_0": (3, (32, 22), (0,)),
+                 "q8_0_int": (4, (32, 34), (0,))}
+
+
+class QuantPlanes(ctypes.Structure):
+    _fields_ = [("format", ctypes.c_int32)] + [(name, ctypes.c_void_p)
+                                               for name in ("codes", "high", "scales", "mins", "d", "dmin")]
 
 
 def pointer(array: np.ndarray | None) -> int | None:
@@ -33,6 +41,9 @@ class Job:
         self.kernel, self.kind = kernel, kind
         if kind == "attention":
             self._attention_inputs(rng)
+            return
+        if kind in QUANT_FORMATS:
+            self._quant_inputs(rng)
             return
         self.rows = int(rng.choice([1, 2, 3, 5, 8, 9, 17, 40]))
         self.n_out = int(rng.choice([1, 37, 128, 200, 513]))
@@ -62,7 +73,29 @@ class Job:
         self.k_store = rng.standard_normal((slots, self.kv_heads, self.head_dim), dtype=np.float32)
         self.v_store = rng.standard_normal((slots, self.kv_heads, self.head_dim), dtype=np.float32)
 
+    def _quant_inputs(self, rng: np.random.Generator) -> None:
+        """Random GGUF rows repacked by the kernel (planes sized generously: the repack writes inside them)."""
+        number, (weights, block_bytes), scale_offsets = QUANT_FORMATS[self.kind]
+        self.rows = int(rng.choice([1, 3, 8, 9, 17]))
+        self.n_out = int(rng.choice([16, 37, 100, 256]))
+        self.k_in = 256 * int(rng.choice([1, 2]))
+        raw = rng.integers(0, 256, (self.n_out, self.k_in // weights, block_bytes), dtype=np.uint8)
+        for offset in scale_offsets:
+            scales = (rng.standard_normal(raw.shape[:2]) * 0.01).astype(np.float16)
+            raw[..., offset: offset + 2] = scales.view(np.uint8).reshape(*raw.shape[:2], 2)
+        groups, blocks = -(-self.n_out // 16), self.k_in // 32
+        self.planes = [np.zeros(groups * blocks * 512, dtype=np.uint8) for _ in range(6)]  # each larger than needed
+        self.weight = QuantPlanes(number, *(pointer(plane) for plane in self.planes))
+        assert self.kernel.quant_repack(number, pointer(raw), self.n_out, self.k_in, self.weight) == 0
+        self.x = rng.standard_normal((self.rows, self.k_in), dtype=np.float32)
+        self.bias = rng.standard_normal(self.n_out, dtype=np.float32) if rng.random() < 0.5 else None
+
     def run(self) -> np.ndarray:
+        if self.kind in QUANT_FORMATS:
+            y = np.empty((self.rows, self.n_out), dtype=np.float32)
+            assert self.kernel.quant_gemm(self.weight, pointer(self.x), pointer(self.bias), pointer(y), self.rows,
+                                          self.n_out, self.k_in) == 0
+            return y
         if self.kind == "attention":
             out = np.empty_like(self.q)
             status = self.kernel.paged_attention(
@@ -108,13 +141,17 @@ def load(path: str) -> ctypes.CDLL:
     kernel.paged_attention.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 7 + [ctypes.c_float]
     kernel.paged_attention.restype = ctypes.c_int
     kernel.small_gemm_set_threads.argtypes = [ctypes.c_int]
+    planes = ctypes.POINTER(QuantPlanes)
+    kernel.quant_repack.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, planes]
+    kernel.quant_gemm.argtypes = [planes] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
     return kernel
 
 
 def main(path: str, rounds: int) -> int:
     kernel = load(path)
     rng = np.random.default_rng(0)
-    jobs = [Job(kernel, kind, rng) for kind in ("fp32", "q4_1", "q8_0", "attention") for _ in range(6)]
+    kinds = ("fp32", "q4_1", "q8_0", "attention", *QUANT_FORMATS)
+    jobs = [Job(kernel, kind, rng) for kind in kinds for _ in range(4)]
     kernel.small_gemm_set_threads(1)
     expected = [job.run() for job in jobs]
     assert kernel.small_gemm_set_threads(2) == 2
@@ -137,7 +174,7 @@ def main(path: str, rounds: int) -> int:
     print(f"{len(jobs)} jobs x {rounds} rounds x 2 callers, {len(mismatches)} mismatches", flush=True)
     for mismatch in mismatches[:10]:
         print("mismatch:", mismatch, flush=True)
-    refused = refused_attention_calls(kernel, jobs[-1])
+    refused = refused_attention_calls(kernel, next(job for job in jobs if job.kind == "attention"))
     if 0 in refused:
         print("out-of-range attention inputs were not refused:", refused, flush=True)
     return 1 if mismatches or 0 in refused else 0

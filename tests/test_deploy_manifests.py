@@ -401,13 +401,14 @@ def test_compose_ray_image_matches_raycluster():
 # --------------------------------------------------------------------------
 
 def _check_kernel_stage(builder: list[tuple[str, str]], final: list[tuple[str, str]]) -> None:
-    """The CPU image builds specdec/small_gemm.c with the flags the runtime would use, and points at it."""
-    from specdec.small_gemm import COMPILE_FLAGS
+    """The CPU image builds the kernel library from every source the runtime would, with its flags, and points at it."""
+    from specdec.small_gemm import COMPILE_FLAGS, SOURCES
 
     assert builder[0][1].endswith("AS small-gemm"), builder[0]
     compile_line = next(rest for c, rest in builder if c == "RUN" and "small_gemm.c" in rest)
     output = re.search(r"gcc (.*) -o (\S+) \S*small_gemm\.c", compile_line)
     assert output and output.group(1).split() == list(COMPILE_FLAGS), compile_line
+    assert all(f"/src/{source.name}" in compile_line.split() for source in SOURCES), compile_line
     copied = next(rest for c, rest in final if c == "COPY" and rest.startswith("--from=small-gemm"))
     assert copied.split()[1] == output.group(2), copied
     env = " ".join(rest for c, rest in final if c == "ENV")

@@ -47,7 +47,7 @@ def test_the_avx2_build_that_images_ship_is_batch_invariant_too(kind, tmp_path):
     import ctypes
 
     library = tmp_path / "avx2.so"
-    subprocess.run(["cc", *small_gemm.COMPILE_FLAGS, "-o", str(library), str(small_gemm.SOURCE)], check=True)
+    subprocess.run(["cc", *small_gemm.COMPILE_FLAGS, "-o", str(library), *map(str, small_gemm.SOURCES)], check=True)
     avx2 = ctypes.CDLL(str(library))
     block_gemm, fp32_gemm = getattr(avx2, f"{kind}_gemm"), avx2.small_gemm
     block_gemm.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3

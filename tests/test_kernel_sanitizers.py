@@ -45,7 +45,7 @@ def test_mixed_jobs_from_two_callers_have_no_sanitizer_report_and_single_thread_
     library = tmp_path / "small_gemm-sanitized.so"
     optimised = [flag for flag in small_gemm.compile_flags() if not flag.startswith("-O")]
     subprocess.run([compiler, *optimised, "-O1", "-g", "-fno-omit-frame-pointer", *flags, "-o", str(library),
-                    str(small_gemm.SOURCE)], check=True)
+                    *map(str, small_gemm.SOURCES)], check=True)
     result = subprocess.run([sys.executable, str(STRESS), str(library), "60"], capture_output=True, text=True,
                             timeout=240, env={**os.environ, "LD_PRELOAD": runtime, **options})
     print(result.stdout, result.stderr[-4000:])
