@@ -15,6 +15,8 @@ from typing import Callable
 
 from drafter_svc.drafters import Drafter, StepItem
 from specdec import metrics
+from specdec.errors import ServiceStopped
+from specdec.model_thread import ModelThread
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +29,8 @@ class DraftBatcher:
         self._calls: list[tuple[Callable, tuple, Future]] = []
         self._steps: list[tuple[StepItem, Future]] = []
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name=f"{service}-steps", daemon=True)
-        self._thread.start()
+        self._in_round: list[Future] = []  # the futures of the calls and steps the running round took
+        self.model_thread = ModelThread(f"{service}-steps", self._run, self._fail_held)
 
     def call(self, fn: Callable, *args) -> Future:
         """Runs fn(*args) on the model thread, before the next batched step."""
@@ -46,6 +48,8 @@ class DraftBatcher:
     def _submit(self, queue: list, entry: tuple) -> Future:
         future: Future = Future()
         with self._cond:
+            if self.model_thread.died is not None:
+                raise ServiceStopped(str(self.model_thread.died))
             if self._closed:
                 raise RuntimeError("the drafter is shutting down")
             queue.append((*entry, future))
@@ -57,7 +61,17 @@ class DraftBatcher:
         with self._cond:
             self._closed = True
             self._cond.notify()
-        self._thread.join(timeout=10)
+        self.model_thread.join(timeout=10)
+
+    def _fail_held(self, stopped: ServiceStopped) -> None:
+        """The model thread died: every call and step it held or had queued fails with `stopped`."""
+        with self._cond:
+            self._closed = True
+            futures = [*self._in_round, *(entry[-1] for entry in self._calls + self._steps)]
+            self._calls, self._steps = [], []
+        for future in futures:
+            if not future.done():
+                future.set_exception(stopped)
 
     def _run(self) -> None:
         while True:
@@ -68,6 +82,7 @@ class DraftBatcher:
                     return
                 calls, self._calls = self._calls, []
                 steps, self._steps = self._steps, []
+                self._in_round = [entry[-1] for entry in calls + steps]
                 metrics.STEP_QUEUE.labels(service=self.service).set(0)
             steps = [(item, future) for item, future in steps if future.set_running_or_notify_cancel()]
             for fn, args, future in calls:

@@ -159,6 +159,7 @@ async def start(settings: DrafterSettings) -> RunningServer:
     metrics.set_drafter_version(servicer.drafter.version)
     running = await start_server(settings, lambda s: drafter_pb2_grpc.add_DrafterServicer_to_server(servicer, s),
                                  [SERVICE_NAME], servicer.drain)
+    running.stop_when_dead(servicer.batcher.model_thread, [SERVICE_NAME])
     metrics_port = metrics.serve_metrics(settings.metrics_port, settings.metrics_host)
     running.background.append(asyncio.ensure_future(expire_sessions_forever(servicer.drafter.sessions, "drafter")))
     watcher = checkpoint_watcher(settings, servicer.drafter)

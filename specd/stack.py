@@ -7,7 +7,15 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
+
+# A supervised service that dies is started again after a back-off that doubles with each quick death, from
+# RESTART_FIRST_S up to RESTART_MAX_S; one that stayed up STABLE_S before dying starts from RESTART_FIRST_S again.
+RESTART_FIRST_S = 0.5
+RESTART_MAX_S = 30.0
+STABLE_S = 60.0
 
 
 def check_health(addr: str, service: str = "", timeout_s: float = 2.0) -> bool:
@@ -35,6 +43,26 @@ def check_http_health(base_url: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
+def describe_exit(returncode: int) -> str:
+    """How a process ended, as an operator reads it: "exit code 1", "signal SIGSEGV"."""
+    if returncode >= 0:
+        return f"exit code {returncode}"
+    try:
+        return f"signal {signal.Signals(-returncode).name}"
+    except ValueError:
+        return f"signal {-returncode}"
+
+
+@dataclass(frozen=True)
+class Restart:
+    """A supervised service that died and was started again, on its own port."""
+
+    name: str
+    exit: str               # describe_exit of the process that died
+    died_at: float          # time.monotonic()
+    restarted_at: float
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
@@ -42,7 +70,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class LocalStack:
-    """Drafter, verifier and coordinator as separate processes on loopback."""
+    """Drafter, verifier and coordinator as separate processes on loopback.
+
+    Once started, the stack supervises them: a service that dies (a non-zero exit or a signal) is logged, to
+    stderr and to its own log, and started again on the same port with back-off, and the coordinator's health
+    watch re-admits it. A service that exits 0 (it was told to stop), one stopped through `kill`, and every
+    service once `stop` has begun stay stopped."""
 
     def __init__(self, target: str, drafter: str, threads_verifier: int, threads_drafter: int, extra_env=None,
                  coordinator_args: list[str] | None = None, verifier_count: int = 1, log_dir: str | None = None,
@@ -57,14 +90,58 @@ class LocalStack:
         self.log_dir = log_dir
         self.processes: dict[str, subprocess.Popen] = {}
         self.ports: dict[str, int] = {}
+        self.restarts: list[Restart] = []
+        self._commands: dict[str, list[str]] = {}
+        self._started_at: dict[str, float] = {}
+        self._killed: set[str] = set()           # stopped through `kill`: not restarted
+        self._stopping = threading.Event()
+        self._launching = threading.Lock()       # a restart and `stop` never interleave
+        self._supervisors: list[threading.Thread] = []
 
     def _spawn(self, name: str, role: str, args: list[str]) -> None:
-        port = free_port()
-        self.ports[name] = port
-        command = [sys.executable, "-m", "specd.cli", "serve", role, "--port", str(port), *args]
-        log = open(os.path.join(self.log_dir, f"{name}.log"), "ab") if self.log_dir else subprocess.DEVNULL
-        self.processes[name] = subprocess.Popen(command, env=self.env, stdout=log, stderr=log,
-                                                start_new_session=True)
+        self.ports[name] = free_port()
+        self._commands[name] = [sys.executable, "-m", "specd.cli", "serve", role, "--port", str(self.ports[name]), *args]
+        self._launch(name)
+
+    def _launch(self, name: str) -> None:
+        if self.log_dir:
+            with open(os.path.join(self.log_dir, f"{name}.log"), "ab") as log:
+                process = subprocess.Popen(self._commands[name], env=self.env, stdout=log, stderr=log,
+                                           start_new_session=True)
+        else:
+            process = subprocess.Popen(self._commands[name], env=self.env, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL, start_new_session=True)
+        self.processes[name] = process
+        self._started_at[name] = time.monotonic()
+
+    def _report(self, name: str, message: str) -> None:
+        """A supervisor line, on the stack's stderr and in the service's own log."""
+        print(f"specd: {message}", file=sys.stderr, flush=True)
+        if self.log_dir:
+            with open(os.path.join(self.log_dir, f"{name}.log"), "a") as log:
+                log.write(f"specd supervisor: {message}\n")
+
+    def _supervise(self, name: str) -> None:
+        """Waits for the service to end, and starts it again while it dies (see the class)."""
+        backoff = RESTART_FIRST_S
+        while True:
+            returncode = self.processes[name].wait()
+            died_at = time.monotonic()
+            if self._stopping.is_set() or name in self._killed or returncode == 0:
+                return
+            if died_at - self._started_at[name] >= STABLE_S:
+                backoff = RESTART_FIRST_S
+            self._report(name, f"{name} died ({describe_exit(returncode)}); restarting it on port "
+                               f"{self.ports[name]} in {backoff:g}s")
+            if self._stopping.wait(backoff):
+                return
+            with self._launching:
+                if self._stopping.is_set():
+                    return
+                self._launch(name)
+            self.restarts.append(Restart(name, describe_exit(returncode), died_at, time.monotonic()))
+            self._report(name, f"{name} restarted (pid {self.processes[name].pid})")
+            backoff = min(backoff * 2, RESTART_MAX_S)
 
     def _wait_healthy(self, names: list[str], timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -103,6 +180,10 @@ class LocalStack:
             self._spawn("http", "http", ["--coordinator-addrs", self.address, "--model", self.target,
                                          "--drafter", self.drafter])
             self._wait_healthy(["http"], timeout_s)
+        for name in self.processes:
+            supervisor = threading.Thread(target=self._supervise, args=(name,), name=f"supervise-{name}", daemon=True)
+            supervisor.start()
+            self._supervisors.append(supervisor)
         return self.address
 
     @property
@@ -115,10 +196,14 @@ class LocalStack:
         return f"http://127.0.0.1:{self.ports['http']}"
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Stops the service with `sig` for good: the supervisor does not restart it."""
+        self._killed.add(name)
         self.processes[name].send_signal(sig)
         self.processes[name].wait(30)
 
     def stop(self) -> None:
+        with self._launching:
+            self._stopping.set()
         for process in self.processes.values():
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
@@ -127,6 +212,8 @@ class LocalStack:
                 process.wait(15)
             except subprocess.TimeoutExpired:
                 process.kill()
+        for supervisor in self._supervisors:
+            supervisor.join(5)
 
     def __enter__(self):
         self.start()

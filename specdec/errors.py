@@ -29,12 +29,17 @@ class StaleRequest(Exception):
     """The caller's view of a session disagrees with the service's (e.g. committed length)."""
 
 
+class ServiceStopped(Exception):
+    """The thread that owns the service's model has died: nothing it held will be computed."""
+
+
 STATUS_BY_ERROR: list[tuple[type[BaseException], grpc.StatusCode]] = [  # subclasses before their bases
     (ContextExhausted, grpc.StatusCode.OUT_OF_RANGE),
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (SessionNotFound, grpc.StatusCode.NOT_FOUND),
     (CapacityExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (StaleRequest, grpc.StatusCode.FAILED_PRECONDITION),
+    (ServiceStopped, grpc.StatusCode.UNAVAILABLE),
 ]
 
 

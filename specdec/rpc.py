@@ -23,6 +23,7 @@ from specdec import metrics
 from specdec.config import CommonSettings
 from specdec.errors import status_for
 from specdec.logs import client_id_var, request_id_var
+from specdec.model_thread import ModelThread
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +285,21 @@ class RunningServer:
     work: Drain = field(default_factory=Drain)
     background: list[asyncio.Task] = field(default_factory=list)
     closers: list[Callable[[], None]] = field(default_factory=list)
+    failure: str = ""  # why the server stopped by itself ('' while it serves, or when it was told to stop)
+
+    def stop_when_dead(self, thread: ModelThread, service_names: list[str]) -> None:
+        """Once `thread` (the service's model thread) dies: health NOT_SERVING, so probes fail and coordinators
+        route elsewhere; then the server stops and `serve_until_signalled` raises, so the process exits
+        non-zero and its supervisor (specd up, compose, Kubernetes) restarts it."""
+        loop = asyncio.get_running_loop()
+
+        async def stop() -> None:
+            for name in ["", *service_names]:
+                await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            self.failure = str(thread.died)
+            await self.server.stop(FINAL_STOP_S)
+
+        thread.on_death(lambda: loop.call_soon_threadsafe(lambda: self.background.append(asyncio.ensure_future(stop()))))
 
     def on_stop(self, close: Callable[[], None]) -> None:
         """Runs `close` after the last RPC has finished (e.g. flushing the trace publisher)."""
@@ -337,6 +353,9 @@ async def serve_until_signalled(running: RunningServer, grace_s: float) -> None:
         loop.add_signal_handler(sig, stop.set)
     serving = asyncio.ensure_future(running.server.wait_for_termination())
     await asyncio.wait([serving, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    if running.failure:
+        await running.drain(0.0)
+        raise RuntimeError(running.failure)
     log.info("draining", extra={"fields": {"grace_s": grace_s}})
     await running.drain(grace_s)
     log.info("stopped")

@@ -38,7 +38,9 @@ from typing import Callable, Protocol
 import torch
 
 from specdec import metrics
+from specdec.errors import ServiceStopped
 from specdec.kv import KVSession, ModelRunner
+from specdec.model_thread import ModelThread
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +109,15 @@ class StepScheduler:
         self._unfinished: set[int] = set()
         self._seq = 0
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name=f"{service}-steps", daemon=True)
-        self._thread.start()
+        self._in_step: list[PrefillJob | VerifyJob] = []  # the jobs the running step took off the queues
+        self.model_thread = ModelThread(f"{service}-steps", self._run, self._fail_held)
 
     # -- submitting --------------------------------------------------------------------------------
 
     def submit(self, job: PrefillJob | VerifyJob) -> Future:
         with self._cond:
+            if self.model_thread.died is not None:
+                raise ServiceStopped(str(self.model_thread.died))
             if self._closed:
                 raise RuntimeError("the scheduler is closed")
             job.seq = self._seq
@@ -139,7 +143,18 @@ class StepScheduler:
         with self._cond:
             self._closed = True
             self._cond.notify()
-        self._thread.join(timeout=10)
+        self.model_thread.join(timeout=10)
+
+    def _fail_held(self, stopped: ServiceStopped) -> None:
+        """The step thread died: every job it held or had queued fails with `stopped`."""
+        with self._cond:
+            self._closed = True
+            jobs = [*self._in_step, *self._verifies, *self._prefills]
+            self._verifies.clear()
+            self._prefills.clear()
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(stopped)
 
     # -- the step loop -----------------------------------------------------------------------------
 
@@ -155,6 +170,7 @@ class StepScheduler:
                 verifies = list(self._verifies)
                 self._verifies.clear()
                 prefills = list(self._prefills)
+                self._in_step = verifies
             self._run_step(verifies, prefills)
             with self._cond:
                 self._prefills = deque(job for job in self._prefills if not job.finished)

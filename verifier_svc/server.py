@@ -229,6 +229,7 @@ async def start(settings: VerifierSettings, servicer: VerifierServicer | None = 
     loaded = servicer.core.loaded
     running = await start_server(settings, lambda s: verifier_pb2_grpc.add_VerifierServicer_to_server(servicer, s),
                                  [SERVICE_NAME], servicer.drain)
+    running.stop_when_dead(servicer.core.scheduler.model_thread, [SERVICE_NAME])
     metrics_port = metrics.serve_metrics(settings.metrics_port, settings.metrics_host)
     running.background.append(asyncio.ensure_future(expire_sessions_forever(servicer.core.sessions, "verifier")))
     log.info("verifier ready", extra={"fields": {"port": running.port, "metrics_port": metrics_port,
