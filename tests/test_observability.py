@@ -26,6 +26,7 @@ COUNTERS = {
     "specd_trace_dropped_total": set(),
     "specd_trainer_steps_total": set(),
     "specd_prefix_cache_hit_tokens_total": {"service"},
+    "specd_http_requests_total": {"endpoint", "status"},
 }
 GAUGES = {
     "specd_active_sessions": {"service"},
@@ -35,6 +36,7 @@ GAUGES = {
     "specd_trainer_loss": set(),
     "specd_queue_depth": set(),
     "specd_step_queue_depth": {"service"},
+    "specd_http_open_requests": set(),
 }
 HISTOGRAMS = {
     "specd_accepted_length": {"policy"},
@@ -145,7 +147,7 @@ def test_grafana_dashboard():
     assert used == set(ALL_METRICS), f"metrics without a panel: {sorted(set(ALL_METRICS) - used)}"
     titles = " ".join(p["title"].lower() for p in dash["panels"])
     for topic in ("acceptance", "tokens/s", "time to first token", "draft vs verify", "fallback",
-                  "active sessions", "kv cache", "drop rate", "trainer loss", "drafter version"):
+                  "active sessions", "kv cache", "drop rate", "trainer loss", "drafter version", "http api"):
         assert topic in titles, f"dashboard lacks a {topic!r} panel"
 
 
