@@ -19,6 +19,7 @@ torch.set_num_threads(1)
 
 PROMPTS = [[5, 6, 7], [11, 12, 13, 14], [40, 3, 9], [77, 1, 2, 3, 4]]
 NEW_TOKENS = 200
+VERIFIER_WAIT_S = 1.0
 
 
 def _health(address: str) -> int:
@@ -35,8 +36,10 @@ def _requests() -> list:
 @pytest.fixture
 def stack(tiny_dirs, tmp_path):
     dirs = tiny_dirs["llama"]
+    # A request that finds its only verifier draining waits VERIFIER_WAIT_S for another, then hears why.
     running = LocalStack(dirs["target"], dirs["close"], threads_verifier=1, threads_drafter=1, log_dir=str(tmp_path),
-                         extra_env={"SPECD_GRACE_PERIOD_S": "90"})
+                         extra_env={"SPECD_GRACE_PERIOD_S": "90"},
+                         coordinator_args=["--verifier-wait-s", str(VERIFIER_WAIT_S)])
     running.start(timeout_s=120)
     yield running
     running.stop()
