@@ -30,6 +30,7 @@ import pytest
 import tomllib
 import yaml
 
+from coordinator.server import SERVICE_NAME as COORDINATOR_SERVICE
 from specdec.config import SETTINGS_BY_ROLE, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -259,6 +260,8 @@ def test_compose_services(variant):
         argv, prelude = parse_specd_command(container_argv(svc), where)
         cmd_role, overrides = specd_role(argv, where)
         assert cmd_role == role, f"{where}: runs the {cmd_role} command but is labelled {role}"
+        # A crash (a signal) or a dead model thread (exit 1) is restarted; `docker compose stop` stays stopped.
+        assert svc.get("restart") == "unless-stopped", f"{where}: restart: unless-stopped"
         env = svc.get("environment") or {}
         check_env_names(role, env, where)
         assert env.get("SPECD_HOST") == "0.0.0.0", f"{where}: containers must bind SPECD_HOST=0.0.0.0"
@@ -780,6 +783,13 @@ def test_k8s_ports_probes_services_and_drain(overlay):
         assert named == {"grpc": port, "metrics": METRICS_PORT}, f"{where}: {named}"
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert container[probe]["grpc"]["port"] == port, f"{where}: {probe} must be a gRPC probe on {port}"
+        # Readiness asks for the overall status: a verifier or drafter turns it NOT_SERVING when its model thread
+        # dies, a coordinator until some verifier serves. A coordinator's startup and liveness ask for its own
+        # service, SERVING while it runs, so no verifier outage restarts it.
+        assert container["readinessProbe"]["grpc"].get("service", "") == "", f"{where}: readiness is the overall status"
+        own = COORDINATOR_SERVICE if role == "coordinator" else ""
+        for probe in ("startupProbe", "livenessProbe"):
+            assert container[probe]["grpc"].get("service", "") == own, f"{where}: {probe} must ask for {own!r}"
         # Graceful drain: preStop sleep, then SIGTERM -> NOT_SERVING -> streams drain.
         pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
         assert pre_stop[0] == "sleep", f"{where}: preStop should sleep while endpoints update"
