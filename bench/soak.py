@@ -2,8 +2,10 @@
 
     python -m bench.soak --minutes 30                                   # bundled target, n-gram drafter
     python -m bench.soak --minutes 1 --target path/to/model --drafter ngram --clients 2
+    python -m bench.soak --minutes 10 --clients 16 --drafter smollm2-135m-eagle         # as `specd up --drafter ...`
 
-Starts a LocalStack on loopback (verifier, drafter, coordinator as processes), then --clients threads each
+Starts the stack `specd up` starts (LocalStack on loopback: verifier, drafter, coordinator as supervised
+processes, the same --mode and --policy defaults), then --clients threads each
 send requests back to back through the public client, cycling through the prompt suite (every category)
 from different offsets; every fourth request samples (temperature 0.8, top-p 0.95, seeded), the rest are
 greedy. After --minutes no new request starts; requests in flight finish (each is bounded by
@@ -32,7 +34,7 @@ import grpc
 
 from bench.report import percentile
 from bench.run import Prompt, read_prompts
-from specd.stack import LocalStack, default_threads
+from specd.stack import UP_POLICY, LocalStack, default_threads
 from specdec.client import SpecdClient
 
 HERE = Path(__file__).resolve().parent
@@ -190,7 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, required=True, help="how long to send requests")
     parser.add_argument("--target", default="smollm2-135m")
-    parser.add_argument("--drafter", default="ngram", help="ngram, a preset, a model directory or 'none'")
+    parser.add_argument("--drafter", default="ngram", help="ngram, a preset (smollm2-135m-eagle), a model directory or "
+                                                          "'none'")
+    parser.add_argument("--mode", default="overlapped", choices=["sequential", "overlapped", "target_only"])
+    parser.add_argument("--policy", default=UP_POLICY, help="the coordinator's policy (default: the one specd up serves)")
+    parser.add_argument("--prompt-lookup", action="store_true", help="as specd up --prompt-lookup")
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients, each sending back to back")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--prompts", default=str(HERE / "prompts" / "suite.jsonl"))
@@ -207,8 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log_dir = tempfile.mkdtemp(prefix="specd-soak-")
+    # The stack `specd up` starts: the same coordinator and drafter arguments, supervised alike.
     stack = LocalStack(args.target, args.drafter, threads_verifier=args.threads_verifier,
-                       threads_drafter=args.threads_drafter, log_dir=log_dir)
+                       threads_drafter=args.threads_drafter, log_dir=log_dir,
+                       coordinator_args=["--mode", args.mode, "--policy", args.policy],
+                       drafter_args=["--prompt-lookup"] if args.prompt_lookup else None)
     print(f"bench.soak: starting the stack (logs in {log_dir})", file=sys.stderr, flush=True)
     try:
         address = stack.start(timeout_s=600)
@@ -217,23 +226,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench.soak: {args.clients} clients for {args.minutes:g} min", file=sys.stderr, flush=True)
         seconds = load.run(args.minutes * 60)
         exit_codes = {name: process.poll() for name, process in stack.processes.items()}
+        crashes = [asdict(restart) for restart in stack.restarts]
     finally:
         stack.stop()
 
     summary = summarise(load.requests, load.samples, seconds)
     command = "python -m bench.soak " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "target": args.target,
-            "drafter": args.drafter, "clients": args.clients, "max_new_tokens": args.max_new_tokens,
+            "drafter": args.drafter, "mode": args.mode, "policy": args.policy, "prompt_lookup": args.prompt_lookup,
+            "clients": args.clients, "max_new_tokens": args.max_new_tokens,
             "minutes": args.minutes, "prompts": len(prompts), "threads_verifier": args.threads_verifier,
             "threads_drafter": args.threads_drafter,
             # None: still running when the load ended; a number: the service died during the run.
-            "service_exit_codes": exit_codes}
+            "service_exit_codes": exit_codes,
+            # Services that died and the supervisor restarted (each one a crash, whatever the requests saw).
+            "crashes": crashes}
     (out / "results.json").write_text(json.dumps({
         "meta": meta, "summary": summary, "requests": [asdict(r) for r in load.requests],
         "rss_samples": [asdict(s) for s in load.samples]}, indent=1))
     print(markdown_table(summary))
+    if crashes:
+        print(f"bench.soak: {len(crashes)} service crash(es), restarted: {crashes}", file=sys.stderr)
     print(f"bench.soak: wrote {out / 'results.json'}", file=sys.stderr)
-    return 1 if summary["errors"] or any(code is not None for code in exit_codes.values()) else 0
+    return 1 if summary["errors"] or crashes or any(code is not None for code in exit_codes.values()) else 0
 
 
 if __name__ == "__main__":
