@@ -2,7 +2,9 @@
 
 GGUF files are de-quantised by transformers on every load, which is slow (about
 30 s for SmolLM2-135M, mostly tokenizer conversion), so the first load saves a
-converted copy under the cache directory and later loads read that.
+converted copy under the cache directory and later loads read that. A GGUF with
+K-quant tensors loads quantised on the CPU instead (specdec.gguf_quantised): its
+converted copy holds only the config and tokenizer, and the weights stay in blocks.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import torch
 
 from specdec.conversion import materialise
+from specdec.gguf_quantised import load_quantised, wants_quantised_load
 from specdec.sources import ModelLoadError, load_tokenizer, resolve_source
 
 log = logging.getLogger(__name__)
@@ -77,10 +80,18 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32", tokenizer
                max_context: int = 0) -> LoadedModel:
     """Loads `spec` for inference. `tokenizer_from` supplies a tokenizer to drafter checkpoints without one."""
     source = resolve_source(spec)
-    directory = materialise(source)
     torch_device = torch.device(device)
-    model = _from_directory(directory, _dtype(dtype, torch_device))
-    model.to(torch_device).eval()
+    torch_dtype = _dtype(dtype, torch_device)
+    gguf_path = source.directory / source.gguf_file if source.gguf_file else None
+    quantised = wants_quantised_load(gguf_path, torch_device, torch_dtype)
+    directory = materialise(source, weights=not quantised)
+    if quantised:
+        from transformers import AutoConfig
+
+        model = load_quantised(gguf_path, AutoConfig.from_pretrained(directory))
+    else:
+        model = _from_directory(directory, torch_dtype)
+        model.to(torch_device).eval()
     tokenizer = load_tokenizer(spec, tokenizer_from)
     config = model.config
     vocab_size = int(config.vocab_size)
@@ -95,7 +106,7 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32", tokenizer
         max_context=limit,
         device=torch_device,
         fingerprint=tokenizer_fingerprint(tokenizer, vocab_size),
-        gguf_path=source.directory / source.gguf_file if source.gguf_file else None,
+        gguf_path=gguf_path,
     )
 
 
