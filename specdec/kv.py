@@ -125,17 +125,20 @@ class ModelRunner:
                  gguf_path: Path | None = None, quantise_to: str = ""):
         from specdec import gguf_blocks
         from specdec import small_gemm as kernel
+        from specdec.gguf_quantised import QuantLinear
 
         self.model = model
         self.device = device
         # Decode and verify steps feed a few rows; the kernel keeps them memory-bound and batch-invariant.
         self.small_gemm_layers = kernel.install(model) if small_gemm and device.type == "cpu" else 0
+        # Layers loaded quantised (specdec.gguf_quantised) run every pass on the kernel: they have no BLAS path.
+        self.quantised_layers = sum(isinstance(m, QuantLinear) for m in model.modules())
         # The kernel splits each layer among the process's threads itself; torch's own pool would spin
         # beside it between layers for the small ops it runs there, so torch keeps one thread for passes
         # the kernel serves and gets them all back for prefill-sized ones, which go to BLAS.
         self.threads = torch.get_num_threads()
-        self.kernel_rows = kernel.MAX_ROWS if self.small_gemm_layers else 0
-        if self.small_gemm_layers:
+        self.kernel_rows = kernel.MAX_ROWS if self.small_gemm_layers and not self.quantised_layers else 0
+        if self.small_gemm_layers or self.quantised_layers:
             kernel.set_threads(self.threads)
             torch.set_num_threads(1)
         # Weights de-quantised from a GGUF are read in its blocks: a fifth of the bytes, the same values.
