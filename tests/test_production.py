@@ -630,7 +630,9 @@ def _non_loopback_address() -> str | None:
 
 def test_default_bind_address_is_loopback(stack):
     for role, schema in SETTINGS_BY_ROLE.items():
-        overrides = {"verifier_addrs": "127.0.0.1:1"} if role == "coordinator" else {}
+        # The roles that need an upstream address to start get one; the bind addresses are what is checked.
+        overrides = {"coordinator": {"verifier_addrs": "127.0.0.1:1"}, "http": {"coordinator_addrs": "127.0.0.1:1"}}
+        overrides = overrides.get(role, {})
         settings = load_settings(role, overrides, environ={})
         assert settings.host == "127.0.0.1" and settings.metrics_host == "127.0.0.1", role
         for name, field in schema.model_fields.items():
