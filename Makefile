@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.specd-installed
 
-.PHONY: run test proto models bench bench-quick bench-load clean
+.PHONY: run test proto models bench bench-quick bench-load bench-http clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -36,6 +36,12 @@ bench: $(STAMP)
 # Concurrency sweep (1-16 clients) of specd, transformers and, once bench/setup_vllm.sh has run, vLLM.
 bench-load: $(STAMP)
 	$(PY) -m bench.load
+
+# The HTTP tier against the gRPC API at 1, 8 and 16 clients (openai client, and guidellm once
+# bench/setup_guidellm.sh has run), and vLLM's OpenAI server once bench/setup_vllm.sh has.
+bench-http: $(STAMP)
+	bash bench/setup_guidellm.sh
+	$(PY) -m bench.http_load --results-md bench/RESULTS.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache
