@@ -12,7 +12,8 @@ greedy. After --minutes no new request starts; requests in flight finish (each i
 --request-timeout-s) and the stack stops. Every --sample-s the resident memory (VmRSS in
 /proc/<pid>/status) of each service is sampled.
 
-Reports requests, errors by gRPC status code, p50/p99 latency of the requests that succeeded, and per
+After the load each distinct prompt is decoded once in mode target_only, and every greedy answer must
+equal it token for token. Reports requests, errors by gRPC status code, greedy mismatches, p50/p99 latency of the requests that succeeded, and per
 service RSS at the start and end with its least-squares slope in MB/min, over the whole run and over its
 second half (growth that persists after warm-up is the one that matters). The table is printed and the
 full report written to <out>/results.json. The target's tokenizer applies its chat template to the
@@ -51,6 +52,7 @@ class Request:
     latency_s: float
     status: str  # "OK", a gRPC status code name, or the exception's class name
     new_tokens: int = 0
+    token_ids: list[int] | None = None  # a greedy answer's, kept to check against target-only decoding
 
 
 @dataclass
@@ -163,17 +165,18 @@ class Load:
                 sampled = sent % SAMPLED_EVERY == SAMPLED_EVERY - 1
                 options = {**SAMPLING, "seed": sent} if sampled else {}
                 start = time.monotonic()
-                status, new_tokens = "OK", 0
+                status, new_tokens, token_ids = "OK", 0, None
                 try:
                     result = connection.generate(prompt.text, max_new_tokens=self.max_new_tokens, **options)
                     new_tokens = len(result.token_ids)
+                    token_ids = None if sampled else result.token_ids
                 except grpc.RpcError as err:
                     status = err.code().name
                 except Exception as err:  # noqa: BLE001 - a soak counts every failure and keeps going
                     status = type(err).__name__
                 with self._lock:
                     self.requests.append(Request(client, prompt.id, sampled, start - self._started,
-                                                 time.monotonic() - start, status, new_tokens))
+                                                 time.monotonic() - start, status, new_tokens, token_ids))
                 sent += 1
 
     def _sample(self) -> None:
@@ -186,6 +189,22 @@ class Load:
     def _sample_until_stopped(self) -> None:
         while not self._stop.wait(self.sample_s):
             self._sample()
+
+
+def greedy_mismatches(address: str, requests: list[Request], prompts: list[Prompt], max_new_tokens: int,
+                      timeout_s: float) -> dict:
+    """Every greedy answer set against the target's own greedy decoding of its prompt (mode target_only, asked
+    once per prompt after the load): the soak's check that speculation under load changed no token."""
+    text = {p.id: p.text for p in prompts}
+    greedy = [r for r in requests if r.token_ids is not None]
+    reference: dict[str, list[int]] = {}
+    with SpecdClient(address, timeout_s=timeout_s) as connection:
+        for prompt_id in sorted({r.prompt_id for r in greedy}):
+            reference[prompt_id] = connection.generate(text[prompt_id], max_new_tokens=max_new_tokens,
+                                                       mode="target_only").token_ids
+    wrong = [r for r in greedy if r.token_ids != reference[r.prompt_id]]
+    return {"greedy_checked": len(greedy), "greedy_mismatches": len(wrong),
+            "mismatched_prompts": sorted({r.prompt_id for r in wrong})}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,12 +244,13 @@ def main(argv: list[str] | None = None) -> int:
         load = Load(address, pids, prompts, args.clients, args.max_new_tokens, args.request_timeout_s, args.sample_s)
         print(f"bench.soak: {args.clients} clients for {args.minutes:g} min", file=sys.stderr, flush=True)
         seconds = load.run(args.minutes * 60)
+        equality = greedy_mismatches(address, load.requests, prompts, args.max_new_tokens, args.request_timeout_s)
         exit_codes = {name: process.poll() for name, process in stack.processes.items()}
         crashes = [asdict(restart) for restart in stack.restarts]
     finally:
         stack.stop()
 
-    summary = summarise(load.requests, load.samples, seconds)
+    summary = {**summarise(load.requests, load.samples, seconds), **equality}
     command = "python -m bench.soak " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "target": args.target,
             "drafter": args.drafter, "mode": args.mode, "policy": args.policy, "prompt_lookup": args.prompt_lookup,
@@ -245,10 +265,13 @@ def main(argv: list[str] | None = None) -> int:
         "meta": meta, "summary": summary, "requests": [asdict(r) for r in load.requests],
         "rss_samples": [asdict(s) for s in load.samples]}, indent=1))
     print(markdown_table(summary))
+    print(f"greedy answers checked against target-only: {summary['greedy_checked']}, "
+          f"mismatches: {summary['greedy_mismatches']}")
     if crashes:
         print(f"bench.soak: {len(crashes)} service crash(es), restarted: {crashes}", file=sys.stderr)
     print(f"bench.soak: wrote {out / 'results.json'}", file=sys.stderr)
-    return 1 if summary["errors"] or crashes or any(code is not None for code in exit_codes.values()) else 0
+    failed = summary["errors"] or summary["greedy_mismatches"] or crashes
+    return 1 if failed or any(code is not None for code in exit_codes.values()) else 0
 
 
 if __name__ == "__main__":
