@@ -126,7 +126,7 @@ def build_drafter(settings: DrafterSettings) -> DrafterServicer:
     if settings.target:
         from transformers import AutoConfig
 
-        target_dir = materialise(resolve_source(settings.target))
+        target_dir = materialise(resolve_source(settings.target), weights=False)  # the config is all it reads
         target_vocab = AutoConfig.from_pretrained(target_dir).vocab_size
         check_pair(tokenizer_fingerprint(load_tokenizer(settings.target), target_vocab),
                    loaded.fingerprint, settings.target, settings.model)
