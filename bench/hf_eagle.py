@@ -19,7 +19,7 @@ from transformers.generation.candidate_generator import CandidateGenerator
 
 from specdec.accept_head import lm_head_inputs
 from specdec.eagle import feed_rows, greedy_drafts
-from specdec.kv import crop_cache
+from specdec.compute.sessions import crop_cache
 
 
 class EagleCandidateGenerator(CandidateGenerator):

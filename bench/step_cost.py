@@ -4,7 +4,7 @@
     python -m bench.step_cost --sessions 1,4,8,16,32 --context 300 --threads 2
 
 Each session holds --context tokens of KV; one step feeds every session one new token in one
-packed pass (specdec/packed.py), as the verifier's scheduler does for target-only decoding. Prints
+packed pass (specdec/compute/packed.py), as the verifier's scheduler does for target-only decoding. Prints
 the median pass time, the tokens per second the model alone could serve that way, and the share of
 the pass spent in attention over the paged KV.
 """
@@ -17,8 +17,9 @@ import time
 
 import torch
 
-from specdec import small_gemm
-from specdec.kv import KVSession, ModelRunner
+from specdec.compute import small_gemm
+from specdec.compute.model_runner import ModelRunner
+from specdec.compute.sessions import KVSession
 from specdec.models import configure_threads, load_model
 
 

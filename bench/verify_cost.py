@@ -3,7 +3,7 @@
 Speculative decoding pays when verifying k+1 tokens costs about one decode
 step. On a GPU it does; on a small CPU it may not, and this measures it:
 one cached forward of n new tokens after a prompt, per torch thread count, with
-torch's BLAS linears, with specd's small-batch kernel (specdec/small_gemm.c), and,
+torch's BLAS linears, with specd's small-batch kernel (specdec/compute/small_gemm.c), and,
 for a GGUF target, with that kernel reading the file's Q4_1/Q8_0 blocks.
 It also prints the compute floor of each block: the model's linear multiply-adds
 for that many tokens at the multiply-add rate one thread sustains on cache-resident
@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from specdec import gguf_blocks, small_gemm
+from specdec.compute import gguf_blocks, small_gemm
 from specdec.models import load_model
 
 

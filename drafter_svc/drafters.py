@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specdec import packed
+from specdec.compute import packed
 from specdec.eagle import fused_inputs, is_feature_drafter
 from specdec.errors import InvalidRequest, SessionNotFound
-from specdec.kv import KVSession, ModelRunner, SessionStore, crop_cache
+from specdec.compute.model_runner import ModelRunner
+from specdec.compute.sessions import KVSession, SessionStore, crop_cache
 from specdec.models import LoadedModel
 from specdec.sampling import DRAFT, DraftDist, entropy, sample_index, truncate_support, uniform, warp_logits
 from specdec.sampling_params import SamplingParams

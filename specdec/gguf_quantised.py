@@ -3,7 +3,7 @@
 A GGUF with Q4_K, Q6_K or Q5_0 tensors (Qwen2.5's and most llama.cpp models' Q4_K_M) is loaded without an
 fp32 copy of its weights: the model is built on the meta device, every Q4_K, Q6_K, Q5_0 and Q8_0 matrix
 becomes a `QuantLinear` (or, for the token embedding, a `QuantEmbedding` that dequantises only the rows it
-looks up) over a `specdec.quant_weights.QuantWeight`, and the F32 tensors (norms, biases) are copied in.
+looks up) over a `specdec.compute.quant_weights.QuantWeight`, and the F32 tensors (norms, biases) are copied in.
 A 1.5B Q4_K_M target then takes about its file's size in memory instead of 7 GB.
 
 Tensors of other block types are dequantised by gguf-py into fp32 parameters. Architectures whose GGUF
@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from specdec import small_gemm
-from specdec.quant_weights import QuantWeight, quant_linear
+from specdec.compute import small_gemm
+from specdec.compute.quant_weights import QuantWeight, quant_linear
 from specdec.sources import ModelLoadError
 
 log = logging.getLogger(__name__)

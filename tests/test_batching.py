@@ -9,9 +9,10 @@ import pytest
 import torch
 from conftest import hf_greedy, tiny_model
 
-from specdec import metrics, packed, small_gemm
+from specdec import metrics
+from specdec.compute import packed, small_gemm
 from specdec.models import load_model
-from specdec.paged_kv import KVPool, PagedCache
+from specdec.compute.paged_kv import KVPool, PagedCache
 from specdec.sampling_params import SamplingParams
 from verifier_svc.verifier import VerifierCore
 

@@ -405,7 +405,7 @@ def test_compose_ray_image_matches_raycluster():
 
 def _check_kernel_stage(builder: list[tuple[str, str]], final: list[tuple[str, str]]) -> None:
     """The CPU image builds the kernel library from every source the runtime would, with its flags, and points at it."""
-    from specdec.small_gemm import COMPILE_FLAGS, SOURCES
+    from specdec.compute.small_gemm import COMPILE_FLAGS, SOURCES
 
     assert builder[0][1].endswith("AS small-gemm"), builder[0]
     compile_line = next(rest for c, rest in builder if c == "RUN" and "small_gemm.c" in rest)

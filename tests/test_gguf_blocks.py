@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from specdec import gguf_blocks, small_gemm
-from specdec.kv import ModelRunner
+from specdec.compute import gguf_blocks, small_gemm
+from specdec.compute.model_runner import ModelRunner
 from specdec.models import load_model
 from specdec.vocab_head import install_subset_head
 
@@ -208,7 +208,7 @@ def test_a_prebuilt_kernel_of_another_calling_convention_is_not_loaded(tmp_path,
     monkeypatch.setattr(gguf_blocks, "CACHE_DIR", tmp_path / "cache")
     small_gemm.load_kernel.cache_clear()
     try:
-        with caplog.at_level("WARNING", logger="specdec.small_gemm"):
+        with caplog.at_level("WARNING", logger="specdec.compute.small_gemm"):
             kernel = small_gemm.load_kernel()
         assert kernel._name != str(library) and "building the kernel from source" in caplog.text
         model, path = _quantised_llama(tmp_path, seed=12)

@@ -12,7 +12,7 @@ from gguf.quants import dequantize
 from test_quant_weights import random_rows
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-from specdec import small_gemm
+from specdec.compute import small_gemm
 from specdec.gguf_quantised import QuantEmbedding, QuantLinear, load_quantised, wants_quantised_load
 
 pytestmark = pytest.mark.skipif(small_gemm.load_kernel() is None, reason="the kernel needs x86 with AVX2 and a compiler")
@@ -124,7 +124,8 @@ def test_the_quantised_model_computes_the_dequantised_models_logits(arch, tmp_pa
 
 
 def test_greedy_tokens_are_the_same_alone_and_batched_through_the_model_runner(tmp_path):
-    from specdec.kv import KVSession, ModelRunner
+    from specdec.compute.model_runner import ModelRunner
+    from specdec.compute.sessions import KVSession
 
     path = tmp_path / "qwen2.gguf"
     write_gguf(path, "qwen2")

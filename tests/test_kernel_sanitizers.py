@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from specdec import small_gemm
+from specdec.compute import small_gemm
 
 STRESS = Path(__file__).with_name("kernel_stress.py")
 REPORTS = ("WARNING: ThreadSanitizer", "ERROR: AddressSanitizer", "runtime error:")

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_model
 
-from specdec import packed, small_gemm
-from specdec.kv import crop_cache
-from specdec.paged_kv import INITIAL_BLOCKS, KVPool, PagedCache
+from specdec.compute import packed, small_gemm
+from specdec.compute.sessions import crop_cache
+from specdec.compute.paged_kv import INITIAL_BLOCKS, KVPool, PagedCache
 
 
 def test_blocks_return_to_the_pool_when_a_cache_is_dropped():

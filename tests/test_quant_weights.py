@@ -9,8 +9,8 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
-from specdec import small_gemm
-from specdec.quant_weights import RAW_BLOCK, QuantWeight, quant_linear
+from specdec.compute import small_gemm
+from specdec.compute.quant_weights import RAW_BLOCK, QuantWeight, quant_linear
 
 pytestmark = pytest.mark.skipif(small_gemm.load_kernel() is None, reason="the kernel needs x86 with AVX2 and a compiler")
 

@@ -64,7 +64,7 @@ def distill_command(args: argparse.Namespace) -> int:
         return 2
     # A batch job: every teacher trace is wanted, however long training takes.
     settings = settings.model_copy(update={"max_trace_age_s": 0.0})
-    from specdec import gguf_blocks, small_gemm
+    from specdec.compute import gguf_blocks, small_gemm
     from trainer.assemble import build_worker, load_target
     from trainer.bootstrap import distill_prompt_file
 

@@ -34,7 +34,7 @@ from specdec.accept_head import lm_head_inputs
 from specdec.checkpoints import CheckpointStore, version_name
 from specdec.config import EagleSettings
 from specdec.eagle import FUSE_ATTR, add_fuse, feed_rows, fused_inputs, greedy_drafts
-from specdec.kv import crop_cache
+from specdec.compute.sessions import crop_cache
 from specdec.traces import TraceRecord
 from trainer.bootstrap import init_drafter_from_target
 from trainer.evaluation import AcceptanceReport
@@ -388,7 +388,7 @@ def teacher_records(target, prompt_files: list[str], client, stream: str, max_ne
     """The target's greedy continuations of the prompt files as teacher traces, also appended to
     `stream` so token drafters can learn from the same run, and their features by request id.
     `target` is a specdec.models.LoadedModel."""
-    from specdec import small_gemm
+    from specdec.compute import small_gemm
     from specdec.traces import append_traces
     from trainer.bootstrap import encode_prompt, greedy_with_features, padding_id, read_prompts, sample_traces
 

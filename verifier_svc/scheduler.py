@@ -1,7 +1,7 @@
 """Continuous batching: every pending Prefill and Verify, across sessions, shares forward passes.
 
 One thread owns the model. Each step it:
-1. takes every queued Verify and packs them into passes (specdec/packed.py) of at most
+1. takes every queued Verify and packs them into passes (specdec/compute/packed.py) of at most
    `max_step_rows` rows, each session at its own positions over its own KV;
 2. fills what the last of those passes leaves of `max_step_rows` with prompt rows of the queued
    Prefills, oldest first, at most `prefill_chunk` of them, so a long prompt is cached a chunk per
@@ -10,7 +10,7 @@ One thread owns the model. Each step it:
 3. runs the callbacks whose earlier work is done (a release queued behind an abandoned prefill).
 
 With `prefix_caching`, a prompt first shares the cached blocks of its longest full-block prefix that
-an earlier prompt computed (specdec/paged_kv.py) and feeds only the rest; its own full blocks are
+an earlier prompt computed (specdec/compute/paged_kv.py) and feeds only the rest; its own full blocks are
 offered to later prompts as they are computed. A prefill that returns the target's features computes
 every position.
 
@@ -20,7 +20,7 @@ the thread therefore waits, for a fraction of a pass at most, for the sessions o
 that have not sent their next call yet.
 
 Mixing sessions and chunking prompts by load keeps each session's bits: up to the kernel's row limit
-(specdec/small_gemm.py, MAX_ROWS) every row of a linear layer and of attention is reduced in an order
+(specdec/compute/small_gemm.py, MAX_ROWS) every row of a linear layer and of attention is reduced in an order
 that depends on that row alone. With `batch_invariant_only` (devices whose GEMMs change bits with the
 row count) a pass holds one session, and prompts go in fixed chunks of `prefill_chunk`.
 """
@@ -39,7 +39,8 @@ import torch
 
 from specdec import metrics
 from specdec.errors import ServiceStopped
-from specdec.kv import KVSession, ModelRunner
+from specdec.compute.model_runner import ModelRunner
+from specdec.compute.sessions import KVSession
 from specdec.model_thread import ModelThread
 
 log = logging.getLogger(__name__)

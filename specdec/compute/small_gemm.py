@@ -8,7 +8,7 @@ about a decode step, and it reduces every output in the same order whatever the 
 of rows: a block verified at once gives the same bits as its tokens decoded one by one.
 
 Layers of a model loaded from GGUF can also carry their weight in its Q4_1 or Q8_0 blocks
-(specdec/gguf_blocks.py); the kernel then rebuilds the exact fp32 weights in registers and a
+(specdec/compute/gguf_blocks.py); the kernel then rebuilds the exact fp32 weights in registers and a
 decode step reads a fifth of the bytes, with the same output bits.
 
 The kernel is compiled on first use with the system C compiler into the cache directory, with

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from specdec import small_gemm
+from specdec.compute import small_gemm
 
 FORMATS = {"q4_k": 1, "q6_k": 2, "q5_0": 3, "q8_0": 4}
 RAW_BLOCK = {"q4_k": (256, 144), "q6_k": (256, 210), "q5_0": (32, 22), "q8_0": (32, 34)}  # weights, bytes

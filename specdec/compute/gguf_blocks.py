@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from specdec.small_gemm import BLOCK_SIZE, CODE_BYTES, BlockWeight, SmallBatchLinear, kernel_available
+from specdec.compute.small_gemm import BLOCK_SIZE, CODE_BYTES, BlockWeight, SmallBatchLinear, kernel_available
 from specdec.sources import CACHE_DIR, file_cache_key
 from specdec.vocab_head import SubsetLMHead
 

@@ -2,19 +2,19 @@
 
 The rows of every session in a step are packed into one sequence [1, N]: the linear layers
 (most of a small model's cost) read their weights once for all of them, while each row attends
-only to its own session's KV, which lives in blocks of a shared store (specdec/paged_kv.py).
+only to its own session's KV, which lives in blocks of a shared store (specdec/compute/paged_kv.py).
 Positions are per row, so each session sees exactly the positions it would see alone. A pass
 writes its rows' K and V into their slots with one indexed copy per layer; nothing is
 concatenated and rollback costs nothing.
 
-Attention, fp32 on CPU: one call of specd's kernel (specdec/small_gemm.c) for all rows of the pass,
+Attention, fp32 on CPU: one call of specd's kernel (specdec/compute/small_gemm.c) for all rows of the pass,
 each (row, KV head) reduced in an order fixed by the row's own length. Elsewhere (CUDA, bf16, no
 kernel): per session, its K/V gathered from the store and one SDPA call with the same shapes
 whether the session is alone or not.
 
 Batch invariance: a row's attention is the same computation whatever else shares the step, and
 specd's CPU kernel reduces each output row of the linear layers in one order whatever the row
-count (specdec/small_gemm.py). Together they give a session the same bits alone or in a batch.
+count (specdec/compute/small_gemm.py). Together they give a session the same bits alone or in a batch.
 Where the linear layers go through a BLAS or cuBLAS GEMM (GPU, bf16, kernel off) the bits can
 depend on the row count; the verifier's `batch_invariant_only` setting then packs one session per pass.
 
@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from specdec import small_gemm
-from specdec.paged_kv import PagedCache
+from specdec.compute import small_gemm
+from specdec.compute.paged_kv import PagedCache
 
 ATTENTION_NAME = "specd_packed"
 MAX_KERNEL_HEAD_DIM = 256
