@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 
 # The stubs in specdec/v1 are committed; regenerate them after editing proto/ (a test checks they match).
 proto: $(STAMP)
-	$(PY) -m specdec.protos
+	$(PY) -m specdec.wire.protos
 
 # The larger target and drafter (1.6 GB of GGUF in the cache; see docs/operations.md).
 models: $(STAMP)

@@ -23,7 +23,7 @@ import torch
 
 from bench.run import HERE, read_prompts
 from specdec.compute.model_runner import ModelRunner
-from specdec.models import load_model
+from specdec.models.loader import load_model
 from trainer.bootstrap import encode_prompt, greedy_with_features, padding_id
 from trainer.eagle import FeatureSequence, draft_acceptance
 

@@ -4,7 +4,7 @@ transformers' assisted decoding loop gives a candidate generator that sets
 `requires_model_outputs` the target's outputs of the previous forward, as it
 does for its own feature-reading drafters (MTP, Gemma 4 assistants). This one
 reads their last hidden states, the features the drafter was trained on, and
-drafts with `specdec.eagle.feed_rows` as specd's drafter service does, in the
+drafts with `specdec.models.eagle.feed_rows` as specd's drafter service does, in the
 same process as the target and without specd's kernel or services.
 """
 
@@ -17,9 +17,9 @@ from itertools import islice
 import torch
 from transformers.generation.candidate_generator import CandidateGenerator
 
-from specdec.accept_head import lm_head_inputs
-from specdec.eagle import feed_rows, greedy_drafts
 from specdec.compute.sessions import crop_cache
+from specdec.models.accept_head import lm_head_inputs
+from specdec.models.eagle import feed_rows, greedy_drafts
 
 
 class EagleCandidateGenerator(CandidateGenerator):

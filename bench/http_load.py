@@ -41,8 +41,8 @@ from bench.load import (
 )
 from specd.results import update_results_md
 from specd.stack import UP_POLICY, LocalStack, check_http_health, default_threads, free_port
-from specdec.conversion import materialise
-from specdec.sources import load_tokenizer, resolve_source
+from specdec.models.conversion import materialise
+from specdec.models.sources import load_tokenizer, resolve_source
 
 SPECD_GRPC = "specd gRPC"
 SPECD_HTTP = "specd HTTP (openai client)"

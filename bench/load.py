@@ -35,9 +35,9 @@ from bench.report import percentile
 from specd.results import update_results_md
 from specd.stack import UP_POLICY, LocalStack, default_threads
 from specdec.client import SpecdClient
-from specdec.conversion import materialise
-from specdec.models import load_model
-from specdec.sources import resolve_source
+from specdec.models.conversion import materialise
+from specdec.models.loader import load_model
+from specdec.models.sources import resolve_source
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_POLICY = UP_POLICY

@@ -34,7 +34,7 @@ from specd.results import update_results_md
 from specd.stack import LocalStack
 from specdec.client import SpecdClient
 from specdec.config import POLICY_NAMES
-from specdec.models import load_model
+from specdec.models.loader import load_model
 
 POLICIES = list(POLICY_NAMES)
 BASELINE = "(a) hf target-only"
@@ -85,9 +85,9 @@ def reads_target_features(spec: str) -> bool:
         return False
     from transformers import AutoConfig
 
-    from specdec.conversion import materialise
-    from specdec.eagle import is_feature_drafter
-    from specdec.sources import resolve_source
+    from specdec.models.conversion import materialise
+    from specdec.models.eagle import is_feature_drafter
+    from specdec.models.sources import resolve_source
 
     return is_feature_drafter(AutoConfig.from_pretrained(materialise(resolve_source(spec.removesuffix(LOOKUP_SUFFIX)))))
 

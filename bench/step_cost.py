@@ -20,7 +20,7 @@ import torch
 from specdec.compute import small_gemm
 from specdec.compute.model_runner import ModelRunner
 from specdec.compute.sessions import KVSession
-from specdec.models import configure_threads, load_model
+from specdec.models.loader import configure_threads, load_model
 
 
 def step_ms(runner: ModelRunner, sessions: int, context: int, repeats: int) -> tuple[float, float]:

@@ -22,7 +22,7 @@ import time
 import torch
 
 from specdec.compute import gguf_blocks, small_gemm
-from specdec.models import load_model
+from specdec.models.loader import load_model
 
 
 def forward_ms(model, context: int, blocks: list[int], repeats: int) -> dict[int, float]:

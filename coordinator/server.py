@@ -29,7 +29,11 @@ from specdec import metrics
 from specdec.config import CoordinatorSettings, runtime_settings
 from specdec.errors import InvalidRequest
 from specdec.logs import client_id_var, request_id_var
-from specdec.rpc import (
+from specdec.models.sources import load_tokenizer
+from specdec.sampling_params import SamplingParams, validate_sampling
+from specdec.traces import TracePublisher
+from specdec.v1 import drafter_pb2_grpc, generation_pb2, generation_pb2_grpc, verifier_pb2, verifier_pb2_grpc
+from specdec.wire.rpc import (
     REQUEST_ID_HEADER,
     Drain,
     RunningServer,
@@ -39,10 +43,6 @@ from specdec.rpc import (
     serve_until_signalled,
     start_server,
 )
-from specdec.sampling_params import SamplingParams, validate_sampling
-from specdec.sources import load_tokenizer
-from specdec.traces import TracePublisher
-from specdec.v1 import drafter_pb2_grpc, generation_pb2, generation_pb2_grpc, verifier_pb2, verifier_pb2_grpc
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "specdec.v1.Generation"

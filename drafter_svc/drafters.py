@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 import torch
 
 from specdec.compute import packed
-from specdec.eagle import fused_inputs, is_feature_drafter
-from specdec.errors import InvalidRequest, SessionNotFound
 from specdec.compute.model_runner import ModelRunner
 from specdec.compute.sessions import KVSession, SessionStore, crop_cache
-from specdec.models import LoadedModel
+from specdec.errors import InvalidRequest, SessionNotFound
+from specdec.models.eagle import fused_inputs, is_feature_drafter
+from specdec.models.loader import LoadedModel
 from specdec.sampling import DRAFT, DraftDist, entropy, sample_index, truncate_support, uniform, warp_logits
 from specdec.sampling_params import SamplingParams
 from specdec.stopping import DraftStep, entropy_with_acceptance_bound
@@ -247,7 +247,7 @@ class FeatureRows:
 
 
 class FeatureDrafter(ModelDrafter):
-    """An EAGLE drafter (specdec.eagle): drafts from the target's features where the
+    """An EAGLE drafter (specdec.models.eagle): drafts from the target's features where the
     verifier has sent them, and from its own predictions of them past that point.
 
     Rows fed a predicted feature are recomputed once the target's feature for that

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 from drafter_svc.drafters import ModelDrafter
 from specdec import metrics
-from specdec.checkpoints import REDIS_EVENTS_STREAM, CheckpointStore, version_name
+from specdec.models.checkpoints import REDIS_EVENTS_STREAM, CheckpointStore, version_name
 
 log = logging.getLogger(__name__)
 

@@ -10,18 +10,18 @@ from drafter_svc.batcher import DraftBatcher
 from drafter_svc.drafters import Drafter, FeatureDrafter, ModelDrafter, NgramDrafter, PromptLookup, StepItem
 from drafter_svc.hot_swap import CheckpointWatcher
 from specdec import metrics
-from specdec.checkpoints import CheckpointStore
 from specdec.config import DrafterSettings
-from specdec.conversion import materialise
-from specdec.convert import dist_to_proto, hidden_from_proto
-from specdec.eagle import is_feature_drafter
 from specdec.errors import InvalidRequest
-from specdec.models import check_pair, configure_threads, load_model, tokenizer_fingerprint
-from specdec.rpc import Drain, RunningServer, abort_for, expire_sessions_forever, serve_until_signalled, start_server
+from specdec.models.checkpoints import CheckpointStore
+from specdec.models.conversion import materialise
+from specdec.models.eagle import is_feature_drafter
+from specdec.models.loader import check_pair, configure_threads, load_model, tokenizer_fingerprint
+from specdec.models.sources import load_tokenizer, resolve_source
 from specdec.sampling_params import sampling_from_proto
-from specdec.sources import load_tokenizer, resolve_source
 from specdec.stopping import StopRule, should_stop
 from specdec.v1 import drafter_pb2, drafter_pb2_grpc, verifier_pb2
+from specdec.wire.rpc import Drain, RunningServer, abort_for, expire_sessions_forever, serve_until_signalled, start_server
+from specdec.wire.tensor_messages import dist_to_proto, hidden_from_proto
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "specdec.v1.Drafter"

@@ -38,8 +38,8 @@ from http_svc.openai_api import (
 )
 from specdec import metrics
 from specdec.config import HttpSettings
-from specdec.rpc import REQUEST_ID_HEADER, BearerTokens, clean_request_id
 from specdec.v1 import generation_pb2
+from specdec.wire.rpc import REQUEST_ID_HEADER, BearerTokens, clean_request_id
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

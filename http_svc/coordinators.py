@@ -8,8 +8,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from specdec.config import HttpSettings
-from specdec.rpc import channel_credentials, message_options
 from specdec.v1 import generation_pb2_grpc
+from specdec.wire.rpc import channel_credentials, message_options
 
 HEALTH_TIMEOUT_S = 1.0
 

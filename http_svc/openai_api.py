@@ -15,9 +15,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from http_svc.errors import ApiError
-from specdec.client import build_request
 from specdec.config import MODE_NAMES, POLICY_NAMES
 from specdec.v1 import generation_pb2
+from specdec.wire.client import build_request
 
 CHAT, COMPLETION = "chat.completion", "text_completion"
 

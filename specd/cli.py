@@ -100,8 +100,8 @@ def _stream_to_terminal(addr: str, prompt: str, max_new_tokens: int, temperature
                         token: str = "", **kwargs) -> int:
     import grpc
 
-    from specdec.client import SpecdClient, stats_dict
     from specdec.v1 import generation_pb2
+    from specdec.wire.client import SpecdClient, stats_dict
 
     client = SpecdClient(addr, token=token)
     token_ids, text, stats, finish = [], [], {}, ""

@@ -19,7 +19,8 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from specdec.sources import ARTIFACTS, MODELS_DIR, ModelArtifact, sha256_file
+from specdec.file_cache import sha256_file
+from specdec.models.sources import ARTIFACTS, MODELS_DIR, ModelArtifact
 
 CHUNK_BYTES = 8 << 20
 

@@ -28,8 +28,8 @@ from pathlib import Path
 from specd.results import update_results_md
 from specd.stack import LocalStack, exit_on_sigterm
 from specdec import redisutil
-from specdec.checkpoints import CheckpointStore
 from specdec.client import SpecdClient
+from specdec.models.checkpoints import CheckpointStore
 from trainer.eagle import ensure_base_version
 
 HERE = Path(__file__).resolve().parent
@@ -63,7 +63,7 @@ def ensure_initial_drafter(store: CheckpointStore, target: str, layers: int) -> 
     """A store without CURRENT gets a drafter initialised from the target's own layers, untrained."""
     if store.current() is not None:
         return store.current()
-    from specdec.models import load_model
+    from specdec.models.loader import load_model
     from trainer.bootstrap import init_drafter_from_target
 
     loaded = load_model(target)

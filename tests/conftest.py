@@ -14,7 +14,7 @@ os.environ.setdefault("SPECD_BACKEND_WAIT_S", "20")
 torch.set_num_threads(1)
 
 from specdec.config import load_settings  # noqa: E402
-from specdec.vocab_head import install_subset_head  # noqa: E402
+from specdec.models.vocab_head import install_subset_head  # noqa: E402
 
 
 def tiny_config(arch: str, vocab_size: int = 256):

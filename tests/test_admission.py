@@ -14,8 +14,8 @@ from conftest import InProcessStack
 
 from coordinator.admission import AdmissionQueue, QueueFull, QueueTimeout
 from specdec import metrics
-from specdec.client import build_request
 from specdec.v1 import generation_pb2_grpc
+from specdec.wire.client import build_request
 
 torch.set_num_threads(1)
 

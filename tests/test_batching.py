@@ -11,8 +11,8 @@ from conftest import hf_greedy, tiny_model
 
 from specdec import metrics
 from specdec.compute import packed, small_gemm
-from specdec.models import load_model
 from specdec.compute.paged_kv import KVPool, PagedCache
+from specdec.models.loader import load_model
 from specdec.sampling_params import SamplingParams
 from verifier_svc.verifier import VerifierCore
 

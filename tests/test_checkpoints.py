@@ -14,8 +14,8 @@ import torch
 from conftest import tiny_config, tiny_model
 
 from specdec import redisutil
-from specdec.accept_head import AcceptHead
-from specdec.checkpoints import (
+from specdec.models.accept_head import AcceptHead
+from specdec.models.checkpoints import (
     MODEL_FILE,
     REDIS_CURRENT_KEY,
     REDIS_EVENTS_STREAM,
@@ -127,7 +127,7 @@ def test_corrupted_checkpoint_is_refused_without_unpickling(tmp_path, monkeypatc
 
 
 def test_pickle_weights_are_refused_even_with_a_matching_hash(tmp_path, monkeypatch):
-    from specdec.checkpoints import sha256_file
+    from specdec.file_cache import sha256_file
 
     store = CheckpointStore(tmp_path)
     model = tiny_model("llama")
@@ -250,9 +250,9 @@ def test_published_files_are_readable_by_other_users(tmp_path):
 def test_compact_export_leaves_out_the_targets_tensors_and_loads_only_with_that_target(tmp_path, tiny_dirs):
     from safetensors.torch import load_file, save_file
 
-    from specdec.models import load_model
-    from specdec.sources import ModelLoadError
-    from specdec.vocab_head import install_subset_head
+    from specdec.models.loader import load_model
+    from specdec.models.sources import ModelLoadError
+    from specdec.models.vocab_head import install_subset_head
     from trainer.eagle import init_from_target
 
     target_dir = Path(tiny_dirs["llama"]["target"])

@@ -105,8 +105,8 @@ def test_only_the_settings_schema_reads_the_environment():
 
 
 def test_policy_and_mode_names_are_declared_once():
-    from specdec.client import MODES, POLICIES
     from specdec.v1 import generation_pb2
+    from specdec.wire.client import MODES, POLICIES
 
     assert typing.get_args(CoordinatorSettings.model_fields["policy"].annotation) == POLICY_NAMES
     assert typing.get_args(CoordinatorSettings.model_fields["mode"].annotation) == MODE_NAMES

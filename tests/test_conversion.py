@@ -58,8 +58,8 @@ def _convert_after(barrier, gguf_path: str, results) -> None:
     """Runs in a fresh process: imports everything first, then converts as the other process does."""
     import transformers  # noqa: F401 - the slow imports happen before the barrier, so both convert at once
 
-    from specdec.conversion import materialise
-    from specdec.sources import resolve_source
+    from specdec.models.conversion import materialise
+    from specdec.models.sources import resolve_source
 
     barrier.wait(120)
     try:
@@ -92,7 +92,7 @@ def test_two_processes_converting_the_same_gguf_both_succeed(tiny_gguf, tmp_path
 
 
 def test_leftovers_of_a_dead_conversion_are_removed(tiny_gguf, tmp_path):
-    script = ("import sys; from specdec.conversion import materialise; from specdec.sources import resolve_source, "
+    script = ("import sys; from specdec.models.conversion import materialise; from specdec.models.sources import resolve_source, "
               "converted_dir; print(converted_dir(resolve_source(sys.argv[1])))")
     env = {**os.environ, "SPECD_CACHE_DIR": str(tmp_path / "cache")}
     target = Path(subprocess.run([sys.executable, "-c", script, str(tiny_gguf)], env=env, capture_output=True,

@@ -12,8 +12,8 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from specd.stack import LocalStack
-from specdec.client import build_request
 from specdec.v1 import generation_pb2_grpc
+from specdec.wire.client import build_request
 
 torch.set_num_threads(1)
 

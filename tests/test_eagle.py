@@ -11,13 +11,13 @@ import torch
 from conftest import InProcessStack, hf_greedy, save
 
 from drafter_svc.drafters import FeatureDrafter
-from specdec.accept_head import lm_head_inputs
 from specdec.client import SpecdClient
-from specdec.convert import hidden_from_proto, hidden_to_proto
-from specdec.eagle import feed_rows, greedy_drafts, is_feature_drafter
 from specdec.errors import InvalidRequest
-from specdec.models import load_model
+from specdec.models.accept_head import lm_head_inputs
+from specdec.models.eagle import feed_rows, greedy_drafts, is_feature_drafter
+from specdec.models.loader import load_model
 from specdec.sampling_params import SamplingParams
+from specdec.wire.tensor_messages import hidden_from_proto, hidden_to_proto
 from trainer.bootstrap import greedy_with_features
 from trainer.eagle import collect_features, draft_acceptance, init_from_target, train_feature_drafter
 from verifier_svc.verifier import VerifierCore
@@ -163,7 +163,7 @@ def test_distill_eagle_publishes_a_drafter_that_swaps_in_for_its_own_kind_only(t
     from dataclasses import replace
 
     from drafter_svc.drafters import ModelDrafter
-    from specdec.checkpoints import CheckpointStore
+    from specdec.models.checkpoints import CheckpointStore
     from specdec.traces import TEACHER_DRAFTER_VERSION, TraceRecord
     from trainer.eagle import distill_feature_drafter
 

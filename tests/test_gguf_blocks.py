@@ -11,8 +11,8 @@ from conftest import tiny_model
 
 from specdec.compute import gguf_blocks, small_gemm
 from specdec.compute.model_runner import ModelRunner
-from specdec.models import load_model
-from specdec.vocab_head import install_subset_head
+from specdec.models.loader import load_model
+from specdec.models.vocab_head import install_subset_head
 
 pytestmark = pytest.mark.skipif(small_gemm.load_kernel() is None, reason="the kernel needs an x86 CPU with AVX2")
 

@@ -13,7 +13,7 @@ from test_quant_weights import random_rows
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from specdec.compute import small_gemm
-from specdec.gguf_quantised import QuantEmbedding, QuantLinear, load_quantised, wants_quantised_load
+from specdec.models.gguf_quantised import QuantEmbedding, QuantLinear, load_quantised, wants_quantised_load
 
 pytestmark = pytest.mark.skipif(small_gemm.load_kernel() is None, reason="the kernel needs x86 with AVX2 and a compiler")
 
@@ -146,7 +146,7 @@ def test_greedy_tokens_are_the_same_alone_and_batched_through_the_model_runner(t
 def test_the_tensor_table_is_what_gguf_pys_reader_reads(tmp_path):
     from gguf import GGUFReader
 
-    from specdec.gguf_quantised import read_table
+    from specdec.models.gguf_quantised import read_table
 
     path = tmp_path / "qwen2.gguf"
     write_gguf(path, "qwen2")

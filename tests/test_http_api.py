@@ -26,7 +26,7 @@ from http_svc.server import start as start_http
 from specd.stack import free_port
 from specdec.client import SpecdClient
 from specdec.config import load_settings
-from specdec.sources import load_tokenizer
+from specdec.models.sources import load_tokenizer
 from specdec.v1 import drafter_pb2_grpc, verifier_pb2, verifier_pb2_grpc
 
 torch.set_num_threads(1)

@@ -13,9 +13,9 @@ import torch
 from conftest import InProcessStack, save, tiny_model
 
 from coordinator.text import PromptEncoder, template_roles
-from specdec.client import build_request
-from specdec.sources import load_tokenizer
+from specdec.models.sources import load_tokenizer
 from specdec.v1 import generation_pb2, generation_pb2_grpc
+from specdec.wire.client import build_request
 
 torch.set_num_threads(1)
 

@@ -13,8 +13,8 @@ import pytest
 
 from specd.cli import main
 from specd.model_install import InstallError, install
-from specdec import sources
-from specdec.sources import ModelArtifact, ModelLoadError, resolve_source
+from specdec.models import sources
+from specdec.models.sources import ModelArtifact, ModelLoadError, resolve_source
 
 VERSION = "1.0.0"
 

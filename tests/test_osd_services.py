@@ -8,8 +8,8 @@ from conftest import InProcessStack, hf_greedy, perturbed
 from transformers import AutoModelForCausalLM
 
 from specdec import redisutil
-from specdec.checkpoints import CheckpointStore
 from specdec.client import SpecdClient
+from specdec.models.checkpoints import CheckpointStore
 from specdec.traces import iter_traces
 
 NEW_TOKENS = 24

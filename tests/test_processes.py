@@ -22,7 +22,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def smollm2_reference():
-    from specdec.models import load_model
+    from specdec.models.loader import load_model
 
     loaded = load_model("smollm2-135m")
     tokenizer, model = loaded.tokenizer, loaded.model

@@ -26,10 +26,10 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from specd.stack import check_health
-from specdec.client import SpecdClient, build_request
 from specdec.config import SETTINGS_BY_ROLE, load_settings
 from specdec.logs import JsonFormatter
 from specdec.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc, generation_pb2_grpc, verifier_pb2, verifier_pb2_grpc
+from specdec.wire.client import SpecdClient, build_request
 
 torch.set_num_threads(1)
 
@@ -100,7 +100,7 @@ def _value(samples: dict, name: str, **labels) -> float:
 class _LogCapture(logging.Handler):
     """Formats records with the services' JSON formatter as they are emitted (the request id is a context var)."""
 
-    LOGGERS = ("specdec.rpc", "coordinator.server", "verifier_svc.server", "drafter_svc.server")
+    LOGGERS = ("specdec.wire.rpc", "coordinator.server", "verifier_svc.server", "drafter_svc.server")
 
     def __init__(self):
         super().__init__(logging.DEBUG)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from specdec.sources import ARTIFACTS, MODELS_DIR, load_tokenizer, sha256_file
+from specdec.file_cache import sha256_file
+from specdec.models.sources import ARTIFACTS, MODELS_DIR, load_tokenizer
 
 pytestmark = pytest.mark.real_models
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from drafter_svc.drafters import ModelDrafter, PromptLookup
 from specdec.client import SpecdClient
-from specdec.models import load_model
+from specdec.models.loader import load_model
 from specdec.sampling_params import SamplingParams
 from specdec.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc, verifier_pb2, verifier_pb2_grpc
 from verifier_svc.verifier import VerifierCore
@@ -230,7 +230,7 @@ def test_mismatched_drafter_is_refused(tiny_dirs, tmp_path):
 
     from drafter_svc.server import build_drafter
     from specdec.config import load_settings
-    from specdec.sources import ModelLoadError
+    from specdec.models.sources import ModelLoadError
 
     other_vocab = save(tiny_model("llama", seed=5, vocab_size=300), tmp_path / "other")
     settings = load_settings("drafter", {"model": other_vocab, "target": "smollm2-135m"}, environ={})

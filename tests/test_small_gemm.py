@@ -11,7 +11,8 @@ from conftest import tiny_model
 
 from specdec.compute import small_gemm
 from specdec.compute.model_runner import ModelRunner
-from specdec.vocab_head import SubsetLMHead, install_subset_head
+from specdec.compute.subset_head import SubsetLMHead
+from specdec.models.vocab_head import install_subset_head
 
 pytestmark = pytest.mark.skipif(not small_gemm._cpu_has_avx2_fma(), reason="the kernel needs an x86 CPU with AVX2")
 

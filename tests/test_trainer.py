@@ -23,9 +23,9 @@ from conftest import perturbed, save, shutdown_redis, tiny_config, tiny_model
 from prometheus_client import CollectorRegistry
 
 from specdec import redisutil
-from specdec.accept_head import AcceptHead, accept_head_loss, accept_labels, greedy_accept_labels
-from specdec.checkpoints import CheckpointStore, read_redis_pointer
 from specdec.config import TrainerSettings, TrainerTuning, load_settings
+from specdec.models.accept_head import AcceptHead, accept_head_loss, accept_labels, greedy_accept_labels
+from specdec.models.checkpoints import CheckpointStore, read_redis_pointer
 from specdec.traces import TraceRecord, append_traces
 from trainer.batching import build_batch, slot_forward
 from trainer.bootstrap import distill_from_prompts, greedy_with_features, init_drafter_from_target, teacher_traces
@@ -270,8 +270,8 @@ import sys, time, torch
 from prometheus_client import CollectorRegistry
 from transformers import AutoModelForCausalLM
 from specdec import redisutil
-from specdec.checkpoints import CheckpointStore
 from specdec.config import load_settings
+from specdec.models.checkpoints import CheckpointStore
 from trainer.worker import token_worker
 
 torch.set_num_threads(1)
@@ -812,7 +812,7 @@ def tiny_tokenizer():
 
 
 def test_specd_distill_cli_end_to_end(tmp_path):
-    from specdec.models import load_model
+    from specdec.models.loader import load_model
 
     target_dir = Path(save(tiny_llama(seed=1), tmp_path / "tiny-target"))
     tiny_tokenizer().save_pretrained(target_dir)
@@ -960,8 +960,8 @@ def eagle_store(target, path) -> CheckpointStore:
 
 def test_eagle_rounds_read_the_consumer_group_and_pass_the_workers_gate(tiny_dirs, tmp_path, redis_client,
                                                                         monkeypatch):
-    from specdec.eagle import is_feature_drafter
-    from specdec.models import load_model
+    from specdec.models.eagle import is_feature_drafter
+    from specdec.models.loader import load_model
 
     target = load_model(tiny_dirs["llama"]["target"]).model
     records = repeated_traffic(target, texts=12, requests=36, prefix="r")
@@ -997,7 +997,7 @@ def test_eagle_rounds_read_the_consumer_group_and_pass_the_workers_gate(tiny_dir
 
 def test_eagle_traces_stay_pending_until_used_and_a_peer_reclaims_them_after_a_kill(tiny_dirs, tmp_path,
                                                                                     redis_client):
-    from specdec.models import load_model
+    from specdec.models.loader import load_model
 
     target = load_model(tiny_dirs["llama"]["target"]).model
     store = eagle_store(target, tmp_path / "store")

@@ -12,11 +12,10 @@ from conftest import perturbed, save, tiny_model
 from prometheus_client import CollectorRegistry
 
 from specdec import redisutil
-from specdec.checkpoints import CheckpointStore
 from specdec.config import load_settings
-from specdec.models import load_model
-from specdec.traces import append_traces
-from specdec.vocab_head import (
+from specdec.models.checkpoints import CheckpointStore
+from specdec.models.loader import load_model
+from specdec.models.vocab_head import (
     CONFIG_KEY,
     EXCLUDED_LOGIT,
     drop_excluded,
@@ -24,6 +23,7 @@ from specdec.vocab_head import (
     install_subset_head,
     rank_tokens,
 )
+from specdec.traces import append_traces
 from trainer.bootstrap import teacher_traces
 from trainer.prune_head import emitted_token_counts, prune_checkpoint, recent_traces
 from trainer.worker import token_worker

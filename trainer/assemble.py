@@ -5,7 +5,7 @@ The starting drafter is chosen by `settings.drafter`:
   ""        the store's CURRENT checkpoint, else a shallow copy of the target
             (trainer.bootstrap.init_drafter_from_target);
   "vN"/"N"  that checkpoint in the store;
-  other     a model spec for specdec.models.load_model (directory, .gguf, preset).
+  other     a model spec for specdec.models.loader.load_model (directory, .gguf, preset).
 The target is loaded only when it is needed (bootstrapping, distillation).
 """
 
@@ -19,7 +19,7 @@ import torch
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from specdec import redisutil
-from specdec.checkpoints import CheckpointStore, parse_version
+from specdec.models.checkpoints import CheckpointStore, parse_version
 from trainer.worker import Lineage, TrainerWorker, default_consumer_name, token_worker
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,8 @@ class StartingDrafter:
 
 
 def load_target(settings):
-    """The target as a specdec.models.LoadedModel, in float32 for exact teacher distributions."""
-    from specdec.models import configure_threads, load_model
+    """The target as a specdec.models.loader.LoadedModel, in float32 for exact teacher distributions."""
+    from specdec.models.loader import configure_threads, load_model
 
     configure_threads(settings.threads)
     return load_model(settings.target, device=settings.device, dtype="float32")
@@ -54,7 +54,7 @@ def starting_drafter(settings, store: CheckpointStore, drafter_layers: int = DEF
         return StartingDrafter(loaded.model, loaded.accept_head, loaded.version,
                                loaded.meta.get("tokenizer_fingerprint", ""), loaded.meta.get("target_version", ""))
     if spec:
-        from specdec.models import load_model
+        from specdec.models.loader import load_model
 
         loaded = load_model(spec, device=settings.device, dtype="float32")
         return StartingDrafter(loaded.model, None, None, loaded.fingerprint, target.version if target else "")

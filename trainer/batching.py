@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specdec.accept_head import accept_labels
+from specdec.models.accept_head import accept_labels
 from specdec.traces import TEACHER_DRAFTER_VERSION, TraceRecord
 
 

@@ -89,7 +89,7 @@ def distill_command(args: argparse.Namespace) -> int:
 
 def prune_head_command(args: argparse.Namespace) -> int:
     from specdec import redisutil
-    from specdec.checkpoints import CheckpointError, CheckpointStore, parse_version
+    from specdec.models.checkpoints import CheckpointError, CheckpointStore, parse_version
     from trainer.prune_head import prune_checkpoint, recent_traces
 
     client = redisutil.connect(args.redis_url)
@@ -110,9 +110,9 @@ def prune_head_command(args: argparse.Namespace) -> int:
 
 def distill_eagle_command(args: argparse.Namespace) -> int:
     from specdec import redisutil
-    from specdec.checkpoints import CheckpointStore
     from specdec.logs import setup_logging
-    from specdec.models import configure_threads, load_model
+    from specdec.models.checkpoints import CheckpointStore
+    from specdec.models.loader import configure_threads, load_model
     from trainer.eagle import distill_feature_drafter, teacher_records
     from trainer.prune_head import recent_traces
 
@@ -146,7 +146,7 @@ def refine_eagle_command(args: argparse.Namespace) -> int:
     settings = _settings("refine-eagle", args)
     if settings is None:
         return 2
-    from specdec.checkpoints import CheckpointError
+    from specdec.models.checkpoints import CheckpointError
     from trainer.assemble import build_eagle_worker
 
     try:
@@ -158,7 +158,7 @@ def refine_eagle_command(args: argparse.Namespace) -> int:
 
 def self_prompts_command(args: argparse.Namespace) -> int:
     from specdec.logs import setup_logging
-    from specdec.models import configure_threads, load_model
+    from specdec.models.loader import configure_threads, load_model
     from trainer.bootstrap import normalized_prompt, read_prompts, sample_user_turns
 
     setup_logging("trainer", "info", False)
@@ -177,7 +177,7 @@ def self_prompts_command(args: argparse.Namespace) -> int:
 
 def checkpoints_command(args: argparse.Namespace) -> int:
     from specdec import redisutil
-    from specdec.checkpoints import CheckpointError, CheckpointStore, parse_version
+    from specdec.models.checkpoints import CheckpointError, CheckpointStore, parse_version
 
     client = redisutil.connect(args.redis_url) if args.redis_url else None
     store = CheckpointStore(args.checkpoint_dir, redis_client=client)
@@ -220,7 +220,7 @@ def _export(store, version: int, args: argparse.Namespace) -> int:
     """A compact copy of a version: without the tensors it shares with the target, the rest float16."""
     from pathlib import Path
 
-    from specdec.shared_weights import export_compact
+    from specdec.models.shared_weights import export_compact
 
     if not args.out:
         print("specd checkpoints export: --out is required", file=sys.stderr)

@@ -30,11 +30,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from specdec.accept_head import lm_head_inputs
-from specdec.checkpoints import CheckpointStore, version_name
-from specdec.config import EagleSettings
-from specdec.eagle import FUSE_ATTR, add_fuse, feed_rows, fused_inputs, greedy_drafts
 from specdec.compute.sessions import crop_cache
+from specdec.config import EagleSettings
+from specdec.models.accept_head import lm_head_inputs
+from specdec.models.checkpoints import CheckpointStore, version_name
+from specdec.models.eagle import FUSE_ATTR, add_fuse, feed_rows, fused_inputs, greedy_drafts
 from specdec.traces import TraceRecord
 from trainer.bootstrap import init_drafter_from_target
 from trainer.evaluation import AcceptanceReport
@@ -258,7 +258,7 @@ def ensure_base_version(store, base: str, target: str) -> int:
     current = store.current()
     if current is not None:
         return current
-    from specdec.models import load_model
+    from specdec.models.loader import load_model
 
     loaded = load_model(base, tokenizer_from=target)
     version = store.publish(loaded.model, meta={"consumer": "refine-eagle", "kind": "eagle", "source": base,
@@ -360,7 +360,7 @@ def distill_feature_drafter(target, records: list[TraceRecord], store, head_voca
     The newest `holdout` requests stay out of training; the drafter's acceptance on them,
     untrained and trained, goes into the checkpoint's metadata and the returned report.
     """
-    from specdec.vocab_head import install_subset_head, rank_tokens
+    from specdec.models.vocab_head import install_subset_head, rank_tokens
     from trainer.prune_head import emitted_token_counts
 
     held, train, report, _ = _split_features(target, records, holdout, seed, known_features)
@@ -387,7 +387,7 @@ def teacher_records(target, prompt_files: list[str], client, stream: str, max_ne
                     batch: int) -> tuple[list[TraceRecord], dict[str, FeatureSequence]]:
     """The target's greedy continuations of the prompt files as teacher traces, also appended to
     `stream` so token drafters can learn from the same run, and their features by request id.
-    `target` is a specdec.models.LoadedModel."""
+    `target` is a specdec.models.loader.LoadedModel."""
     from specdec.compute import small_gemm
     from specdec.traces import append_traces
     from trainer.bootstrap import encode_prompt, greedy_with_features, padding_id, read_prompts, sample_traces

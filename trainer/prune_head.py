@@ -15,9 +15,9 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
-from specdec.checkpoints import CheckpointStore, version_name
+from specdec.models.checkpoints import CheckpointStore, version_name
+from specdec.models.vocab_head import install_subset_head, rank_tokens
 from specdec.traces import TraceRecord, TraceSchemaError, decode_fields
-from specdec.vocab_head import install_subset_head, rank_tokens
 from trainer.evaluation import evaluate_acceptance
 from trainer.losses import target_argmax
 

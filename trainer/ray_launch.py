@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 class TrainerActor:
     def __init__(self, settings: dict, drafter_layers: int, metrics_port: int = 0):
         from specdec.config import TrainerSettings
-        from specdec.models import configure_threads
+        from specdec.models.loader import configure_threads
         from trainer.assemble import build_worker
 
         parsed = TrainerSettings(**settings)

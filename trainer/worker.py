@@ -45,11 +45,11 @@ import redis
 import torch
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from specdec.accept_head import AcceptHead, accept_head_loss
-from specdec.checkpoints import CheckpointError, CheckpointStore, version_name
 from specdec.config import TrainerSettings
+from specdec.models.accept_head import AcceptHead, accept_head_loss
+from specdec.models.checkpoints import CheckpointError, CheckpointStore, version_name
+from specdec.models.vocab_head import drop_excluded, head_token_ids
 from specdec.traces import TraceRecord, sample_fraction
-from specdec.vocab_head import drop_excluded, head_token_ids
 from trainer.batching import build_batch, slot_forward, usable
 from trainer.consumer import TraceConsumer
 from trainer.evaluation import (

@@ -12,12 +12,12 @@ import grpc
 
 from specdec import metrics
 from specdec.config import VerifierSettings
-from specdec.convert import dist_from_proto, hidden_to_proto
 from specdec.errors import InvalidRequest, status_for
-from specdec.models import LoadedModel, configure_threads, load_model
-from specdec.rpc import Drain, RunningServer, abort_for, expire_sessions_forever, serve_until_signalled, start_server
+from specdec.models.loader import LoadedModel, configure_threads, load_model
 from specdec.sampling_params import sampling_from_proto
 from specdec.v1 import common_pb2, verifier_pb2, verifier_pb2_grpc
+from specdec.wire.rpc import Drain, RunningServer, abort_for, expire_sessions_forever, serve_until_signalled, start_server
+from specdec.wire.tensor_messages import dist_from_proto, hidden_to_proto
 from verifier_svc.verifier import VerifierCore
 
 log = logging.getLogger(__name__)

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from specdec.errors import ContextExhausted, InvalidRequest, StaleRequest
 from specdec.compute.model_runner import ModelRunner
 from specdec.compute.sessions import SessionStore
-from specdec.models import LoadedModel
+from specdec.errors import ContextExhausted, InvalidRequest, StaleRequest
+from specdec.models.loader import LoadedModel
 from specdec.sampling import DraftDist, verify_greedy, verify_speculative, warp_logits
 from specdec.sampling_params import SamplingParams
 from verifier_svc.scheduler import PassStats, PrefillJob, StepScheduler, VerifyJob

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from specdec.compute.small_gemm import BLOCK_SIZE, CODE_BYTES, BlockWeight, SmallBatchLinear, kernel_available
-from specdec.sources import CACHE_DIR, file_cache_key
-from specdec.vocab_head import SubsetLMHead
+from specdec.compute.subset_head import SubsetLMHead
+from specdec.file_cache import CACHE_DIR, file_cache_key
 
 log = logging.getLogger(__name__)
 

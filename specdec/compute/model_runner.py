@@ -22,13 +22,13 @@ class ModelRunner:
                  gguf_path: Path | None = None, quantise_to: str = ""):
         from specdec.compute import gguf_blocks
         from specdec.compute import small_gemm as kernel
-        from specdec.gguf_quantised import QuantLinear
+        from specdec.compute.quant_weights import QuantLinear
 
         self.model = model
         self.device = device
         # Decode and verify steps feed a few rows; the kernel keeps them memory-bound and batch-invariant.
         self.small_gemm_layers = kernel.install(model) if small_gemm and device.type == "cpu" else 0
-        # Layers loaded quantised (specdec.gguf_quantised) run every pass on the kernel: they have no BLAS path.
+        # Layers loaded quantised (specdec.models.gguf_quantised) run every pass on the kernel: they have no BLAS path.
         self.quantised_layers = sum(isinstance(m, QuantLinear) for m in model.modules())
         # The kernel splits each layer among the process's threads itself; torch's own pool would spin
         # beside it between layers for the small ops it runs there, so torch keeps one thread for passes

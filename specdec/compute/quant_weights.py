@@ -4,7 +4,8 @@ A `QuantWeight` holds one [N, K] matrix repacked from its GGUF rows into the ker
 interleaved, codes, scales and fp16 super-block scales as they were): about the file's bytes, never an
 fp32 copy. `quant_linear` multiplies by it with each input row quantised to int8 in blocks of 32 and
 integer dot products, a row's bits independent of the others in its call; `dequantize` rebuilds fp32
-rows exactly as gguf-py does (an embedding's lookup, a reference in tests).
+rows exactly as gguf-py does (an embedding's lookup, a reference in tests). `QuantLinear` and
+`QuantEmbedding` are the torch layers over one.
 """
 
 from __future__ import annotations
@@ -137,3 +138,31 @@ def quant_linear(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None
                            weight.out_features, weight.in_features) != 0:
         raise MemoryError("quant_gemm could not allocate its activation scratch")
     return out.reshape(*x.shape[:-1], weight.out_features)
+
+
+class QuantLinear(torch.nn.Module):
+    """nn.Linear's forward over a quantised weight: any number of rows, fp32 CPU inputs."""
+
+    def __init__(self, weight: QuantWeight):
+        super().__init__()
+        self.quant = weight
+        self.in_features, self.out_features = weight.in_features, weight.out_features
+        self.register_parameter("bias", None)  # set by the loader where the GGUF has one
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quant_linear(x, self.quant, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, {self.quant.kind}, bias={self.bias is not None}"
+
+
+class QuantEmbedding(torch.nn.Module):
+    """nn.Embedding over a quantised table: each lookup dequantises its rows as gguf-py does."""
+
+    def __init__(self, weight: QuantWeight):
+        super().__init__()
+        self.quant = weight
+        self.num_embeddings, self.embedding_dim = weight.out_features, weight.in_features
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.quant.dequantize(ids.reshape(-1)).reshape(*ids.shape, self.embedding_dim)

@@ -36,7 +36,7 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from specdec.config import runtime_settings
-from specdec.sources import CACHE_DIR
+from specdec.file_cache import CACHE_DIR
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +291,7 @@ class SmallBatchConv1D(Conv1D):
 def install(model: torch.nn.Module) -> int:
     """Routes `model`'s linear layers, Conv1D projections and subset LM head through the kernel; returns
     how many are. 0 where the kernel cannot run here."""
-    from specdec.vocab_head import SubsetLMHead
+    from specdec.compute.subset_head import SubsetLMHead
 
     if load_kernel() is None:
         return 0

@@ -1,1 +1,1 @@
-"""Generated from proto/specdec/v1 by specdec.protos."""
+"""Generated from proto/specdec/v1 by specdec.wire.protos."""

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from specdec.sources import sha256_file
+from specdec.file_cache import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +277,7 @@ class CheckpointStore:
         from safetensors.torch import load_model
         from transformers import AutoConfig
 
-        from specdec.vocab_head import build_causal_lm
+        from specdec.models.vocab_head import build_causal_lm
 
         if version is None:
             version = self.current()
@@ -297,7 +297,7 @@ class CheckpointStore:
         model.to(device=device, dtype=dtype).eval()
         accept_head = None
         if ACCEPT_HEAD_FILE in meta["files"]:
-            from specdec.accept_head import AcceptHead
+            from specdec.models.accept_head import AcceptHead
 
             try:
                 accept_head = AcceptHead.from_spec(meta["accept_head"])

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from specdec.accept_head import lm_head_inputs
+from specdec.models.accept_head import lm_head_inputs
 
 FEATURE_DRAFTER_KEY = "feature_drafter"
 FUSE_ATTR = "feature_fuse"

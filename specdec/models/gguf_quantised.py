@@ -3,7 +3,7 @@
 A GGUF with Q4_K, Q6_K or Q5_0 tensors (Qwen2.5's and most llama.cpp models' Q4_K_M) is loaded without an
 fp32 copy of its weights: the model is built on the meta device, every Q4_K, Q6_K, Q5_0 and Q8_0 matrix
 becomes a `QuantLinear` (or, for the token embedding, a `QuantEmbedding` that dequantises only the rows it
-looks up) over a `specdec.compute.quant_weights.QuantWeight`, and the F32 tensors (norms, biases) are copied in.
+looks up) over a `QuantWeight` (all three in specdec.compute.quant_weights), and the F32 tensors (norms, biases) are copied in.
 A 1.5B Q4_K_M target then takes about its file's size in memory instead of 7 GB.
 
 Tensors of other block types are dequantised by gguf-py into fp32 parameters. Architectures whose GGUF
@@ -22,42 +22,14 @@ import numpy as np
 import torch
 
 from specdec.compute import small_gemm
-from specdec.compute.quant_weights import QuantWeight, quant_linear
-from specdec.sources import ModelLoadError
+from specdec.compute.quant_weights import QuantEmbedding, QuantLinear, QuantWeight
+from specdec.models.sources import ModelLoadError
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHS = ("qwen2", "llama")
 KERNEL_KINDS = {"Q4_K": "q4_k", "Q6_K": "q6_k", "Q5_0": "q5_0", "Q8_0": "q8_0"}
 CALLS_FOR_QUANTISED = ("Q4_K", "Q6_K", "Q5_0")  # a file with any of these loads quantised (the fp32 kernels read none)
-
-
-class QuantLinear(torch.nn.Module):
-    """nn.Linear's forward over a quantised weight: any number of rows, fp32 CPU inputs."""
-
-    def __init__(self, weight: QuantWeight):
-        super().__init__()
-        self.quant = weight
-        self.in_features, self.out_features = weight.in_features, weight.out_features
-        self.register_parameter("bias", None)  # set by the loader where the GGUF has one
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quant_linear(x, self.quant, self.bias)
-
-    def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, {self.quant.kind}, bias={self.bias is not None}"
-
-
-class QuantEmbedding(torch.nn.Module):
-    """nn.Embedding over a quantised table: each lookup dequantises its rows as gguf-py does."""
-
-    def __init__(self, weight: QuantWeight):
-        super().__init__()
-        self.quant = weight
-        self.num_embeddings, self.embedding_dim = weight.out_features, weight.in_features
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.quant.dequantize(ids.reshape(-1)).reshape(*ids.shape, self.embedding_dim)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PROTO_DIR = ROOT / "proto"
 
 
@@ -18,7 +18,7 @@ def generate(root: Path = ROOT) -> None:
 
     out_dir = root / "specdec" / "v1"
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "__init__.py").write_text('"""Generated from proto/specdec/v1 by specdec.protos."""\n')
+    (out_dir / "__init__.py").write_text('"""Generated from proto/specdec/v1 by specdec.wire.protos."""\n')
     sources = sorted(str(p.relative_to(PROTO_DIR)) for p in (PROTO_DIR / "specdec" / "v1").glob("*.proto"))
     include = str(Path(protoc.__file__).parent / "_proto")
     code = protoc.main(["protoc", f"-I{PROTO_DIR}", f"-I{include}", f"--python_out={root}",

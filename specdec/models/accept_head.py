@@ -47,7 +47,7 @@ class AcceptHead(nn.Module):
 def lm_head_inputs(outputs) -> torch.Tensor:
     """A HF forward's (output_hidden_states=True) last hidden state, the LM head's input: [B, T, H].
 
-    The acceptance head reads a drafter's; feature-level drafters (specdec.eagle) read the target's."""
+    The acceptance head reads a drafter's; feature-level drafters (specdec.models.eagle) read the target's."""
     return outputs.hidden_states[-1]
 
 

@@ -1,5 +1,5 @@
 """Converts a GGUF once into a directory transformers loads quickly: its config and tokenizer, and the fp32
-safetensors when a loader needs them (a GGUF read quantised, specdec.gguf_quantised, needs none)."""
+safetensors when a loader needs them (a GGUF read quantised, specdec.models.gguf_quantised, needs none)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from specdec.sources import ModelSource, converted_dir
+from specdec.models.sources import ModelSource, converted_dir
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from specdec.checkpoints import CONFIG_FILE, MODEL_FILE
+from specdec.models.checkpoints import CONFIG_FILE, MODEL_FILE
 
 SHARED_KEY = "shared_with_target"  # config: {"target": spec, "tensors": {name: {"source", "rows", "sha256"}}}
 
@@ -59,8 +59,8 @@ class _TargetTensors:
 
 
 def _target_tensors(target: str) -> _TargetTensors:
-    from specdec.conversion import materialise
-    from specdec.sources import resolve_source
+    from specdec.models.conversion import materialise
+    from specdec.models.sources import resolve_source
 
     return _TargetTensors(materialise(resolve_source(target)))
 
@@ -98,7 +98,7 @@ def load_state(directory: Path, config) -> dict[str, torch.Tensor]:
     """The full state dict of a compact checkpoint: its own tensors plus the target's shared ones."""
     from safetensors.torch import load_file
 
-    from specdec.sources import ModelLoadError
+    from specdec.models.sources import ModelLoadError
 
     spec = getattr(config, SHARED_KEY)
     state = load_file(str(directory / MODEL_FILE))

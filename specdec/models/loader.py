@@ -3,7 +3,7 @@
 GGUF files are de-quantised by transformers on every load, which is slow (about
 30 s for SmolLM2-135M, mostly tokenizer conversion), so the first load saves a
 converted copy under the cache directory and later loads read that. A GGUF with
-K-quant tensors loads quantised on the CPU instead (specdec.gguf_quantised): its
+K-quant tensors loads quantised on the CPU instead (specdec.models.gguf_quantised): its
 converted copy holds only the config and tokenizer, and the weights stay in blocks.
 """
 
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from specdec.conversion import materialise
-from specdec.gguf_quantised import load_quantised, wants_quantised_load
-from specdec.sources import ModelLoadError, load_tokenizer, resolve_source
+from specdec.models.conversion import materialise
+from specdec.models.gguf_quantised import load_quantised, wants_quantised_load
+from specdec.models.sources import ModelLoadError, load_tokenizer, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +112,12 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32", tokenizer
 
 def _from_directory(directory: Path, dtype: torch.dtype) -> torch.nn.Module:
     """from_pretrained, except for drafters with a subset LM head or a feature fuse, which HF cannot rebuild
-    itself, and compact drafters, whose shared tensors come from their target (specdec.shared_weights)."""
+    itself, and compact drafters, whose shared tensors come from their target (specdec.models.shared_weights)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from specdec.eagle import is_feature_drafter
-    from specdec.shared_weights import SHARED_KEY, load_state
-    from specdec.vocab_head import CONFIG_KEY, build_causal_lm
+    from specdec.models.eagle import is_feature_drafter
+    from specdec.models.shared_weights import SHARED_KEY, load_state
+    from specdec.models.vocab_head import CONFIG_KEY, build_causal_lm
 
     config = AutoConfig.from_pretrained(directory)
     if getattr(config, SHARED_KEY, None):

@@ -5,14 +5,12 @@ Torch-free: the coordinator needs a tokenizer, never the weights.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from specdec.config import runtime_settings
+from specdec.file_cache import CACHE_DIR, file_cache_key
 
-CACHE_DIR = runtime_settings().cache_dir
 CONVERTED_FORMAT = 1  # bump when the converted layout changes
 
 
@@ -96,7 +94,7 @@ def _installed_artifact(artifact: ModelArtifact):
 
 
 # smollm2-135m-eagle: a one-layer feature drafter for smollm2-135m, bootstrapped by specd distill-eagle
-# (specdec/presets/smollm2-135m-eagle/meta.json has its command and scores).
+# (specdec/models/presets/smollm2-135m-eagle/meta.json has its command and scores).
 PRESETS = {"smollm2-135m": _smollm2_source, "smollm2-135m-eagle": _shipped_drafter("smollm2-135m-eagle"),
            **{name: _installed_artifact(artifact) for name, artifact in ARTIFACTS.items()}}
 
@@ -116,20 +114,6 @@ def resolve_source(spec: str) -> ModelSource:
             return ModelSource(path, ggufs[0], path.name)
         raise ModelLoadError(f"{path} holds neither config.json nor a .gguf file")
     raise ModelLoadError(f"unknown model {spec!r}: not a preset ({', '.join(PRESETS)}), directory or .gguf file")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(8 << 20):  # streamed: model files run to gigabytes
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def file_cache_key(path: Path, format_version: int) -> str:
-    """A cache key that changes when the file, or the format of what is derived from it, does."""
-    stat = path.stat()
-    return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{format_version}".encode()).hexdigest()[:16]
 
 
 def converted_dir(source: ModelSource) -> Path:
