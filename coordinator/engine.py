@@ -38,6 +38,7 @@ from coordinator.policies import DraftLengthPolicy, DraftWait, PostVerify
 from coordinator.rounds import GenerationStats, RoundMetrics, RoundObserver, RoundOutcome
 from coordinator.verifier_session import VerifierSession
 from specdec import metrics
+from specdec.config import CoordinatorSettings
 from specdec.sampling_params import SamplingParams, sampling_to_proto
 from specdec.v1 import drafter_pb2, verifier_pb2
 
@@ -70,27 +71,44 @@ class VerifiedBlock:
     target_version: str
 
 
+@dataclass(frozen=True)
+class GenerationOptions:
+    """What every Generation of a coordinator reads: its settings, and what it knows of the target and drafter."""
+
+    drafter_timeout_s: float = 2.0
+    drafter_retry_s: float = 5.0
+    target_version: str = ""
+    trace_top_k: int = 0           # the target's top-k a trace keeps; 0 when nothing is traced
+    target_hidden: bool = False    # the drafter reads the target's hidden states
+
+    @classmethod
+    def from_settings(cls, settings: CoordinatorSettings, target_version: str = "", traced: bool = False,
+                      target_hidden: bool = False) -> GenerationOptions:
+        return cls(settings.drafter_timeout_s, settings.drafter_retry_s, target_version,
+                   settings.trace_top_k if traced else 0, target_hidden)
+
+
 class Generation:
     def __init__(self, request: GenerationRequest, verifiers: BackendPool, drafters: BackendPool,
-                 metadata: list[tuple[str, str]], drafter_timeout_s: float, drafter_retry_s: float,
-                 trace_sink: Callable[[VerifiedBlock], None] | None = None, target_version: str = "",
-                 trace_top_k: int = 0, target_hidden: bool = False, draft_wait: DraftWait | None = None,
+                 metadata: list[tuple[str, str]], options: GenerationOptions = GenerationOptions(),
+                 trace_sink: Callable[[VerifiedBlock], None] | None = None, draft_wait: DraftWait | None = None,
                  post_verify: PostVerify | bool = True):
         self.req = request
-        self.trace_sink, self.target_version, self.trace_top_k = trace_sink, target_version, trace_top_k
+        self.trace_sink = trace_sink
+        self.target_version, self.trace_top_k = options.target_version, options.trace_top_k
         self.post_verify = post_verify  # overlapped mode: draft past the block being verified (True, False, or measured)
         self.committed: list[int] = list(request.prompt_ids)
         self.stats = GenerationStats(prompt_tokens=len(request.prompt_ids), policy=request.policy.name,
                                      mode=request.mode)
         self.finish_reason = ""
         session_id = f"{request.request_id}-{uuid.uuid4().hex[:8]}"
-        self.calls = CallContext(metadata, request.deadline, drafter_retry_s)
-        self.features = TargetFeatures(enabled=target_hidden and request.mode != "target_only")
+        self.calls = CallContext(metadata, request.deadline, options.drafter_retry_s)
+        self.features = TargetFeatures(enabled=options.target_hidden and request.mode != "target_only")
         self.verifier = VerifierSession(verifiers, self.calls, verifier_pb2.PrefillRequest(
             session_id=session_id, sampling=sampling_to_proto(request.sampling), request_id=request.request_id,
             return_hidden=self.features.enabled), self.features)
         self.drafts = DraftStream(drafters, self.calls, session_id, request.request_id, request.sampling,
-                                  drafter_timeout_s, self.features, self.stats)
+                                  options.drafter_timeout_s, self.features, self.stats)
         self.draft_wait = draft_wait if request.mode == "overlapped" else None
         self._ahead: asyncio.Future | None = None  # the next draftless round's Verify, already sent
         self._ahead_sent = 0.0

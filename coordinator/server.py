@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2
 
 from coordinator.admission import AdmissionQueue, QueueFull, QueueTimeout
 from coordinator.backends import BackendPool
-from coordinator.engine import Generation, GenerationRequest, GenerationStats, UpstreamError
+from coordinator.engine import Generation, GenerationOptions, GenerationRequest, GenerationStats, UpstreamError
 from coordinator.policies import POLICIES, DraftWait, GoodputMemory, PostVerify, make_policy
 from coordinator.text import PromptEncoder, TextStream
 from coordinator.tracing import TraceSink
@@ -262,11 +262,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                                                finish_reason=final.finish_reason, stats=final.stats)
 
     def _generation(self, parsed: GenerationRequest) -> Generation:
+        options = GenerationOptions.from_settings(self.settings, self.target_info.model_version,
+                                                  traced=self.trace_sink is not None,
+                                                  target_hidden=bool(self.drafter_reads_hidden))
         return Generation(parsed, self.verifiers, self.drafters,
-                          self.upstream_metadata + [(REQUEST_ID_HEADER, parsed.request_id)],
-                          self.settings.drafter_timeout_s, self.settings.drafter_retry_s, self.trace_sink,
-                          self.target_info.model_version, self.settings.trace_top_k if self.trace_sink else 0,
-                          bool(self.drafter_reads_hidden),
+                          self.upstream_metadata + [(REQUEST_ID_HEADER, parsed.request_id)], options, self.trace_sink,
                           self.draft_waits[parsed.sampling.greedy] if self.settings.adaptive_draft_wait else None,
                           self.post_verifies[parsed.sampling.greedy] if self.settings.post_verify == "auto"
                           else self.settings.post_verify == "on")

@@ -14,6 +14,7 @@ from specdec.compute import packed, small_gemm
 from specdec.compute.paged_kv import KVPool, PagedCache
 from specdec.models.loader import load_model
 from specdec.sampling_params import SamplingParams
+from verifier_svc.scheduler import VerifierOptions
 from verifier_svc.verifier import VerifierCore
 
 ARCHS = ["llama", "qwen2", "gpt2"]
@@ -77,7 +78,7 @@ def test_a_shared_prompt_prefix_gives_the_bits_of_computing_it(arch):
 def test_prefix_caching_changes_no_token(tiny_dirs, prefix_caching):
     """Prompts with a common preamble decode, concurrently, exactly what each decodes alone without sharing."""
     target_dir = tiny_dirs["llama"]["target"]
-    core = VerifierCore(load_model(target_dir), small_gemm=True, prefix_caching=prefix_caching)
+    core = VerifierCore(load_model(target_dir), VerifierOptions(small_gemm=True, prefix_caching=prefix_caching))
     preamble = [(17 * i) % 250 + 1 for i in range(40)]
     prompts = [preamble + p for p in PROMPTS]
     hits = metrics.PREFIX_CACHE_HITS.labels(service="verifier")
@@ -119,7 +120,7 @@ def test_concurrent_sessions_decode_exactly_what_they_decode_alone(arch, tiny_di
     """Interleaved accept and reject patterns across sessions: rolling one back never touches another's KV."""
     target_dir = tiny_dirs[arch]["target"]
     loaded = load_model(target_dir)
-    core = VerifierCore(loaded, small_gemm=True)
+    core = VerifierCore(loaded, VerifierOptions(small_gemm=True))
     try:
         reference = [hf_greedy(target_dir, p, 12) for p in PROMPTS]
         # Drafts drawn from the right continuation of another prompt: some accepted, most rejected.
@@ -144,7 +145,7 @@ def test_sampled_verification_draws_the_same_tokens_in_a_batch(tiny_dirs):
     """Randomness is a function of (seed, position): with the same bits, a batched session samples exactly
     what it samples alone, so the distribution tests on single sessions carry over."""
     loaded = load_model(tiny_dirs["llama"]["target"])
-    core = VerifierCore(loaded, small_gemm=True)
+    core = VerifierCore(loaded, VerifierOptions(small_gemm=True))
     sampling = SamplingParams(temperature=0.9, top_p=0.95, seed=1234)
 
     def run(session_id: str) -> list[int]:
@@ -173,7 +174,7 @@ def test_sampled_verification_draws_the_same_tokens_in_a_batch(tiny_dirs):
 def test_a_long_prefill_does_not_stall_other_sessions(tiny_dirs):
     """Prefill runs a chunk per step: another session keeps verifying while a long prompt is cached."""
     loaded = load_model(tiny_dirs["llama"]["target"])
-    core = VerifierCore(loaded, small_gemm=True, prefill_chunk=16)
+    core = VerifierCore(loaded, VerifierOptions(small_gemm=True, prefill_chunk=16))
     try:
         committed, _ = core.prefill("short", PROMPTS[0], SamplingParams(), 64)
         long_prompt = [(7 * i) % 250 for i in range(400)]
@@ -193,7 +194,7 @@ def test_a_long_prefill_does_not_stall_other_sessions(tiny_dirs):
 
 def test_a_release_queued_behind_an_abandoned_prefill_frees_the_session(tiny_dirs):
     loaded = load_model(tiny_dirs["llama"]["target"])
-    core = VerifierCore(loaded, small_gemm=True, prefill_chunk=16)
+    core = VerifierCore(loaded, VerifierOptions(small_gemm=True, prefill_chunk=16))
     try:
         pending = core.submit_prefill("gone", [(3 * i) % 250 for i in range(200)], SamplingParams(), 8)
         core.release("gone")  # the caller gave up; the prefill is already queued and runs anyway

@@ -38,9 +38,10 @@ from typing import Callable, Protocol
 import torch
 
 from specdec import metrics
-from specdec.errors import ServiceStopped
 from specdec.compute.model_runner import ModelRunner
 from specdec.compute.sessions import KVSession
+from specdec.config import VerifierSettings
+from specdec.errors import ServiceStopped
 from specdec.model_thread import ModelThread
 
 log = logging.getLogger(__name__)
@@ -91,15 +92,30 @@ class VerifyDecider(Protocol):
     def abort_verify(self, job: VerifyJob) -> None: ...
 
 
+@dataclass(frozen=True)
+class VerifierOptions:
+    """The verifier's settings the core and its scheduler read (specdec.config.VerifierSettings)."""
+
+    max_sessions: int = 64
+    session_ttl_s: float = 300.0
+    small_gemm: bool = False
+    max_step_rows: int = 64
+    prefill_chunk: int = 64
+    batch_invariant_only: bool = False  # one session per pass, for devices whose GEMMs change bits with the row count
+    prefix_caching: bool = True
+
+    @classmethod
+    def from_settings(cls, settings: VerifierSettings) -> VerifierOptions:
+        return cls(**{name: getattr(settings, name) for name in cls.__dataclass_fields__})
+
+
 class StepScheduler:
-    def __init__(self, runner: ModelRunner, decider: VerifyDecider, max_step_rows: int = 64,
-                 prefill_chunk: int = 64, batch_invariant_only: bool = False, prefix_caching: bool = True,
+    def __init__(self, runner: ModelRunner, decider: VerifyDecider, options: VerifierOptions = VerifierOptions(),
                  service: str = "verifier"):
-        """batch_invariant_only: one session per pass, for devices whose GEMMs change bits with the row count."""
         self.runner, self.decider = runner, decider
-        self.max_step_rows, self.prefill_chunk = max_step_rows, prefill_chunk
-        self.prefix_caching = prefix_caching
-        self.sessions_per_pass = 1 if batch_invariant_only else None
+        self.max_step_rows, self.prefill_chunk = options.max_step_rows, options.prefill_chunk
+        self.prefix_caching = options.prefix_caching
+        self.sessions_per_pass = 1 if options.batch_invariant_only else None
         self.service = service
         self._recent: dict[str, float] = {}   # session id -> when its last verify pass ended (monotonic)
         self._pass_s = 0.0                    # the last verify pass's duration

@@ -18,6 +18,7 @@ from specdec.sampling_params import sampling_from_proto
 from specdec.v1 import common_pb2, verifier_pb2, verifier_pb2_grpc
 from specdec.wire.rpc import Drain, RunningServer, abort_for, expire_sessions_forever, serve_until_signalled, start_server
 from specdec.wire.tensor_messages import dist_from_proto, hidden_to_proto
+from verifier_svc.scheduler import VerifierOptions
 from verifier_svc.verifier import VerifierCore
 
 log = logging.getLogger(__name__)
@@ -218,9 +219,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
 def build_servicer(settings: VerifierSettings, loaded: LoadedModel | None = None) -> VerifierServicer:
     configure_threads(settings.threads)
     loaded = loaded or load_model(settings.model, settings.device, settings.dtype, max_context=settings.max_context)
-    return VerifierServicer(VerifierCore(loaded, settings.max_sessions, settings.session_ttl_s, settings.small_gemm,
-                                         settings.max_step_rows, settings.prefill_chunk, settings.batch_invariant_only,
-                                         settings.prefix_caching))
+    return VerifierServicer(VerifierCore(loaded, VerifierOptions.from_settings(settings)))
 
 
 async def start(settings: VerifierSettings, servicer: VerifierServicer | None = None) -> RunningServer:

@@ -17,7 +17,7 @@ from specdec.errors import ContextExhausted, InvalidRequest, StaleRequest
 from specdec.models.loader import LoadedModel
 from specdec.sampling import DraftDist, verify_greedy, verify_speculative, warp_logits
 from specdec.sampling_params import SamplingParams
-from verifier_svc.scheduler import PassStats, PrefillJob, StepScheduler, VerifyJob
+from verifier_svc.scheduler import PassStats, PrefillJob, StepScheduler, VerifierOptions, VerifyJob
 
 MAX_DRAFT_TOKENS = 128
 
@@ -38,14 +38,11 @@ class VerifyOutcome:
 class VerifierCore:
     """Validates calls, queues them for the step scheduler, and decides acceptance per session."""
 
-    def __init__(self, loaded: LoadedModel, max_sessions: int = 64, session_ttl_s: float = 300.0,
-                 small_gemm: bool = False, max_step_rows: int = 64, prefill_chunk: int = 64,
-                 batch_invariant_only: bool = False, prefix_caching: bool = True):
+    def __init__(self, loaded: LoadedModel, options: VerifierOptions = VerifierOptions()):
         self.loaded = loaded
-        self.runner = ModelRunner(loaded.model, loaded.device, small_gemm, loaded.gguf_path)
-        self.sessions = SessionStore(max_sessions, session_ttl_s)
-        self.scheduler = StepScheduler(self.runner, self, max_step_rows, prefill_chunk, batch_invariant_only,
-                                       prefix_caching)
+        self.runner = ModelRunner(loaded.model, loaded.device, options.small_gemm, loaded.gguf_path)
+        self.sessions = SessionStore(options.max_sessions, options.session_ttl_s)
+        self.scheduler = StepScheduler(self.runner, self, options)
 
     # 1. Prefill: cache all but the last prompt token, a chunk per step.
     def submit_prefill(self, session_id: str, token_ids: list[int], sampling: SamplingParams, max_new_tokens: int,
