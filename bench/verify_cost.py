@@ -4,13 +4,16 @@ Speculative decoding pays when verifying k+1 tokens costs about one decode
 step. On a GPU it does; on a small CPU it may not, and this measures it:
 one cached forward of n new tokens after a prompt, per torch thread count, with
 torch's BLAS linears, with specd's small-batch kernel (specdec/compute/small_gemm.c), and,
-for a GGUF target, with that kernel reading the file's Q4_1/Q8_0 blocks.
+for a GGUF target, with that kernel reading the file's Q4_1/Q8_0 blocks. A target loaded quantised
+(K-quant GGUFs such as qwen2.5-coder-1.5b: specdec/compute/quant_gemm.c, no fp32 weights, so no BLAS
+row) is timed on its kernel alone, with the kernel's threads set to each count.
 It also prints the compute floor of each block: the model's linear multiply-adds
 for that many tokens at the multiply-add rate one thread sustains on cache-resident
 matrices. Once a block's floor passes the 1-token time (which is bound by streaming
 the weights), verifying more tokens cannot be free on this CPU, whatever the kernel.
 
     python -m bench.verify_cost --target smollm2-135m --tokens 1,2,4,6,8 --threads 1,2
+    python -m bench.verify_cost --target qwen2.5-coder-1.5b --tokens 1,2,4,8,16 --threads 2
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import time
 import torch
 
 from specdec.compute import gguf_blocks, small_gemm
+from specdec.compute.quant_weights import QuantLinear
 from specdec.models.loader import load_model
 
 
@@ -57,15 +61,18 @@ def fma_rate(size: int = 256, calls: int = 20, repeats: int = 15) -> float:
 
 
 def linear_macs_per_token(model) -> int:
-    """Multiply-adds of one token through every nn.Linear (LM head included)."""
-    return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+    """Multiply-adds of one token through every linear layer, quantised ones too (LM head included)."""
+    return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, (torch.nn.Linear, QuantLinear)))
 
 
-def time_blocks(model, threads: list[int], tokens: list[int], context: int, repeats: int) -> dict[tuple[int, int], float]:
-    """(threads, tokens) -> median forward ms."""
+def time_blocks(model, threads: list[int], tokens: list[int], context: int, repeats: int,
+                kernel_threads: bool = False) -> dict[tuple[int, int], float]:
+    """(threads, tokens) -> median forward ms; `kernel_threads`: the kernel gets the threads, torch one."""
     times = {}
     for count in threads:
-        torch.set_num_threads(count)
+        torch.set_num_threads(1 if kernel_threads else count)
+        if kernel_threads:
+            small_gemm.set_threads(count)
         for block, ms in forward_ms(model, context, tokens, repeats).items():
             times[(count, block)] = ms
     return times
@@ -90,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         rates[count] = fma_rate()
         print(f"threads {count}: {rates[count] / 1e9:.1f} G multiply-adds/s on cache-resident matrices; "
               f"the linears take {macs / 1e6:.0f} M per token")
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        return print_quantised(model, threads, tokens, args, macs, rates)
     blas = time_blocks(model, threads, tokens, args.context, args.repeats)
     kernel = time_blocks(model, threads, tokens, args.context, args.repeats) if small_gemm.install(model) else None
     blocks = None
@@ -109,6 +118,18 @@ def main(argv: list[str] | None = None) -> int:
                 line += f" {timed[(count, block)]:.1f} | {timed[(count, block)] / timed[(count, tokens[0])]:.2f}x |"
                 best = min(best, timed[(count, block)])
         print(line + f" {best / one:.2f}x |")
+    return 0
+
+
+def print_quantised(model, threads: list[int], tokens: list[int], args, macs: int, rates: dict[int, float]) -> int:
+    """The quantised kernel's curve: each block's time against the first's."""
+    timed = time_blocks(model, threads, tokens, args.context, args.repeats, kernel_threads=True)
+    print("| threads | tokens | fp32 compute floor ms | quantised kernel ms | vs 1 token | tokens/s |")
+    print("|---|---|---|---|---|---|")
+    for (count, block), ms in timed.items():
+        one = timed[(count, tokens[0])]
+        print(f"| {count} | {block} | {1000 * block * macs / rates[count]:.1f} | {ms:.1f} | {ms / one:.2f}x "
+              f"| {1000 * block / ms:.1f} |")
     return 0
 
 

@@ -86,3 +86,23 @@ def test_shapes_the_weights_cannot_hold_are_refused():
         weight.dequantize(torch.tensor([16]))
     with pytest.raises(ValueError, match="codes must be"):
         QuantWeight("q4_k", 16, 256, {**weight.planes, "codes": weight.planes["codes"][:, :, :128]})
+
+
+def test_the_avx2_build_that_images_ship_takes_the_same_path_with_the_same_bits(tmp_path):
+    """The vector path is chosen at run time, so the AVX2 build an image ships runs it where the CPU can,
+    and gives the bits of this CPU's build."""
+    import ctypes
+    import subprocess
+
+    from specdec.compute.quant_weights import _Planes
+
+    library = tmp_path / "avx2.so"
+    subprocess.run(["cc", *small_gemm.COMPILE_FLAGS, "-o", str(library), *map(str, small_gemm.SOURCES)], check=True)
+    avx2 = ctypes.CDLL(str(library))
+    avx2.quant_gemm.argtypes = [ctypes.POINTER(_Planes)] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
+    for kind in KINDS:
+        weight = QuantWeight.from_gguf_rows(kind, random_rows(kind, 48, 512, seed=5), 48, 512)
+        x = torch.randn(11, 512)
+        out = torch.empty(11, 48)
+        assert avx2.quant_gemm(weight._planes, x.data_ptr(), None, out.data_ptr(), 11, 48, 512) == 0
+        assert torch.equal(out, quant_linear(x, weight)), kind

@@ -12,7 +12,7 @@
  * where the weight is w = s * code + o for the block (or half-block of 16 for Q6_K). Every row is computed
  * alone by the same operations whatever shares its pass, and every thread split gives the same bits. The
  * integer part is exact and the float part uses the same fused operations on every path, so the portable
- * path (built without AVX-512 VNNI) gives the very bits of the VNNI one.
+ * path (CPUs without AVX-512 VNNI) gives the very bits of the VNNI one.
  *
  * The codes are unsigned (a signed format's code is q + 2^(bits-1), and o carries the offset), so one
  * layout serves every format:
@@ -28,6 +28,7 @@
  */
 #include <immintrin.h>
 #include <math.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -282,11 +283,12 @@ static void quant_chunk_portable(const quant_args *j, int64_t n0, int64_t n1) {
     }
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#define QUANT_VNNI 1
+/* The vector path is compiled into every build (an AVX2 image's too) and taken where the CPU has AVX-512
+ * VNNI (quant_gemm_vectorised). */
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")))
 
 /* The block's 8 vectors of codes: vector v holds codes 4v .. 4v+3 of each lane's output. */
-static inline __attribute__((always_inline)) void block_codes(const quant_weight *w, int64_t gb, const int format,
+static inline VNNI __attribute__((always_inline)) void block_codes(const quant_weight *w, int64_t gb, const int format,
                                                               __m512i v[8]) {
     if (format == QUANT_Q8_0) {
         const uint8_t *plane = w->codes + gb * 512;
@@ -316,16 +318,16 @@ static inline __attribute__((always_inline)) void block_codes(const quant_weight
 }
 
 /* Activations 4t .. 4t+3 of a block in every lane: a broadcast load, which takes no vector ALU. */
-static inline __m512i quads(const int8_t *q, int t) { return _mm512_broadcastd_epi32(_mm_loadu_si32(q + 4 * t)); }
+static inline VNNI __m512i quads(const int8_t *q, int t) { return _mm512_broadcastd_epi32(_mm_loadu_si32(q + 4 * t)); }
 
-static inline __m512 halves_to_floats(const uint16_t *h) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)h)); }
-static inline __m512 bytes_to_floats(const uint8_t *b) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)b))); }
-static inline __m512 signed_bytes_to_floats(const uint8_t *b) {
+static inline VNNI __m512 halves_to_floats(const uint16_t *h) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)h)); }
+static inline VNNI __m512 bytes_to_floats(const uint8_t *b) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)b))); }
+static inline VNNI __m512 signed_bytes_to_floats(const uint8_t *b) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)b)));
 }
 
 /* 16 outputs of group g for rows r0 .. r0 + rows - 1. */
-static inline __attribute__((always_inline)) void group_rows(const quant_args *j, int64_t g, int64_t r0, const int rows,
+static inline VNNI __attribute__((always_inline)) void group_rows(const quant_args *j, int64_t g, int64_t r0, const int rows,
                                                              const int format) {
     const quant_weight *w = &j->w;
     const int64_t blocks = j->k / BLOCK;
@@ -379,7 +381,7 @@ static inline __attribute__((always_inline)) void group_rows(const quant_args *j
 }
 
 #define GROUP_FN(format, rows)                                                                                        \
-    static __attribute__((noinline)) void group_##format##_##rows(const quant_args *j, int64_t g, int64_t r0) {     \
+    static VNNI __attribute__((noinline)) void group_##format##_##rows(const quant_args *j, int64_t g, int64_t r0) {\
         group_rows(j, g, r0, rows, format);                                                                          \
     }
 #define GROUP_FNS(format) GROUP_FN(format, 1) GROUP_FN(format, 2) GROUP_FN(format, 3) GROUP_FN(format, 4)              \
@@ -395,27 +397,29 @@ typedef void (*group_fn)(const quant_args *, int64_t, int64_t);
 static const group_fn GROUPS[4][MAX_ROWS_PER_PASS] = {GROUP_TABLE(QUANT_Q4_K), GROUP_TABLE(QUANT_Q6_K),
                                                       GROUP_TABLE(QUANT_Q5_0), GROUP_TABLE(QUANT_Q8_0)};
 
+/* Whether this CPU takes the vector path (the portable one gives the same bits, slowly). */
+int quant_gemm_vectorised(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")
+           && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vnni");
+}
+
 /* Outputs [n0, n1), whole groups of 16: the rows in passes of up to 8, each pass streaming the group's codes. */
 static void quant_chunk(const void *args, int64_t n0, int64_t n1) {
+    static atomic_int vectorised = -1;  /* asked once; every thread gets the same answer */
+    int path = atomic_load_explicit(&vectorised, memory_order_relaxed);
+    if (path < 0) atomic_store_explicit(&vectorised, path = quant_gemm_vectorised(), memory_order_relaxed);
     const quant_args *j = args;
+    if (!path) {
+        quant_chunk_portable(j, n0, n1);
+        return;
+    }
     const group_fn *table = GROUPS[j->w.format - 1];
     for (int64_t g = n0 / LANES; g * LANES < n1; g++)
         for (int64_t r0 = 0; r0 < j->rows; r0 += MAX_ROWS_PER_PASS) {
             const int64_t rows = j->rows - r0 < MAX_ROWS_PER_PASS ? j->rows - r0 : MAX_ROWS_PER_PASS;
             table[rows - 1](j, g, r0);
         }
-}
-#else
-static void quant_chunk(const void *args, int64_t n0, int64_t n1) { quant_chunk_portable((const quant_args *)args, n0, n1); }
-#endif
-
-/* Whether this build has the VNNI path (the portable one gives the same bits, slowly). */
-int quant_gemm_vectorised(void) {
-#ifdef QUANT_VNNI
-    return 1;
-#else
-    return 0;
-#endif
 }
 
 static __thread int8_t *scratch;

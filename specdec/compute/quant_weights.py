@@ -114,7 +114,7 @@ def _kernel() -> ctypes.CDLL:
 
 
 def vectorised() -> bool:
-    """Whether the loaded kernel has the AVX-512 VNNI path (else the portable one, with the same bits)."""
+    """Whether this CPU takes the kernel's AVX-512 VNNI path (else the portable one, with the same bits)."""
     return bool(_kernel().quant_gemm_vectorised())
 
 

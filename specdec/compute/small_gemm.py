@@ -47,7 +47,6 @@ SOURCES = (SOURCE, SOURCE.with_name("kernel_pool.c"), SOURCE.with_name("quant_ge
 HEADERS = (SOURCE.with_name("kernel_pool.h"),)
 COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-shared", "-fPIC", "-pthread")  # no fused d*q+m: gguf-py rounds twice
 AVX512_FLAGS = ("-mavx512f", "-mavx512vl", "-mavx512dq")  # added where the CPU has them: 16-lane accumulators
-VNNI_FLAGS = ("-mavx512bw", "-mavx512vnni")  # and these where it has them too: quant_gemm.c's integer dot products
 # A verifier step packs the rows of many sessions and prompt chunks: the kernel keeps each row's bits
 # independent of the others up to here (the verifier's max_step_rows is at most this); larger inputs go
 # to BLAS. Past about 64 rows both run at the same speed on a 2-core CPU (python -m bench.verify_cost).
@@ -71,10 +70,8 @@ def _cpu_has_avx2_fma() -> bool:
 
 def compile_flags() -> tuple[str, ...]:
     """The flags this CPU's build takes: AVX-512 where every instruction it adds runs here."""
-    flags = _cpu_flags()
-    wide = {"avx512f", "avx512vl", "avx512dq"} <= flags
-    vnni = wide and {"avx512bw", "avx512_vnni"} <= flags
-    return COMPILE_FLAGS + (AVX512_FLAGS if wide else ()) + (VNNI_FLAGS if vnni else ())
+    wide = {"avx512f", "avx512vl", "avx512dq"} <= _cpu_flags()
+    return COMPILE_FLAGS + (AVX512_FLAGS if wide else ())
 
 
 ABI_VERSION = 3  # small_gemm_abi_version() of the functions below: a library of another is not loaded
