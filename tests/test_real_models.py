@@ -70,3 +70,42 @@ def test_target_and_drafter_share_one_tokenizer():
     text = "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)  # 斐波那契"
     assert target.decode(target.encode(text)) == text
     assert target.eos_token == drafter.eos_token == "<|im_end|>"
+
+
+def _resident_bytes() -> int:
+    return int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1]) * 1024
+
+
+@pytest.mark.real_target
+def test_the_target_loads_quantised_in_its_file_size_and_decodes_the_same_tokens_in_any_batch():
+    import gc
+
+    import torch
+
+    from specdec.compute.model_runner import ModelRunner
+    from specdec.compute.quant_weights import QuantLinear
+    from specdec.compute.sessions import KVSession
+    from specdec.models.loader import load_model
+
+    path = _installed(TARGET)
+    loaded = load_model(TARGET)
+    gc.collect()
+    assert _resident_bytes() <= 1.5 * path.stat().st_size
+    assert sum(isinstance(m, QuantLinear) for m in loaded.model.modules()) == 28 * 7 + 1
+    runner = ModelRunner(loaded.model, loaded.device, small_gemm=True, gguf_path=loaded.gguf_path)
+    questions = ["Write a Python function that reverses a string.", "What does `git rebase` do?",
+                 "Fix: for i in range(len(xs)) print(xs[i])"]
+    prompts = [loaded.tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                                    tokenize=True, return_dict=True)["input_ids"] for q in questions]
+
+    def greedy(batch: list[list[int]], steps: int) -> list[list[int]]:
+        sessions = [KVSession(f"s{i}", ids=list(p)) for i, p in enumerate(batch)]
+        for _ in range(steps):
+            for session, (logits, _) in zip(sessions, runner.extend(sessions)):
+                session.ids.append(int(logits[-1].argmax()))
+        return [s.ids[len(p):] for s, p in zip(sessions, batch)]
+
+    with torch.inference_mode():
+        together = greedy(prompts, 12)
+        assert [greedy([p], 12)[0] for p in prompts] == together
+    assert "def" in loaded.tokenizer.decode(together[0])  # a function, as asked

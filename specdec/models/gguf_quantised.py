@@ -2,8 +2,8 @@
 
 A GGUF with Q4_K, Q6_K or Q5_0 tensors (Qwen2.5's and most llama.cpp models' Q4_K_M) is loaded without an
 fp32 copy of its weights: the model is built on the meta device, every Q4_K, Q6_K, Q5_0 and Q8_0 matrix
-becomes a `QuantLinear` (or, for the token embedding, a `QuantEmbedding` that dequantises only the rows it
-looks up) over a `QuantWeight` (all three in specdec.compute.quant_weights), and the F32 tensors (norms, biases) are copied in.
+becomes a `QuantLinear`, the token embedding a `MappedEmbedding` that reads and dequantises only the rows
+it looks up from the mapped file (a `QuantEmbedding` over the LM head's blocks where the two are tied) over a `QuantWeight` (all three in specdec.compute.quant_weights), and the F32 tensors (norms, biases) are copied in.
 A 1.5B Q4_K_M target then takes about its file's size in memory instead of 7 GB.
 
 Tensors of other block types are dequantised by gguf-py into fp32 parameters. Architectures whose GGUF
@@ -28,6 +28,7 @@ from specdec.models.sources import ModelLoadError
 log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHS = ("qwen2", "llama")
+DENSE_TYPES = ("F32", "F16", "BF16")
 KERNEL_KINDS = {"Q4_K": "q4_k", "Q6_K": "q6_k", "Q5_0": "q5_0", "Q8_0": "q8_0"}
 CALLS_FOR_QUANTISED = ("Q4_K", "Q6_K", "Q5_0")  # a file with any of these loads quantised (the fp32 kernels read none)
 
@@ -175,6 +176,10 @@ def load_quantised(gguf_path: Path, config) -> torch.nn.Module:
         permutation = _row_permutation(table.architecture, tensor.name, tensor.shape[0], config)
         kind = KERNEL_KINDS.get(tensor.type_name)
         raw = table.data(tensor)
+        if (attribute == "weight" and isinstance(module, torch.nn.Embedding) and tensor.type_name not in DENSE_TYPES
+                and not getattr(config, "tie_word_embeddings", False)):
+            _replace(model, module_name, MappedEmbedding(raw.reshape(tensor.shape[0], -1), tensor.type_name))
+            continue
         if attribute == "weight" and kind and isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
             rows = raw.reshape(tensor.shape[0], -1)  # [rows, bytes of a row's blocks]
             quant = QuantWeight.from_gguf_rows(kind, rows if permutation is None else rows[permutation], *tensor.shape)
@@ -198,6 +203,28 @@ def load_quantised(gguf_path: Path, config) -> torch.nn.Module:
     return model.eval()
 
 
+class MappedEmbedding(torch.nn.Module):
+    """nn.Embedding over a GGUF table left in the mapped file: a lookup reads and dequantises (gguf-py) only
+    its rows, so only the pages of the tokens seen become resident (Qwen2.5's 151,936 rows are 131 MB)."""
+
+    def __init__(self, rows: np.ndarray, type_name: str):
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        super().__init__()
+        self.rows, self.qtype = rows, GGMLQuantizationType[type_name]  # rows: [vocab, bytes of a row's blocks]
+        block, block_bytes = GGML_QUANT_SIZES[self.qtype]
+        self.num_embeddings, self.embedding_dim = rows.shape[0], rows.shape[1] // block_bytes * block
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        from gguf.quants import dequantize
+
+        flat = ids.reshape(-1).cpu().numpy()
+        if flat.size and (flat.min() < 0 or flat.max() >= self.num_embeddings):
+            raise IndexError(f"token ids must lie in [0, {self.num_embeddings})")
+        values = dequantize(np.asarray(self.rows[flat]), self.qtype).astype(np.float32, copy=False)
+        return torch.from_numpy(values).reshape(*ids.shape, self.embedding_dim)
+
+
 def _replace(model: torch.nn.Module, module_name: str, replacement: torch.nn.Module) -> None:
     parent_name, _, child = module_name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
@@ -209,9 +236,3 @@ def _rebuild_meta_buffers(model: torch.nn.Module) -> None:
         if any(buffer.is_meta for buffer in module.buffers(recurse=False)) and not any(
                 True for _ in module.parameters(recurse=False)):
             _replace(model, name, type(module)(config=model.config))
-
-
-def quantised_bytes(model: torch.nn.Module) -> int:
-    """The bytes its quantised weights hold (what replaces the fp32 copy)."""
-    return sum(m.quant.nbytes for m in model.modules() if isinstance(m, (QuantLinear, QuantEmbedding))
-               if m.quant is not getattr(model.get_output_embeddings(), "quant", None) or m is model.get_output_embeddings())
