@@ -158,7 +158,8 @@ class Load:
 
     def _client(self, client: int, deadline: float) -> None:
         offset = client * len(self.prompts) // self.clients  # clients start at different prompts
-        with SpecdClient(self.address, timeout_s=self.request_timeout_s) as connection:
+        # Each thread is a client of its own, as separate callers are to the per-client concurrency limit.
+        with SpecdClient(self.address, timeout_s=self.request_timeout_s, client_id=f"soak-{client}") as connection:
             sent = 0
             while time.monotonic() < deadline:
                 prompt = self.prompts[(offset + sent) % len(self.prompts)]

@@ -58,11 +58,13 @@ class SpecdClient:
     """Synchronous client. `token` is the bearer token; `root_certificates` enables TLS."""
 
     def __init__(self, addr: str, token: str = "", root_certificates: bytes | None = None,
-                 timeout_s: float | None = 300.0):
+                 timeout_s: float | None = 300.0, client_id: str = ""):
         self.channel = (grpc.secure_channel(addr, grpc.ssl_channel_credentials(root_certificates))
                         if root_certificates else grpc.insecure_channel(addr))
         self.stub = generation_pb2_grpc.GenerationStub(self.channel)
         self.metadata = [("authorization", f"Bearer {token}")] if token else []
+        if client_id:  # the coordinator's per-client concurrency limit counts by it (else by address)
+            self.metadata.append(("x-client-id", client_id))
         self.timeout_s = timeout_s
 
     def generate(self, prompt: str | None = None, **kwargs) -> Completion:
