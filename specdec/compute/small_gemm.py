@@ -137,8 +137,23 @@ def paged_attention(query: torch.Tensor, key_store: torch.Tensor, value_store: t
     it attends to, its own included) -> [N, H, D]. Raises ValueError, having read nothing, for inputs the
     kernel would read out of range with.
     """
-    _check_tensor("query", query, torch.float32, 3)
+    check_attention_inputs(query, key_store, value_store, block_table, row_blocks, row_len)
     rows, heads, head_dim = query.shape
+    out = torch.empty_like(query)
+    status = load_kernel().paged_attention(
+        query.data_ptr(), out.data_ptr(), key_store.data_ptr(), value_store.data_ptr(), block_table.data_ptr(),
+        row_blocks.data_ptr(), row_len.data_ptr(), rows, heads, key_store.shape[1], head_dim, block_size,
+        key_store.shape[0], block_table.shape[0], scale)
+    if status:
+        raise ValueError(f"paged attention refused its inputs: {ATTENTION_ERRORS[status]}")
+    return out
+
+
+def check_attention_inputs(query: torch.Tensor, key_store: torch.Tensor, value_store: torch.Tensor,
+                           block_table: torch.Tensor, row_blocks: torch.Tensor, row_len: torch.Tensor) -> None:
+    """paged_attention's checks of shapes, dtypes and layout (the C side checks the indices they hold)."""
+    _check_tensor("query", query, torch.float32, 3)
+    rows, _, head_dim = query.shape
     for name, store in (("key_store", key_store), ("value_store", value_store)):
         _check_tensor(name, store, torch.float32, 3)
         if store.shape[2] != head_dim or store.shape != key_store.shape:
@@ -148,14 +163,6 @@ def paged_attention(query: torch.Tensor, key_store: torch.Tensor, value_store: t
         _check_tensor(name, index, dtype, 1)
         if index.shape[0] != rows:
             raise ValueError(f"{name} has {index.shape[0]} entries for {rows} rows")
-    out = torch.empty_like(query)
-    status = load_kernel().paged_attention(
-        query.data_ptr(), out.data_ptr(), key_store.data_ptr(), value_store.data_ptr(), block_table.data_ptr(),
-        row_blocks.data_ptr(), row_len.data_ptr(), rows, heads, key_store.shape[1], head_dim, block_size,
-        key_store.shape[0], block_table.shape[0], scale)
-    if status:
-        raise ValueError(f"paged attention refused its inputs: {ATTENTION_ERRORS[status]}")
-    return out
 
 
 def _check_tensor(name: str, tensor: torch.Tensor, dtype: torch.dtype, dims: int) -> None:
