@@ -40,7 +40,9 @@ def _first_success(attempt, since: float):
 
 def test_a_restarted_verifier_and_drafter_take_new_sessions_within_seconds(tiny_dirs):
     dirs = tiny_dirs["llama"]
-    stack = InProcessStack(dirs["target"], dirs["target"], coordinator_overrides={"drafter_retry_s": 60.0})
+    # A new request waits verifier_wait_s for a healthy verifier before it hears there is none.
+    stack = InProcessStack(dirs["target"], dirs["target"],
+                           coordinator_overrides={"drafter_retry_s": 60.0, "verifier_wait_s": 1.0})
     client = SpecdClient(stack.address, timeout_s=30)
     generate = lambda: client.generate(token_ids=PROMPT, max_new_tokens=8, mode="sequential")  # noqa: E731
     try:
@@ -49,7 +51,7 @@ def test_a_restarted_verifier_and_drafter_take_new_sessions_within_seconds(tiny_
         port = stack.port("verifier0")
         stack.stop_server("verifier0")
         with pytest.raises(grpc.RpcError) as raised:
-            generate()  # the failed prefill marks the verifier down for drafter_retry_s
+            generate()  # no verifier: after verifier_wait_s the request hears so
         assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
         serving_at = _start_again(stack, "verifier0", "verifier", dirs["target"], port)
 

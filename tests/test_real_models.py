@@ -61,12 +61,16 @@ def test_the_drafter_is_a_24_layer_qwen2_with_the_same_vocabulary():
 
 
 def test_target_and_drafter_share_one_tokenizer():
-    _installed(TARGET)
-    _installed(DRAFTER)
-    target, drafter = load_tokenizer(TARGET), load_tokenizer(DRAFTER)
+    from transformers import AutoTokenizer
+
+    # Each read from its file the same way (a converted copy, saved by transformers, gains Qwen2's NFC
+    # normalizer): the whole tokenizer, vocabulary, merges, added tokens, normalizer and pre-tokenizer.
+    target, drafter = (AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+                       for path in (_installed(TARGET), _installed(DRAFTER)))
     assert len(target) == len(drafter) == VOCAB
-    # The whole tokenizer: vocabulary, merges, added tokens, normalizer and pre-tokenizer.
     assert json.loads(target.backend_tokenizer.to_str()) == json.loads(drafter.backend_tokenizer.to_str())
+    served = load_tokenizer(TARGET)  # what the coordinator encodes with
+    assert served.get_vocab() == target.get_vocab() and served.eos_token == target.eos_token
     text = "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)  # 斐波那契"
     assert target.decode(target.encode(text)) == text
     assert target.eos_token == drafter.eos_token == "<|im_end|>"
