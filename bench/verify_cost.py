@@ -14,13 +14,21 @@ the weights), verifying more tokens cannot be free on this CPU, whatever the ker
 
     python -m bench.verify_cost --target smollm2-135m --tokens 1,2,4,6,8 --threads 1,2
     python -m bench.verify_cost --target qwen2.5-coder-1.5b --tokens 1,2,4,8,16 --threads 2
+
+With a GGUF target and llama.cpp built (bench/setup_llamacpp.sh), llama-bench times one pass over the
+same numbers of rows on the same file and threads in the same run (its pp1, pp2, ... tests), beside
+specd's: the CPU peer's verify-cost curve.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
 import time
+from pathlib import Path
 
 import torch
 
@@ -98,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"threads {count}: {rates[count] / 1e9:.1f} G multiply-adds/s on cache-resident matrices; "
               f"the linears take {macs / 1e6:.0f} M per token")
     if any(isinstance(m, QuantLinear) for m in model.modules()):
-        return print_quantised(model, threads, tokens, args, macs, rates)
+        return print_quantised(model, threads, tokens, args, macs, rates, loaded.gguf_path)
     blas = time_blocks(model, threads, tokens, args.context, args.repeats)
     kernel = time_blocks(model, threads, tokens, args.context, args.repeats) if small_gemm.install(model) else None
     blocks = None
@@ -121,15 +129,38 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def print_quantised(model, threads: list[int], tokens: list[int], args, macs: int, rates: dict[int, float]) -> int:
-    """The quantised kernel's curve: each block's time against the first's."""
+LLAMA_BENCH = Path(os.environ.get("SPECD_LLAMACPP_DIR", Path.home() / ".cache/specd/llama.cpp")) / "build/bin/llama-bench"
+
+
+def llamacpp_pass_ms(gguf: Path, threads: int, tokens: list[int], repeats: int) -> dict[int, float] | None:
+    """llama-bench's mean ms for one pass over n rows (its pp<n> test), per n; None without llama.cpp."""
+    if not LLAMA_BENCH.exists():
+        return None
+    command = [str(LLAMA_BENCH), "-m", str(gguf), "-t", str(threads), "-p", ",".join(map(str, tokens)), "-n", "0",
+               "-r", str(repeats), "-o", "json"]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return {int(test["n_prompt"]): 1000 * int(test["n_prompt"]) / float(test["avg_ts"]) for test in json.loads(result.stdout)}
+
+
+def print_quantised(model, threads: list[int], tokens: list[int], args, macs: int, rates: dict[int, float],
+                    gguf: Path | None) -> int:
+    """The quantised kernel's curve, each block's time against the first's, beside llama.cpp's on the same file."""
     timed = time_blocks(model, threads, tokens, args.context, args.repeats, kernel_threads=True)
-    print("| threads | tokens | fp32 compute floor ms | quantised kernel ms | vs 1 token | tokens/s |")
-    print("|---|---|---|---|---|---|")
+    peer = {count: llamacpp_pass_ms(gguf, count, tokens, min(args.repeats, 5)) if gguf else None for count in threads}
+    print("| threads | tokens | fp32 compute floor ms | specd ms | vs 1 token | llama.cpp ms | vs 1 token "
+          "| specd vs llama.cpp |")
+    print("|---|---|---|---|---|---|---|---|")
     for (count, block), ms in timed.items():
         one = timed[(count, tokens[0])]
-        print(f"| {count} | {block} | {1000 * block * macs / rates[count]:.1f} | {ms:.1f} | {ms / one:.2f}x "
-              f"| {1000 * block / ms:.1f} |")
+        line = f"| {count} | {block} | {1000 * block * macs / rates[count]:.1f} | {ms:.1f} | {ms / one:.2f}x |"
+        theirs = peer[count]
+        if theirs:
+            line += f" {theirs[block]:.1f} | {theirs[block] / theirs[tokens[0]]:.2f}x | {theirs[block] / ms:.2f}x |"
+        else:
+            line += " – | – | – |"
+        print(line)
+    if not any(peer.values()):
+        print("llama.cpp: not built (bash bench/setup_llamacpp.sh) or the target is not a GGUF")
     return 0
 
 
