@@ -74,10 +74,12 @@ def _up(args) -> int:
         address = stack.start()
         print(address, flush=True)
         print(f"{stack.http_url}/v1", flush=True)
-        print(f"specd: OpenAI-compatible API at {stack.http_url}/v1; try\n  {curl_line(stack.http_url, args.target)}",
-              file=sys.stderr, flush=True)
         if args.demo:
-            return _stream_to_terminal(address, DEMO_PROMPT, args.demo_tokens, 0.0, raw=False, as_json=False)
+            _stream_to_terminal(address, DEMO_PROMPT, args.demo_tokens, 0.0, raw=False, as_json=False)
+        # Printed once the demo is done, so it is the last thing on the screen while the stack serves.
+        print(f"specd: serving until Ctrl-C; OpenAI-compatible API at {stack.http_url}/v1; try\n"
+              f"  {curl_line(stack.http_url, args.target)}\n  {openai_line(stack.http_url, args.target)}",
+              file=sys.stderr, flush=True)
         while True:
             signal.pause()  # until Ctrl-C (KeyboardInterrupt) or SIGTERM (SystemExit)
     except KeyboardInterrupt:
@@ -92,6 +94,12 @@ def _up(args) -> int:
 def curl_line(base_url: str, model: str) -> str:
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 32})
     return f"curl -s {base_url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'"
+
+
+def openai_line(base_url: str, model: str) -> str:
+    return (f"python -c \"from openai import OpenAI; print(OpenAI(base_url='{base_url}/v1', api_key='-')"
+            f".chat.completions.create(model='{model}', messages=[{{'role': 'user', 'content': 'Hi!'}}])"
+            f".choices[0].message.content)\"")
 
 
 # -- generate ---------------------------------------------------------------------------------------
@@ -154,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--threads-verifier", type=int, default=0)
     up.add_argument("--threads-drafter", type=int, default=0)
     up.add_argument("--log-dir", default="")
-    up.add_argument("--demo", action="store_true", help="stream one demo answer, print stats, stop")
+    up.add_argument("--demo", action="store_true", help="stream one demo answer and its stats, then keep serving")
     up.add_argument("--demo-tokens", type=int, default=96)
     up.set_defaults(handler=_up)
 
