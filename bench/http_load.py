@@ -161,7 +161,10 @@ class VllmServer:
         env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "2",
                "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}"}
         self.log = open(log_path, "w")
-        self.process = subprocess.Popen([str(venv / "bin" / "vllm"), "serve", str(model_dir), "--port", str(self.port),
+        # The server module, not the `vllm` script: that one asks for the "vllm" distribution's version, and
+        # the CPU build's distribution is "vllm-cpu".
+        self.process = subprocess.Popen([str(venv / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server",
+                                         "--model", str(model_dir), "--port", str(self.port),
                                          "--served-model-name", "target", "--dtype", "float32"],
                                         env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
