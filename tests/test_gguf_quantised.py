@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from specdec.compute import small_gemm
 from specdec.compute.quant_weights import QuantEmbedding
-from specdec.models.gguf_quantised import MappedEmbedding, QuantLinear, load_quantised, wants_quantised_load
+from specdec.models.gguf_quantised import MappedEmbedding, QuantLinear, load_quantised, quantised_table, read_table
 
 pytestmark = pytest.mark.skipif(small_gemm.load_kernel() is None, reason="the kernel needs x86 with AVX2 and a compiler")
 
@@ -107,9 +107,10 @@ def _reference(arch: str, values: dict[str, np.ndarray], tied: bool = False) -> 
 def test_the_quantised_model_computes_the_dequantised_models_logits(arch, tied, tmp_path):
     path = tmp_path / f"{arch}.gguf"
     values = write_gguf(path, arch, tied)
-    assert wants_quantised_load(path, torch.device("cpu"), torch.float32)
-    assert not wants_quantised_load(path, torch.device("cpu"), torch.bfloat16)
-    model = load_quantised(path, _config(arch, tied))
+    table = quantised_table(path, torch.device("cpu"), torch.float32)
+    assert table is not None and table.path == path
+    assert quantised_table(path, torch.device("cpu"), torch.bfloat16) is None
+    model = load_quantised(table, _config(arch, tied))
     # Untied, the table stays in the mapped file; tied, the LM head's blocks serve both.
     embedding = model.get_input_embeddings()
     assert isinstance(embedding, QuantEmbedding if tied else MappedEmbedding)
@@ -129,30 +130,30 @@ def test_the_quantised_model_computes_the_dequantised_models_logits(arch, tied, 
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.75
 
 
+def greedy_tokens(runner, batch: list[list[int]], steps: int) -> list[list[int]]:
+    """Each prompt's next `steps` greedy tokens, the prompts fed together through `runner` in one pass a step."""
+    from specdec.compute.sessions import KVSession
+
+    sessions = [KVSession(f"s{i}", ids=list(p)) for i, p in enumerate(batch)]
+    for _ in range(steps):
+        for session, (logits, _) in zip(sessions, runner.extend(sessions)):
+            session.ids.append(int(logits[-1].argmax()))
+    return [s.ids[len(p):] for s, p in zip(sessions, batch)]
+
+
 def test_greedy_tokens_are_the_same_alone_and_batched_through_the_model_runner(tmp_path):
     from specdec.compute.model_runner import ModelRunner
-    from specdec.compute.sessions import KVSession
 
     path = tmp_path / "qwen2.gguf"
     write_gguf(path, "qwen2")
-    runner = ModelRunner(load_quantised(path, _config("qwen2")), torch.device("cpu"), small_gemm=True)
+    runner = ModelRunner(load_quantised(read_table(path), _config("qwen2")), torch.device("cpu"), small_gemm=True)
     prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16, 17]]
-
-    def decode(batch: list[list[int]], steps: int) -> list[list[int]]:
-        sessions = [KVSession(f"s{i}", ids=list(p)) for i, p in enumerate(batch)]
-        for _ in range(steps):
-            for session, (logits, _) in zip(sessions, runner.extend(sessions)):
-                session.ids.append(int(logits[-1].argmax()))
-        return [s.ids[len(p):] for s, p in zip(sessions, batch)]
-
-    together = decode(prompts, 6)
-    assert [decode([p], 6)[0] for p in prompts] == together
+    together = greedy_tokens(runner, prompts, 6)
+    assert [greedy_tokens(runner, [p], 6)[0] for p in prompts] == together
 
 
 def test_the_tensor_table_is_what_gguf_pys_reader_reads(tmp_path):
     from gguf import GGUFReader
-
-    from specdec.models.gguf_quantised import read_table
 
     path = tmp_path / "qwen2.gguf"
     write_gguf(path, "qwen2")

@@ -94,12 +94,10 @@ def test_the_avx2_build_that_images_ship_takes_the_same_path_with_the_same_bits(
     import ctypes
     import subprocess
 
-    from specdec.compute.quant_weights import _Planes
-
     library = tmp_path / "avx2.so"
     subprocess.run(["cc", *small_gemm.COMPILE_FLAGS, "-o", str(library), *map(str, small_gemm.SOURCES)], check=True)
     avx2 = ctypes.CDLL(str(library))
-    avx2.quant_gemm.argtypes = [ctypes.POINTER(_Planes)] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
+    avx2.quant_gemm.argtypes = [ctypes.POINTER(small_gemm.QuantPlanes)] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
     for kind in KINDS:
         weight = QuantWeight.from_gguf_rows(kind, random_rows(kind, 48, 512, seed=5), 48, 512)
         x = torch.randn(11, 512)

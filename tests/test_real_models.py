@@ -88,8 +88,8 @@ def test_the_target_loads_quantised_in_its_file_size_and_decodes_the_same_tokens
 
     from specdec.compute.model_runner import ModelRunner
     from specdec.compute.quant_weights import QuantLinear
-    from specdec.compute.sessions import KVSession
     from specdec.models.loader import load_model
+    from test_gguf_quantised import greedy_tokens
 
     path = _installed(TARGET)
     loaded = load_model(TARGET)
@@ -102,14 +102,7 @@ def test_the_target_loads_quantised_in_its_file_size_and_decodes_the_same_tokens
     prompts = [loaded.tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                                     tokenize=True, return_dict=True)["input_ids"] for q in questions]
 
-    def greedy(batch: list[list[int]], steps: int) -> list[list[int]]:
-        sessions = [KVSession(f"s{i}", ids=list(p)) for i, p in enumerate(batch)]
-        for _ in range(steps):
-            for session, (logits, _) in zip(sessions, runner.extend(sessions)):
-                session.ids.append(int(logits[-1].argmax()))
-        return [s.ids[len(p):] for s, p in zip(sessions, batch)]
-
     with torch.inference_mode():
-        together = greedy(prompts, 12)
-        assert [greedy([p], 12)[0] for p in prompts] == together
+        together = greedy_tokens(runner, prompts, 12)
+        assert [greedy_tokens(runner, [p], 12)[0] for p in prompts] == together
     assert "def" in loaded.tokenizer.decode(together[0])  # a function, as asked

@@ -23,12 +23,6 @@ RAW_BLOCK = {"q4_k": (256, 144), "q6_k": (256, 210), "q5_0": (32, 22), "q8_0": (
 LANES, BLOCK = 16, 32
 
 
-class _Planes(ctypes.Structure):
-    _fields_ = [("format", ctypes.c_int32), ("codes", ctypes.c_void_p), ("high", ctypes.c_void_p),
-                ("scales", ctypes.c_void_p), ("mins", ctypes.c_void_p), ("d", ctypes.c_void_p),
-                ("dmin", ctypes.c_void_p)]
-
-
 def _plane_shapes(kind: str, groups: int, blocks: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """The kernel's arrays for `kind` (quant_gemm.c's header describes each)."""
     shapes = {"codes": ((groups, blocks, 512 if kind == "q8_0" else 256), torch.uint8)}
@@ -61,7 +55,7 @@ class QuantWeight:
             if plane is None or tuple(plane.shape) != shape or plane.dtype != dtype or not plane.is_contiguous():
                 raise ValueError(f"{self.kind} weight's {name} must be a contiguous {dtype} {shape}")
         pointer = {name: plane.data_ptr() for name, plane in self.planes.items()}
-        object.__setattr__(self, "_planes", _Planes(FORMATS[self.kind], pointer["codes"], pointer.get("high"),
+        object.__setattr__(self, "_planes", small_gemm.QuantPlanes(FORMATS[self.kind], pointer["codes"], pointer.get("high"),
                                                     pointer.get("scales"), pointer.get("mins"), pointer["d"],
                                                     pointer.get("dmin")))
 
@@ -98,18 +92,6 @@ def _kernel() -> ctypes.CDLL:
     kernel = small_gemm.load_kernel()
     if kernel is None:
         raise RuntimeError("quantised weights need the kernel library: an x86 CPU with AVX2 and a C compiler")
-    if not hasattr(kernel, "_quant_typed"):
-        planes = ctypes.POINTER(_Planes)
-        kernel.quant_repack.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, planes]
-        kernel.quant_repack.restype = ctypes.c_int
-        kernel.quant_dequantize.argtypes = [planes, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
-        kernel.quant_dequantize.restype = None
-        kernel.quant_gemm.argtypes = [planes] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
-        kernel.quant_gemm.restype = ctypes.c_int
-        kernel.quant_gemm_portable_range.argtypes = [planes] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5
-        kernel.quant_gemm_portable_range.restype = None
-        kernel.quant_gemm_vectorised.restype = ctypes.c_int
-        kernel._quant_typed = True
     return kernel
 
 

@@ -77,6 +77,14 @@ def compile_flags() -> tuple[str, ...]:
 ABI_VERSION = 3  # small_gemm_abi_version() of the functions below: a library of another is not loaded
 
 
+class QuantPlanes(ctypes.Structure):
+    """quant_gemm.c's quant_weight: a weight's format and the pointers to its repacked planes."""
+
+    _fields_ = [("format", ctypes.c_int32), ("codes", ctypes.c_void_p), ("high", ctypes.c_void_p),
+                ("scales", ctypes.c_void_p), ("mins", ctypes.c_void_p), ("d", ctypes.c_void_p),
+                ("dmin", ctypes.c_void_p)]
+
+
 @functools.cache
 def load_kernel() -> ctypes.CDLL | None:
     """The compiled kernel, built once per source version; None where it cannot run here."""
@@ -101,6 +109,16 @@ def load_kernel() -> ctypes.CDLL | None:
     kernel.small_gemm_set_threads.restype = ctypes.c_int
     kernel.paged_attention.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 7 + [ctypes.c_float]
     kernel.paged_attention.restype = ctypes.c_int
+    planes = ctypes.POINTER(QuantPlanes)
+    kernel.quant_repack.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, planes]
+    kernel.quant_repack.restype = ctypes.c_int
+    kernel.quant_dequantize.argtypes = [planes, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    kernel.quant_dequantize.restype = None
+    kernel.quant_gemm.argtypes = [planes] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
+    kernel.quant_gemm.restype = ctypes.c_int
+    kernel.quant_gemm_portable_range.argtypes = [planes] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5
+    kernel.quant_gemm_portable_range.restype = None
+    kernel.quant_gemm_vectorised.restype = ctypes.c_int
     return kernel
 
 

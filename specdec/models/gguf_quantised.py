@@ -126,13 +126,14 @@ def read_table(path: Path) -> GGUFTable:
     return GGUFTable(path, architecture, tensors)
 
 
-def wants_quantised_load(gguf_path: Path | None, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `gguf_path` is read quantised here: fp32 on CPU with the kernel, a supported architecture and
-    tensors in blocks the fp32-exact kernels do not read."""
+def quantised_table(gguf_path: Path | None, device: torch.device, dtype: torch.dtype) -> GGUFTable | None:
+    """`gguf_path`'s table if the file is read quantised here (fp32 on CPU with the kernel, a supported
+    architecture and tensors in blocks the fp32-exact kernels do not read), else None."""
     if gguf_path is None or device.type != "cpu" or dtype != torch.float32 or small_gemm.load_kernel() is None:
-        return False
+        return None
     table = read_table(gguf_path)
-    return table.architecture in SUPPORTED_ARCHS and any(t.type_name in CALLS_FOR_QUANTISED for t in table.tensors)
+    wanted = table.architecture in SUPPORTED_ARCHS and any(t.type_name in CALLS_FOR_QUANTISED for t in table.tensors)
+    return table if wanted else None
 
 
 def _row_permutation(arch: str, gguf_name: str, rows: int, config) -> np.ndarray | None:
@@ -144,16 +145,16 @@ def _row_permutation(arch: str, gguf_name: str, rows: int, config) -> np.ndarray
     return np.arange(rows).reshape(heads, rows // heads // 2, 2).swapaxes(2, 1).reshape(-1)
 
 
-def load_quantised(gguf_path: Path, config) -> torch.nn.Module:
-    """The causal LM `config` describes, its weights read from `gguf_path` (see the module docstring)."""
+def load_quantised(table: GGUFTable, config) -> torch.nn.Module:
+    """The causal LM `config` describes, its weights read from the GGUF `table` describes (see the module
+    docstring)."""
     from gguf import GGMLQuantizationType, get_tensor_name_map
     from gguf.constants import MODEL_ARCH_NAMES
     from gguf.quants import dequantize
     from transformers import AutoModelForCausalLM
 
-    table = read_table(gguf_path)
     if table.architecture not in SUPPORTED_ARCHS:
-        raise ModelLoadError(f"{gguf_path.name}: architecture {table.architecture!r} is not read quantised "
+        raise ModelLoadError(f"{table.path.name}: architecture {table.architecture!r} is not read quantised "
                              f"({', '.join(SUPPORTED_ARCHS)})")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -199,7 +200,7 @@ def load_quantised(gguf_path: Path, config) -> torch.nn.Module:
     _rebuild_meta_buffers(model)
     left = [name for name, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
     if left:
-        raise ModelLoadError(f"{gguf_path.name} leaves {', '.join(left[:5])} of {type(model).__name__} unset")
+        raise ModelLoadError(f"{table.path.name} leaves {', '.join(left[:5])} of {type(model).__name__} unset")
     return model.eval()
 
 

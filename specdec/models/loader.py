@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from specdec.models.conversion import materialise
-from specdec.models.gguf_quantised import load_quantised, wants_quantised_load
+from specdec.models.gguf_quantised import load_quantised, quantised_table
 from specdec.models.sources import ModelLoadError, load_tokenizer, resolve_source
 
 log = logging.getLogger(__name__)
@@ -83,12 +83,12 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32", tokenizer
     torch_device = torch.device(device)
     torch_dtype = _dtype(dtype, torch_device)
     gguf_path = source.directory / source.gguf_file if source.gguf_file else None
-    quantised = wants_quantised_load(gguf_path, torch_device, torch_dtype)
-    directory = materialise(source, weights=not quantised)
-    if quantised:
+    table = quantised_table(gguf_path, torch_device, torch_dtype)
+    directory = materialise(source, weights=table is None)
+    if table is not None:
         from transformers import AutoConfig
 
-        model = load_quantised(gguf_path, AutoConfig.from_pretrained(directory))
+        model = load_quantised(table, AutoConfig.from_pretrained(directory))
     else:
         model = _from_directory(directory, torch_dtype)
         model.to(torch_device).eval()
