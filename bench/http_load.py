@@ -40,7 +40,8 @@ from bench.load import (
     run_specd_level,
 )
 from specd.results import update_results_md
-from specd.stack import UP_POLICY, LocalStack, check_http_health, default_threads, free_port
+from specd.stack import LocalStack, check_http_health, default_threads, free_port
+from specdec.config import DEFAULT_POLICY
 from specdec.models.conversion import materialise
 from specdec.models.sources import load_tokenizer, resolve_source
 
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="smollm2-135m")
     parser.add_argument("--drafter", default="smollm2-135m-eagle")
-    parser.add_argument("--policy", default=UP_POLICY)
+    parser.add_argument("--policy", default=DEFAULT_POLICY)
     parser.add_argument("--clients", default="1,8,16")
     parser.add_argument("--per-client", type=int, default=4, help="requests each client sends per level")
     parser.add_argument("--max-tokens", type=int, default=128)

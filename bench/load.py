@@ -33,14 +33,14 @@ import torch
 
 from bench.report import percentile
 from specd.results import update_results_md
-from specd.stack import UP_POLICY, LocalStack, default_threads
+from specd.stack import LocalStack, default_threads
 from specdec.client import SpecdClient
+from specdec.config import DEFAULT_POLICY
 from specdec.models.conversion import materialise
 from specdec.models.loader import load_model
 from specdec.models.sources import resolve_source
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_POLICY = UP_POLICY
 DEFAULT_VLLM_VENV = Path.home() / ".cache" / "specd" / "vllm-venv"
 TARGET_ONLY = "specd target-only"
 VLLM = "vllm"

@@ -35,8 +35,9 @@ import grpc
 
 from bench.report import percentile
 from bench.run import Prompt, read_prompts
-from specd.stack import UP_POLICY, LocalStack, default_threads
+from specd.stack import LocalStack, default_threads
 from specdec.client import SpecdClient
+from specdec.config import DEFAULT_POLICY
 
 HERE = Path(__file__).resolve().parent
 SAMPLED_EVERY = 4  # every fourth request samples instead of decoding greedily
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drafter", default="ngram", help="ngram, a preset (smollm2-135m-eagle), a model directory or "
                                                           "'none'")
     parser.add_argument("--mode", default="overlapped", choices=["sequential", "overlapped", "target_only"])
-    parser.add_argument("--policy", default=UP_POLICY, help="the coordinator's policy (default: the one specd up serves)")
+    parser.add_argument("--policy", default=DEFAULT_POLICY, help="the coordinator's policy (default: the one specd up serves)")
     parser.add_argument("--prompt-lookup", action="store_true", help="as specd up --prompt-lookup")
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients, each sending back to back")
     parser.add_argument("--max-new-tokens", type=int, default=64)

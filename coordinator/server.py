@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2
 from coordinator.admission import AdmissionQueue, QueueFull, QueueTimeout
 from coordinator.backends import BackendPool
 from coordinator.engine import Generation, GenerationOptions, GenerationRequest, GenerationStats, UpstreamError
-from coordinator.policies import POLICIES, DraftWait, GoodputMemory, PostVerify, make_policy
+from coordinator.policies import POLICIES, SharedMeasurements, make_policy
 from coordinator.text import PromptEncoder, TextStream
 from coordinator.tracing import TraceSink
 from specdec import metrics
@@ -79,10 +79,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self.admission = AdmissionQueue(settings.max_concurrency, settings.max_queued)
         self.in_flight: dict[str, int] = defaultdict(int)  # by client: requests parsing, queued or running
         self.drain = Drain(open_work=lambda: sum(self.in_flight.values()))
-        # Goodput evidence shared by requests alike in cost: (pipeline mode, greedy or sampled).
-        self.goodput_memory: dict[tuple[str, bool], GoodputMemory] = defaultdict(GoodputMemory)
-        self.draft_waits: dict[bool, DraftWait] = defaultdict(DraftWait)  # by greedy or sampled
-        self.post_verifies: dict[bool, PostVerify] = defaultdict(PostVerify)  # by greedy or sampled
+        self.measurements = SharedMeasurements()
 
     # -- request parsing ----------------------------------------------------------------------------
 
@@ -142,7 +139,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         mode = MODE_NAMES.get(request.mode, settings.mode)
         policy = make_policy(POLICY_NAMES.get(request.policy, settings.policy),
                              request.draft_length or settings.draft_length, settings.max_draft_length,
-                             request.policy_threshold, self.goodput_memory[(mode, s.temperature == 0)])
+                             request.policy_threshold, self.measurements.goodput(mode, s.temperature == 0))
         stop_ids = set(request.stop_token_ids) | (set() if request.ignore_eos else set(self.eos_ids))
         remaining = context.time_remaining()
         return GenerationRequest(
@@ -267,8 +264,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                                                   target_hidden=bool(self.drafter_reads_hidden))
         return Generation(parsed, self.verifiers, self.drafters,
                           self.upstream_metadata + [(REQUEST_ID_HEADER, parsed.request_id)], options, self.trace_sink,
-                          self.draft_waits[parsed.sampling.greedy] if self.settings.adaptive_draft_wait else None,
-                          self.post_verifies[parsed.sampling.greedy] if self.settings.post_verify == "auto"
+                          self.measurements.draft_wait(parsed.sampling.greedy) if self.settings.adaptive_draft_wait
+                          else None,
+                          self.measurements.post_verify(parsed.sampling.greedy) if self.settings.post_verify == "auto"
                           else self.settings.post_verify == "on")
 
     async def _probe_drafter_kind(self) -> None:

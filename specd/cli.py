@@ -11,8 +11,8 @@ import signal
 import sys
 
 from specd.model_install import add_subcommands as add_model_commands
-from specd.stack import UP_POLICY, LocalStack, check_health, check_http_health, default_threads, exit_on_sigterm
-from specdec.config import ConfigError, add_settings_flags, settings_from_args
+from specd.stack import LocalStack, check_health, check_http_health, default_threads, exit_on_sigterm
+from specdec.config import DEFAULT_POLICY, ConfigError, add_settings_flags, settings_from_args
 
 SERVE_ROLES = ("verifier", "drafter", "coordinator", "http")
 
@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--target", default="smollm2-135m")
     up.add_argument("--drafter", default="ngram", help="model dir, .gguf, preset, 'ngram' or 'none'")
     up.add_argument("--mode", default="overlapped", choices=["sequential", "overlapped", "target_only"])
-    up.add_argument("--policy", default=UP_POLICY)
+    up.add_argument("--policy", default=DEFAULT_POLICY)
     up.add_argument("--prompt-lookup", action="store_true",
                     help="a model drafter drafts prompt-lookup matches first, where the context repeats itself")
     up.add_argument("--threads-verifier", type=int, default=0)

@@ -228,10 +228,6 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
 
-# The speculation policy `specd up` and the shipped deployments serve: the one bench.load measures best.
-UP_POLICY = "smartspec"
-
-
 def default_threads() -> tuple[int, int]:
     """(verifier, drafter) threads: the verifier takes every core and the drafter's share them. When SmartSpec
     stops drafting under load the verifier has the whole machine; while both run, the kernel lets the verifier's

@@ -29,12 +29,18 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from specdec.v1 import generation_pb2
+
 ENV_PREFIX = "SPECD_"
 NESTED_DELIMITER = "__"
 
-# The coordinator's draft-length policies and pipeline modes, by the names settings, clients and benches use.
-POLICY_NAMES = ("static", "heuristic", "pearl", "adaedl", "specdecpp", "bild", "goodput", "smartspec")
-MODE_NAMES = ("sequential", "overlapped", "target_only")
+# The coordinator's draft-length policies and pipeline modes, by the names settings, clients and benches use:
+# the proto's enums are the one list (coordinator/policies checks its registry against it).
+POLICY_NAMES = tuple(name.removeprefix("DRAFT_POLICY_").lower() for name in generation_pb2.DraftPolicy.keys()
+                     if name != "DRAFT_POLICY_UNSPECIFIED")
+MODE_NAMES = tuple(name.removeprefix("PIPELINE_MODE_").lower() for name in generation_pb2.PipelineMode.keys()
+                   if name != "PIPELINE_MODE_UNSPECIFIED")
+DEFAULT_POLICY = "smartspec"
 
 
 class ConfigError(ValueError):
@@ -265,7 +271,7 @@ class CoordinatorSettings(CommonSettings):
     drafter_addrs: Annotated[list[str], NoDecode] = Field(default_factory=list,
                                                           description="host:port of each drafter (empty: target-only).")
     mode: Literal[MODE_NAMES] = "overlapped"
-    policy: Literal[POLICY_NAMES] = "pearl"
+    policy: Literal[POLICY_NAMES] = DEFAULT_POLICY
     draft_length: int = Field(5, ge=1, le=64)
     max_draft_length: int = Field(16, ge=1, le=128)
     max_new_tokens_limit: int = Field(4096, ge=1)

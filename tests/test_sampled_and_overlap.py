@@ -60,10 +60,11 @@ def test_seeded_sampling_is_reproducible(tiny_dirs):
     stack = InProcessStack(dirs["target"], dirs["close"])
     try:
         client = SpecdClient(stack.address)
+        # pearl's draft lengths depend on acceptance alone; the goodput policies' depend on timing too
         runs = [client.generate(token_ids=[4, 8, 15, 16], max_new_tokens=20, temperature=0.9, top_p=0.9, seed=42,
-                                mode="sequential").token_ids for _ in range(3)]
+                                mode="sequential", policy="pearl").token_ids for _ in range(3)]
         other = client.generate(token_ids=[4, 8, 15, 16], max_new_tokens=20, temperature=0.9, top_p=0.9, seed=43,
-                                mode="sequential").token_ids
+                                mode="sequential", policy="pearl").token_ids
     finally:
         stack.close()
     assert runs[0] == runs[1] == runs[2]
@@ -122,7 +123,7 @@ def test_post_verify_off_drafts_only_the_block_and_on_drafts_past_it(tiny_dirs, 
 def test_a_verifier_that_waits_for_no_draft_keeps_the_stream_and_the_output(tiny_dirs, monkeypatch):
     """With a zero wait budget on every other round, those rounds verify what the stream has so far,
     often nothing; the stream keeps drafting across them and the next blocks use its tokens."""
-    import coordinator.server
+    import coordinator.policies.shared
     from coordinator.policies import DraftWait
 
     class NoWait(DraftWait):
@@ -132,7 +133,7 @@ def test_a_verifier_that_waits_for_no_draft_keeps_the_stream_and_the_output(tiny
             self.calls += 1
             return 0.0 if self.calls % 2 else None
 
-    monkeypatch.setattr(coordinator.server, "DraftWait", NoWait)
+    monkeypatch.setattr(coordinator.policies.shared, "DraftWait", NoWait)
     dirs = tiny_dirs["qwen2"]
     stack = InProcessStack(dirs["target"], dirs["target"], coordinator_overrides={"adaptive_draft_wait": True})  # drafting for itself: every draft on the path is accepted
     try:
