@@ -33,7 +33,8 @@ bench-quick: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.run
 
-# Concurrency sweep (1-16 clients) of specd, transformers and, once bench/setup_vllm.sh has run, vLLM.
+# Concurrency sweep (1-16 clients) on the chat and grounded workloads of specd, transformers and, once
+# bench/setup_vllm.sh has run, vLLM plain and with n-gram speculation.
 bench-load: $(STAMP)
 	$(PY) -m bench.load
 

@@ -2,10 +2,13 @@
 
     VLLM_TARGET_DEVICE=cpu $VLLM_VENV/bin/python bench/vllm_runner.py job.json result.json
 
-The job (JSON) names the model directory, the prompts as token ids, max_new_tokens, the warm-up length and
-per concurrency level the prompt indices each client sends in order. N clients are emulated as a closed
-loop over vLLM's engine: N requests in flight, and when one finishes its client sends its next one, so
-vLLM batches them continuously as its server would. Greedy, ignore_eos, like the specd rows.
+The job (JSON) names the row, the model directory, the warm-up length, optionally a `speculative_config` for
+`vllm.LLM` (e.g. {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3,
+"prompt_lookup_min": 2}) and its workloads, run in order on the one engine: per workload its name, the
+prompts as token ids, max_new_tokens and per concurrency level the prompt indices each client sends in
+order. N clients are emulated as a closed loop over vLLM's engine: N requests in flight, and when one
+finishes its client sends its next one, so vLLM batches them continuously as its server would. Greedy,
+ignore_eos, like the specd rows.
 
 Imports only the standard library and vLLM: this virtualenv has no specd.
 """
@@ -60,20 +63,24 @@ def main(job_path: str, result_path: str) -> int:
     from vllm import LLM, SamplingParams
 
     job = json.loads(Path(job_path).read_text())
+    speculative = {"speculative_config": job["speculative_config"]} if job.get("speculative_config") else {}
     # 2048 positions per request: 16 requests in flight fit vLLM's 2 GiB CPU KV cache many times over.
-    llm = LLM(model=job["model"], dtype="float32", seed=0, max_model_len=2048)
+    llm = LLM(model=job["model"], dtype="float32", seed=0, max_model_len=2048, **speculative)
     engine = llm.llm_engine
-    params = SamplingParams(temperature=0.0, max_tokens=job["max_new_tokens"], ignore_eos=True)
     warmup = SamplingParams(temperature=0.0, max_tokens=job["warmup_tokens"], ignore_eos=True)
-    levels = []
-    for level in job["levels"]:
-        plan = level["plan"]
-        run_level(engine, job["prompts"], [indices[:1] for indices in plan], warmup)
-        result = run_level(engine, job["prompts"], plan, params)
-        levels.append({"clients": len(plan), **result})
-        print(f"vllm: {len(plan)} clients, {len(result['requests'])} requests in {result['wall_s']:.1f}s",
-              file=sys.stderr, flush=True)
-    Path(result_path).write_text(json.dumps({"vllm_version": vllm.__version__, "levels": levels}))
+    workloads = []
+    for workload in job["workloads"]:
+        params = SamplingParams(temperature=0.0, max_tokens=workload["max_new_tokens"], ignore_eos=True)
+        levels = []
+        for level in workload["levels"]:
+            plan = level["plan"]
+            run_level(engine, workload["prompts"], [indices[:1] for indices in plan], warmup)
+            result = run_level(engine, workload["prompts"], plan, params)
+            levels.append({"clients": len(plan), **result})
+            print(f"{job.get('name', 'vllm')} [{workload['name']}]: {len(plan)} clients, "
+                  f"{len(result['requests'])} requests in {result['wall_s']:.1f}s", file=sys.stderr, flush=True)
+        workloads.append({"name": workload["name"], "levels": levels})
+    Path(result_path).write_text(json.dumps({"vllm_version": vllm.__version__, "workloads": workloads}))
     return 0
 
 

@@ -3,7 +3,9 @@
 One `Generation` per request wires the parts and runs the loop, in numbered steps:
 1. open a verifier session (prefill), failing over to another verifier if needed
    (`VerifierSession`, coordinator/verifier_session.py);
-2. gather a draft block from the chain of speculative tokens the drafter
+2. gather a draft block: from prompt lookup over the request's own text when it
+   matches and the policy takes it (`LookupDrafts`, coordinator/lookup_drafts.py: no
+   drafter call), else from the chain of speculative tokens the drafter
    streams (`DraftStream`, coordinator/draft_stream.py); in overlapped mode the
    stream keeps running while blocks are verified (post-verify) and a block may
    be as short as one token, so the verifier starts as soon as the first draft
@@ -34,8 +36,9 @@ import grpc
 from coordinator.backends import BackendPool, CallContext, UpstreamError
 from coordinator.draft_stream import DraftStream
 from coordinator.features import TargetFeatures
+from coordinator.lookup_drafts import LookupDrafts
 from coordinator.policies import DraftLengthPolicy, DraftWait, PostVerify
-from coordinator.rounds import GenerationStats, RoundMetrics, RoundObserver, RoundOutcome
+from coordinator.rounds import LOOKUP, MODEL, GenerationStats, RoundMetrics, RoundObserver, RoundOutcome
 from coordinator.verifier_session import VerifierSession
 from specdec import metrics
 from specdec.config import CoordinatorSettings
@@ -43,6 +46,7 @@ from specdec.sampling_params import SamplingParams, sampling_to_proto
 from specdec.v1 import drafter_pb2, verifier_pb2
 
 log = logging.getLogger(__name__)
+CATCH_UP_TOKENS = 8  # a drafter call that syncs more new context than this is not a typical round's cost
 
 @dataclass
 class GenerationRequest:
@@ -80,12 +84,13 @@ class GenerationOptions:
     target_version: str = ""
     trace_top_k: int = 0           # the target's top-k a trace keeps; 0 when nothing is traced
     target_hidden: bool = False    # the drafter reads the target's hidden states
+    lookup_tokens: int = 0         # longest prompt-lookup block the coordinator drafts itself; 0: none
 
     @classmethod
     def from_settings(cls, settings: CoordinatorSettings, target_version: str = "", traced: bool = False,
                       target_hidden: bool = False) -> GenerationOptions:
         return cls(settings.drafter_timeout_s, settings.drafter_retry_s, target_version,
-                   settings.trace_top_k if traced else 0, target_hidden)
+                   settings.trace_top_k if traced else 0, target_hidden, settings.lookup_draft_tokens)
 
 
 class Generation:
@@ -109,6 +114,10 @@ class Generation:
             return_hidden=self.features.enabled), self.features)
         self.drafts = DraftStream(drafters, self.calls, session_id, request.request_id, request.sampling,
                                   options.drafter_timeout_s, self.features, self.stats)
+        self.lookup = (LookupDrafts(options.lookup_tokens, request.sampling.greedy)
+                       if options.lookup_tokens and request.mode != "target_only" else None)
+        self._block_source = ""  # where the block being gathered came from: LOOKUP, MODEL, or ""
+        self._drafter_called = self._drafter_caught_up = False
         self.draft_wait = draft_wait if request.mode == "overlapped" else None
         self._ahead: asyncio.Future | None = None  # the next draftless round's Verify, already sent
         self._ahead_sent = 0.0
@@ -135,14 +144,18 @@ class Generation:
                 else:
                     block = await self._gather_block()                                # step 2
                     block, response, verify_s = await self._verify(block)             # step 3
+                source, drafter_called = (self._block_source if block else ""), self._drafter_called
+                caught_up = self._drafter_caught_up
+                self._drafter_called = self._drafter_caught_up = False  # a Verify sent ahead asked no drafter
                 outcome = RoundOutcome(sent=len(block), accepted=response.accepted, committed=response.accepted + 1,
                                        round_s=time.perf_counter() - round_started, verify_s=verify_s,
                                        lossy=response.lossy, batch_rows=response.timing.batch_rows,
                                        batch_sessions=response.timing.batch_sessions,
-                                       step_s=response.timing.compute_ms / 1e3)
+                                       step_s=response.timing.compute_ms / 1e3, source=source,
+                                       drafter_called=drafter_called, drafter_caught_up=caught_up)
                 for observe in self.observers:
                     observe(outcome)
-                new_tokens = self._apply(block, response)                             # step 4
+                new_tokens = self._apply(block, response, source)                     # step 4
                 self._draft_ahead()
                 self._verify_ahead()
                 if new_tokens:
@@ -184,8 +197,15 @@ class Generation:
 
     async def _gather_block(self) -> list[drafter_pb2.DraftToken]:
         policy = self.req.policy
+        self._block_source, self._drafter_called = "", False
         if self.req.mode == "target_only":
             return []
+        lookup = self._lookup_tokens()
+        if lookup:
+            if self.drafts.tokens or self.drafts.streaming():
+                self.drafts.reset()  # the drafter's chain was built past other tokens than the block's
+            self._block_source = LOOKUP
+            return self.lookup.block(lookup)
         if policy.block_size() == 0:
             self._speculation_off_round()
             return []
@@ -197,9 +217,23 @@ class Generation:
                 self.stats.fallback_steps += 1
                 metrics.FALLBACK_STEPS.inc()
             return []
+        if self.features.enabled and self.features.rows < len(self.committed) - 1:
+            # Rounds without the drafter left the target's features on the verifier; this round's Verify
+            # fetches them (it asks while the policy drafts) and the next round drafts on them.
+            self.stats.feature_catch_up_rounds += 1
+            return []
         wait_s = self.draft_wait.budget_s() if self.draft_wait is not None else None
+        self._block_source, self._drafter_called = MODEL, True
+        self._drafter_caught_up = len(self.committed) - self.drafts.base > CATCH_UP_TOKENS
         return await self.drafts.gather(self.committed, want, size, horizon, policy.stop_rule(), wait_s,
                                         overlapped=self.req.mode == "overlapped")
+
+    def _lookup_tokens(self) -> list[int]:
+        """This round's prompt-lookup block, as long as the policy takes (none without a match)."""
+        if self.lookup is None:
+            return []
+        proposal = self.lookup.propose(self.committed, self._remaining() - 1)
+        return proposal[:self.req.policy.lookup_length(len(proposal))]
 
     def _speculation_off_round(self) -> None:
         """The policy turned speculation off: stop the drafter competing for compute meanwhile."""
@@ -226,6 +260,8 @@ class Generation:
         policy = self.req.policy
         if self.finish_reason or self.req.mode == "target_only" or policy.block_size() == 0 or not self.drafts.ready():
             return
+        if self._lookup_tokens():
+            return  # the next block comes from lookup: drafting would only compete for the cores
         self.drafts.keep_drafting(self.committed, self._block_plan()[2], policy.stop_rule())
 
     def _verify_ahead(self) -> None:
@@ -234,7 +270,7 @@ class Generation:
         if self.finish_reason:
             return
         if self.req.mode != "target_only":
-            if self.req.policy.block_size() != 0:
+            if self.req.policy.block_size() != 0 or self._lookup_tokens():
                 return
             self._speculation_off_round()
         self._ahead_sent = time.perf_counter()
@@ -250,7 +286,8 @@ class Generation:
             session_id=self.session_id, committed_len=len(self.committed), draft_tokens=[t.token for t in block],
             draft_probs=[] if greedy else [t.probs for t in block], return_top_k=self.trace_top_k,
             request_id=self.req.request_id, bild_rollback_threshold=self.req.bild_rollback_threshold,
-            return_hidden=self.features.enabled)
+            # features only while the drafter is in use: the verifier keeps them meanwhile
+            return_hidden=self.features.enabled and self.req.policy.block_size() > 0)
         try:
             response, seconds = await self.verifier.verify(request, self.committed, self._remaining())
         except UpstreamError as err:
@@ -266,12 +303,15 @@ class Generation:
 
     # -- step 4: commit -----------------------------------------------------------------------------
 
-    def _apply(self, block: list[drafter_pb2.DraftToken], response: verifier_pb2.VerifyResponse) -> list[int]:
+    def _apply(self, block: list[drafter_pb2.DraftToken], response: verifier_pb2.VerifyResponse,
+               source: str) -> list[int]:
         accepted = response.accepted
-        if self.trace_sink is not None and block and not self.req.exclude_from_training:
-            self.trace_sink(VerifiedBlock(self.req, list(self.committed), block, response,
-                                          block[0].drafter_version, self.target_version))
-        self.drafts.advance(len(block), accepted, response.next_token)
+        # A lookup block: the drafter's chain was dropped for it, and copied text teaches the drafter nothing.
+        if source != LOOKUP:
+            if self.trace_sink is not None and block and not self.req.exclude_from_training:
+                self.trace_sink(VerifiedBlock(self.req, list(self.committed), block, response,
+                                              block[0].drafter_version, self.target_version))
+            self.drafts.advance(len(block), accepted, response.next_token)
         return self._commit([t.token for t in block[:accepted]] + [response.next_token])
 
     def _commit(self, tokens: list[int]) -> list[int]:

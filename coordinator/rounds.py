@@ -11,6 +11,9 @@ from typing import Callable
 from specdec import metrics
 
 
+LOOKUP, MODEL = "lookup", "model"  # where a round's draft block came from
+
+
 @dataclass(frozen=True)
 class RoundOutcome:
     sent: int              # draft tokens verified
@@ -22,6 +25,9 @@ class RoundOutcome:
     batch_rows: int = 0    # the verifier's forward pass that served the round: its rows and sessions,
     batch_sessions: int = 0  # all sessions' together, and its compute time
     step_s: float = 0.0
+    source: str = ""       # LOOKUP (the coordinator's prompt lookup) or MODEL (the drafter); "" when no draft
+    drafter_called: bool = False  # the round asked the drafter (which may have had nothing to propose)
+    drafter_caught_up: bool = False  # ... and sent it more context than a round commits (a new or idle session)
 
     @property
     def drafted(self) -> bool:
@@ -42,6 +48,11 @@ class GenerationStats:
     stale_draft_tokens: int = 0
     speculation_off_rounds: int = 0
     early_verify_rounds: int = 0
+    drafted_rounds: int = 0
+    lookup_rounds: int = 0
+    lookup_drafted_tokens: int = 0
+    lookup_accepted_tokens: int = 0
+    feature_catch_up_rounds: int = 0
     ttft_ms: float = 0.0
     total_ms: float = 0.0
     draft_ms: float = 0.0
@@ -62,6 +73,11 @@ class GenerationStats:
         return (self.accepted_tokens + self.rounds) / self.rounds if self.rounds else 0.0
 
     @property
+    def mean_block_length(self) -> float:
+        """Draft tokens per round that verified a draft: what the policy chose for this request."""
+        return self.drafted_tokens / self.drafted_rounds if self.drafted_rounds else 0.0
+
+    @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / (self.total_ms / 1e3) if self.total_ms > 0 else 0.0
 
@@ -69,6 +85,11 @@ class GenerationStats:
         self.rounds += 1
         self.drafted_tokens += outcome.sent
         self.accepted_tokens += outcome.accepted
+        self.drafted_rounds += outcome.drafted
+        if outcome.source == LOOKUP:
+            self.lookup_rounds += 1
+            self.lookup_drafted_tokens += outcome.sent
+            self.lookup_accepted_tokens += outcome.accepted
         self.lossy |= outcome.lossy
 
     def add_timings(self, total_s: float, draft_intervals: list[tuple[float, float]],

@@ -79,7 +79,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self.admission = AdmissionQueue(settings.max_concurrency, settings.max_queued)
         self.in_flight: dict[str, int] = defaultdict(int)  # by client: requests parsing, queued or running
         self.drain = Drain(open_work=lambda: sum(self.in_flight.values()))
-        self.measurements = SharedMeasurements()
+        self.measurements = SharedMeasurements(tuple((c.rows, c.seconds) for c in target_info.pass_costs))
 
     # -- request parsing ----------------------------------------------------------------------------
 
@@ -289,7 +289,10 @@ def _stats_proto(stats: GenerationStats) -> generation_pb2.GenerationStats:
         fallback_steps=stats.fallback_steps, draft_ms=stats.draft_ms, verify_ms=stats.verify_ms,
         hidden_draft_ms=stats.hidden_draft_ms, policy=stats.policy, mode=stats.mode, lossy=stats.lossy,
         drafter_version=stats.drafter_version, stale_draft_tokens=stats.stale_draft_tokens,
-        speculation_off_rounds=stats.speculation_off_rounds, early_verify_rounds=stats.early_verify_rounds)
+        speculation_off_rounds=stats.speculation_off_rounds, early_verify_rounds=stats.early_verify_rounds,
+        lookup_rounds=stats.lookup_rounds, lookup_drafted_tokens=stats.lookup_drafted_tokens,
+        lookup_accepted_tokens=stats.lookup_accepted_tokens, mean_block_length=stats.mean_block_length,
+        feature_catch_up_rounds=stats.feature_catch_up_rounds)
 
 
 async def _backend_info(pool: BackendPool, metadata, wait_s: float, required: bool,

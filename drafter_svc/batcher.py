@@ -8,29 +8,23 @@ so eight streams cost about one model step per token instead of eight.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from concurrent.futures import Future
 from typing import Callable
 
 from drafter_svc.drafters import Drafter, StepItem
 from specdec import metrics
-from specdec.errors import ServiceStopped
-from specdec.model_thread import ModelThread
+from specdec.model_thread import StepLoop
 
 log = logging.getLogger(__name__)
 
 
-class DraftBatcher:
+class DraftBatcher(StepLoop):
     def __init__(self, drafter: Drafter, service: str = "drafter"):
         self.drafter = drafter
-        self.service = service
-        self._cond = threading.Condition()
         self._calls: list[tuple[Callable, tuple, Future]] = []
         self._steps: list[tuple[StepItem, Future]] = []
-        self._closed = False
-        self._in_round: list[Future] = []  # the futures of the calls and steps the running round took
-        self.model_thread = ModelThread(f"{service}-steps", self._run, self._fail_held)
+        super().__init__(service)
 
     def call(self, fn: Callable, *args) -> Future:
         """Runs fn(*args) on the model thread, before the next batched step."""
@@ -47,60 +41,48 @@ class DraftBatcher:
 
     def _submit(self, queue: list, entry: tuple) -> Future:
         future: Future = Future()
-        with self._cond:
-            if self.model_thread.died is not None:
-                raise ServiceStopped(str(self.model_thread.died))
-            if self._closed:
-                raise RuntimeError("the drafter is shutting down")
-            queue.append((*entry, future))
-            metrics.STEP_QUEUE.labels(service=self.service).set(len(self._calls) + len(self._steps))
-            self._cond.notify()
+        self._enqueue(lambda: queue.append((*entry, future)))
         return future
 
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-        self.model_thread.join(timeout=10)
+    # -- the step loop -------------------------------------------------------------------------------
 
-    def _fail_held(self, stopped: ServiceStopped) -> None:
-        """The model thread died: every call and step it held or had queued fails with `stopped`."""
-        with self._cond:
-            self._closed = True
-            futures = [*self._in_round, *(entry[-1] for entry in self._calls + self._steps)]
-            self._calls, self._steps = [], []
-        for future in futures:
-            if not future.done():
-                future.set_exception(stopped)
+    def _has_work(self) -> bool:
+        return bool(self._calls or self._steps)
 
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not (self._calls or self._steps) and not self._closed:
-                    self._cond.wait()
-                if self._closed:
-                    return
-                calls, self._calls = self._calls, []
-                steps, self._steps = self._steps, []
-                self._in_round = [entry[-1] for entry in calls + steps]
-                metrics.STEP_QUEUE.labels(service=self.service).set(0)
-            steps = [(item, future) for item, future in steps if future.set_running_or_notify_cancel()]
-            for fn, args, future in calls:
-                if not future.set_running_or_notify_cancel():
-                    continue
-                try:
-                    result = fn(*args)
-                except Exception as err:  # noqa: BLE001 - reported to that caller only
-                    future.set_exception(err)
-                    continue
-                if isinstance(fn, _SyncThenStep) and len(result.ids) >= fn.max_context:
-                    future.set_result((result, None))
-                elif isinstance(fn, _SyncThenStep):
-                    steps.append((StepItem(result, fn.sampling, fn.support), _SessionAndStep(result, future)))
-                else:
-                    future.set_result(result)
-            if steps:
-                self._step_all(steps)
+    def _queued(self) -> int:
+        return len(self._calls) + len(self._steps)
+
+    def _drain(self) -> list[Future]:
+        futures = [entry[-1] for entry in self._calls + self._steps]
+        self._calls, self._steps = [], []
+        return futures
+
+    def _take(self) -> tuple[list, list]:
+        calls, self._calls = self._calls, []
+        steps, self._steps = self._steps, []
+        self._in_round = [entry[-1] for entry in calls + steps]
+        metrics.STEP_QUEUE.labels(service=self.service).set(0)
+        return calls, steps
+
+    def _run_round(self, work: tuple[list, list]) -> None:
+        calls, steps = work
+        steps = [(item, future) for item, future in steps if future.set_running_or_notify_cancel()]
+        for fn, args, future in calls:
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn(*args)
+            except Exception as err:  # noqa: BLE001 - reported to that caller only
+                future.set_exception(err)
+                continue
+            if isinstance(fn, _SyncThenStep) and len(result.ids) >= fn.max_context:
+                future.set_result((result, None))
+            elif isinstance(fn, _SyncThenStep):
+                steps.append((StepItem(result, fn.sampling, fn.support), _SessionAndStep(result, future)))
+            else:
+                future.set_result(result)
+        if steps:
+            self._step_all(steps)
 
     def _step_all(self, steps: list[tuple[StepItem, Future]]) -> None:
         started = time.perf_counter()

@@ -17,6 +17,7 @@ from specdec.compute import packed
 from specdec.compute.model_runner import ModelRunner
 from specdec.compute.sessions import KVSession, SessionStore, crop_cache
 from specdec.errors import InvalidRequest, SessionNotFound
+from specdec.lookup import lookup_continuation
 from specdec.models.eagle import fused_inputs, is_feature_drafter
 from specdec.models.loader import LoadedModel
 from specdec.sampling import DRAFT, DraftDist, entropy, sample_index, truncate_support, uniform, warp_logits
@@ -366,13 +367,3 @@ class NgramDrafter(Drafter):
 
     def step_many(self, items):
         return [self.lookup.propose(item.session, item.sampling) for item in items]
-
-
-def lookup_continuation(ids: list[int], ngram_max: int, ngram_min: int) -> int | None:
-    """The token that followed the most recent earlier match of ids' last n-gram, longest n first."""
-    for n in range(min(ngram_max, len(ids) - 1), ngram_min - 1, -1):
-        tail = ids[-n:]
-        for start in range(len(ids) - n - 1, -1, -1):
-            if ids[start:start + n] == tail:
-                return ids[start + n]
-    return None

@@ -253,7 +253,8 @@ def speculation_stats(stats: generation_pb2.GenerationStats) -> dict:
             "accepted_tokens": stats.accepted_tokens, "acceptance_rate": stats.acceptance_rate,
             "rounds": stats.rounds, "mean_accepted_length": stats.mean_accepted_length,
             "fallback_steps": stats.fallback_steps, "speculation_off_rounds": stats.speculation_off_rounds,
-            "drafter_version": stats.drafter_version}
+            "lookup_rounds": stats.lookup_rounds, "lookup_accepted_tokens": stats.lookup_accepted_tokens,
+            "mean_block_length": stats.mean_block_length, "drafter_version": stats.drafter_version}
 
 
 def usage(stats: generation_pb2.GenerationStats, completion_tokens: int) -> dict:

@@ -161,6 +161,14 @@ class LocalStack:
             time.sleep(0.3)
 
     def start(self, timeout_s: float = 600.0) -> str:
+        """Starts every service and waits until each serves; one that fails stops those already started."""
+        try:
+            return self._start(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout_s: float) -> str:
         verifiers = [f"verifier{i}" if self.verifier_count > 1 else "verifier" for i in range(self.verifier_count)]
         for name in verifiers:
             self._spawn(name, "verifier", ["--model", self.target, "--threads", str(self.threads_verifier)])

@@ -227,6 +227,9 @@ class VerifierSettings(ModelServiceSettings):
     prefix_caching: bool = Field(True, description="A prompt shares the KV of the full 16-token blocks it has in "
                                                    "common with an earlier prompt (a system prompt) instead of "
                                                    "computing them.")
+    measure_pass_cost: bool = Field(True, description="At start-up, time passes of 1, 2, 4, ... max_step_rows rows "
+                                    "and report the curve (ModelInfo.pass_costs): the coordinator weighs draft rows "
+                                    "by it.")
 
 
 class DrafterSettings(ModelServiceSettings):
@@ -274,6 +277,9 @@ class CoordinatorSettings(CommonSettings):
     policy: Literal[POLICY_NAMES] = DEFAULT_POLICY
     draft_length: int = Field(5, ge=1, le=64)
     max_draft_length: int = Field(16, ge=1, le=128)
+    lookup_draft_tokens: int = Field(32, ge=0, le=128, description="Longest block the coordinator drafts itself by "
+                                     "prompt lookup (the text's last n-gram seen before: what followed it), before "
+                                     "asking the drafter; the policy decides per request how much to verify. 0: off.")
     max_new_tokens_limit: int = Field(4096, ge=1)
     drafter_timeout_s: float = Field(2.0, gt=0, description="A draft slower than this falls back to the target.")
     adaptive_draft_wait: bool = Field(False, description="Overlapped mode: an idle verifier waits for a draft only as "

@@ -28,7 +28,6 @@ row count) a pass holds one session, and prompts go in fixed chunks of `prefill_
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import deque
 from concurrent.futures import Future
@@ -41,8 +40,7 @@ from specdec import metrics
 from specdec.compute.model_runner import ModelRunner
 from specdec.compute.sessions import KVSession
 from specdec.config import VerifierSettings
-from specdec.errors import ServiceStopped
-from specdec.model_thread import ModelThread
+from specdec.model_thread import StepLoop
 
 log = logging.getLogger(__name__)
 
@@ -103,46 +101,39 @@ class VerifierOptions:
     prefill_chunk: int = 64
     batch_invariant_only: bool = False  # one session per pass, for devices whose GEMMs change bits with the row count
     prefix_caching: bool = True
+    measure_pass_cost: bool = True
 
     @classmethod
     def from_settings(cls, settings: VerifierSettings) -> VerifierOptions:
         return cls(**{name: getattr(settings, name) for name in cls.__dataclass_fields__})
 
 
-class StepScheduler:
+class StepScheduler(StepLoop):
     def __init__(self, runner: ModelRunner, decider: VerifyDecider, options: VerifierOptions = VerifierOptions(),
                  service: str = "verifier"):
         self.runner, self.decider = runner, decider
         self.max_step_rows, self.prefill_chunk = options.max_step_rows, options.prefill_chunk
         self.prefix_caching = options.prefix_caching
         self.sessions_per_pass = 1 if options.batch_invariant_only else None
-        self.service = service
         self._recent: dict[str, float] = {}   # session id -> when its last verify pass ended (monotonic)
         self._pass_s = 0.0                    # the last verify pass's duration
-        self._cond = threading.Condition()
         self._verifies: deque[VerifyJob] = deque()
         self._prefills: deque[PrefillJob] = deque()
         self._callbacks: list[tuple[int, Callable[[], None]]] = []
         self._unfinished: set[int] = set()
         self._seq = 0
-        self._closed = False
-        self._in_step: list[PrefillJob | VerifyJob] = []  # the jobs the running step took off the queues
-        self.model_thread = ModelThread(f"{service}-steps", self._run, self._fail_held)
+        super().__init__(service)
 
     # -- submitting --------------------------------------------------------------------------------
 
     def submit(self, job: PrefillJob | VerifyJob) -> Future:
-        with self._cond:
-            if self.model_thread.died is not None:
-                raise ServiceStopped(str(self.model_thread.died))
-            if self._closed:
-                raise RuntimeError("the scheduler is closed")
+        def add() -> None:
             job.seq = self._seq
             self._seq += 1
             self._unfinished.add(job.seq)
             (self._prefills if isinstance(job, PrefillJob) else self._verifies).append(job)
-            metrics.STEP_QUEUE.labels(service=self.service).set(len(self._verifies) + len(self._prefills))
-            self._cond.notify()
+
+        self._enqueue(add)
         return job.future
 
     def after_pending(self, callback: Callable[[], None]) -> None:
@@ -156,49 +147,40 @@ class StepScheduler:
         with self._cond:
             self._recent.pop(session_id, None)
 
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-        self.model_thread.join(timeout=10)
-
-    def _fail_held(self, stopped: ServiceStopped) -> None:
-        """The step thread died: every job it held or had queued fails with `stopped`."""
-        with self._cond:
-            self._closed = True
-            jobs = [*self._in_step, *self._verifies, *self._prefills]
-            self._verifies.clear()
-            self._prefills.clear()
-        for job in jobs:
-            if not job.future.done():
-                job.future.set_exception(stopped)
-
     # -- the step loop -----------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not (self._verifies or self._prefills or self._ready_callbacks()) and not self._closed:
-                    self._cond.wait()
-                if self._closed:
-                    return
-                if self._verifies:
-                    self._wait_for_stragglers()
-                verifies = list(self._verifies)
-                self._verifies.clear()
-                prefills = list(self._prefills)
-                self._in_step = verifies
-            self._run_step(verifies, prefills)
-            with self._cond:
-                self._prefills = deque(job for job in self._prefills if not job.finished)
-                metrics.STEP_QUEUE.labels(service=self.service).set(len(self._verifies) + len(self._prefills))
-                callbacks = self._ready_callbacks()
-                self._callbacks = [c for c in self._callbacks if c not in callbacks]
-            for _, callback in callbacks:
-                try:
-                    callback()
-                except Exception:  # noqa: BLE001 - a failed callback must not stop the step loop
-                    log.exception("step callback failed")
+    def _has_work(self) -> bool:
+        return bool(self._verifies or self._prefills or self._ready_callbacks())
+
+    def _queued(self) -> int:
+        return len(self._verifies) + len(self._prefills)
+
+    def _drain(self) -> list[Future]:
+        futures = [job.future for job in [*self._verifies, *self._prefills]]
+        self._verifies.clear()
+        self._prefills.clear()
+        return futures
+
+    def _take(self) -> tuple[list[VerifyJob], list[PrefillJob]]:
+        if self._verifies:
+            self._wait_for_stragglers()
+        verifies = list(self._verifies)
+        self._verifies.clear()
+        self._in_round = [job.future for job in verifies]  # prefills stay queued until they finish
+        return verifies, list(self._prefills)
+
+    def _run_round(self, work: tuple[list[VerifyJob], list[PrefillJob]]) -> None:
+        self._run_step(*work)
+        with self._cond:
+            self._prefills = deque(job for job in self._prefills if not job.finished)
+            metrics.STEP_QUEUE.labels(service=self.service).set(self._queued())
+            callbacks = self._ready_callbacks()
+            self._callbacks = [c for c in self._callbacks if c not in callbacks]
+        for _, callback in callbacks:
+            try:
+                callback()
+            except Exception:  # noqa: BLE001 - a failed callback must not stop the step loop
+                log.exception("step callback failed")
 
     def _wait_for_stragglers(self) -> None:
         """Holds the pass (lock held) up to GATHER_SHARE of the last pass's time for recently served sessions

@@ -213,7 +213,9 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
         return verifier_pb2.ModelInfo(model_name=loaded.name, vocab_size=loaded.vocab_size, max_context=loaded.max_context,
                                       tokenizer_fingerprint=loaded.fingerprint, model_version=loaded.version,
                                       active_sessions=len(self.core.sessions), max_sessions=self.core.sessions.max_sessions,
-                                      eos_token_ids=loaded.eos_token_ids)
+                                      eos_token_ids=loaded.eos_token_ids,
+                                      pass_costs=[verifier_pb2.PassCost(rows=rows, seconds=seconds)
+                                                  for rows, seconds in self.core.pass_costs])
 
 
 def build_servicer(settings: VerifierSettings, loaded: LoadedModel | None = None) -> VerifierServicer:
@@ -234,7 +236,9 @@ async def start(settings: VerifierSettings, servicer: VerifierServicer | None = 
     log.info("verifier ready", extra={"fields": {"port": running.port, "metrics_port": metrics_port,
                                                  "model": loaded.name, "vocab": loaded.vocab_size,
                                                  "small_gemm_layers": servicer.core.runner.small_gemm_layers,
-                                                 "gguf_block_layers": servicer.core.runner.gguf_block_layers}})
+                                                 "gguf_block_layers": servicer.core.runner.gguf_block_layers,
+                                                 "pass_ms_by_rows": {rows: round(seconds * 1e3, 2) for rows, seconds
+                                                                     in servicer.core.pass_costs}}})
     return running
 
 

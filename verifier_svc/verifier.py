@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from specdec.compute.model_runner import ModelRunner
-from specdec.compute.sessions import SessionStore
+from specdec.compute.model_runner import ModelRunner, measure_pass_cost
+from specdec.compute.sessions import KVSession, SessionStore
 from specdec.errors import ContextExhausted, InvalidRequest, StaleRequest
 from specdec.models.loader import LoadedModel
 from specdec.sampling import DraftDist, verify_greedy, verify_speculative, warp_logits
@@ -20,6 +20,7 @@ from specdec.sampling_params import SamplingParams
 from verifier_svc.scheduler import PassStats, PrefillJob, StepScheduler, VerifierOptions, VerifyJob
 
 MAX_DRAFT_TOKENS = 128
+UNSENT_FEATURES = "unsent_features"  # session.extra of a session whose caller reads the target's features
 
 
 @dataclass
@@ -41,6 +42,9 @@ class VerifierCore:
     def __init__(self, loaded: LoadedModel, options: VerifierOptions = VerifierOptions()):
         self.loaded = loaded
         self.runner = ModelRunner(loaded.model, loaded.device, options.small_gemm, loaded.gguf_path)
+        self.pass_costs: list[tuple[int, float]] = []
+        if options.measure_pass_cost:  # before the step thread starts, so no call shares these passes
+            self.pass_costs = measure_pass_cost(self.runner, options.max_step_rows)
         self.sessions = SessionStore(options.max_sessions, options.session_ttl_s)
         self.scheduler = StepScheduler(self.runner, self, options)
 
@@ -59,6 +63,8 @@ class VerifierCore:
                 f"{self.loaded.max_context}")
         session = self.sessions.create(session_id, request_id)
         session.extra["sampling"] = sampling
+        if return_hidden:
+            session.extra[UNSENT_FEATURES] = []  # (start, features [n, H]) of rounds that asked for none
         return self.scheduler.submit(PrefillJob(session, list(token_ids[:-1]), token_ids[-1], return_hidden))
 
     # 2. Verify: one target pass over the uncached tokens plus the draft, shared with other sessions.
@@ -81,8 +87,10 @@ class VerifierCore:
                 q = torch.stack([d.dense(self.loaded.vocab_size) for d in draft_dists])  # [k, V]
             except ValueError as err:
                 raise InvalidRequest(str(err)) from None
-        payload = _VerifyArgs(sampling, q, return_top_k, bild_threshold)
-        return self.scheduler.submit(VerifyJob(session, committed_len, list(draft_tokens), payload, return_hidden))
+        payload = _VerifyArgs(sampling, q, return_top_k, bild_threshold, return_hidden)
+        keeps_features = UNSENT_FEATURES in session.extra
+        return self.scheduler.submit(VerifyJob(session, committed_len, list(draft_tokens), payload,
+                                               return_hidden or keeps_features))
 
     def prefill(self, *args, **kwargs) -> tuple[int, tuple[int, torch.Tensor] | None]:
         return self.submit_prefill(*args, **kwargs).result()
@@ -117,12 +125,27 @@ class VerifierCore:
         committed_features = None
         if job.return_hidden:
             fed_from = len(session.ids) - hidden.shape[0]
-            committed_features = (fed_from, hidden[: base + decision.accepted - fed_from])
+            committed_features = self._features_to_send(session, fed_from, hidden[: base + decision.accepted - fed_from],
+                                                        args.send_hidden)
         session.crop(base + decision.accepted)
         session.ids.append(decision.next_token)
         target_top = _top_k(slot_logits[: decision.accepted + 1], args.return_top_k)
         return VerifyOutcome(decision.accepted, decision.next_token, len(session.ids), target_top,
                              step.seconds * 1e3, decision.lossy, committed_features, step.rows, step.sessions)
+
+    @staticmethod
+    def _features_to_send(session: KVSession, start: int, features: torch.Tensor,
+                          send: bool) -> tuple[int, torch.Tensor] | None:
+        """This round's committed features [n, H] from position `start`, after those kept from rounds that
+        asked for none; or None, keeping them, when this round asks for none either."""
+        unsent: list[tuple[int, torch.Tensor]] | None = session.extra.get(UNSENT_FEATURES)
+        if unsent is None:
+            return (start, features) if send else None
+        unsent.append((start, features))
+        if not send:
+            return None
+        session.extra[UNSENT_FEATURES] = []
+        return unsent[0][0], torch.cat([part for _, part in unsent])
 
     def release(self, session_id: str) -> bool:
         self.scheduler.forget(session_id)
@@ -147,6 +170,7 @@ class _VerifyArgs:
     q: torch.Tensor | None            # [k, V] draft distributions when sampling
     return_top_k: int
     bild_threshold: float
+    send_hidden: bool                 # send the committed features now (else keep them for a later call)
 
 
 def _top_k(logits: torch.Tensor, k: int) -> list[tuple[list[int], list[float]]]:

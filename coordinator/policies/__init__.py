@@ -13,7 +13,7 @@ the verifier waits for `min_ready`: past that budget it verifies what exists, an
 `PostVerify` decides whether drafting runs on past the block while it is verified.
 
 Modules: `length` (policies that learn from their own blocks), `goodput` (policies that decide by
-measured tokens per second), `evidence` (the goodput model they share across requests), `pipeline`
+measured tokens per second), `marginal` (per-request, per-source decisions on the pass's cost), `evidence` (the goodput model they share across requests), `pipeline`
 (the overlapped pipeline's controls), `shared` (what one coordinator's requests measure together). A new policy is a class in one of them and a line in POLICIES below, plus its
 DRAFT_POLICY_* value in proto/specdec/v1/generation.proto, from which specdec.config.POLICY_NAMES
 is read; importing this package checks the two agree.
@@ -21,7 +21,7 @@ is read; importing this package checks the two agree.
 
 from __future__ import annotations
 
-from coordinator.policies.evidence import BatchCost, GoodputMemory, LineFit
+from coordinator.policies.evidence import BatchCost, GoodputMemory, LineFit, PassCost
 from coordinator.policies.goodput import GoodputPolicy, SmartSpecPolicy, best_draft_length, expected_committed
 from coordinator.policies.length import (
     AdaEdlPolicy,
@@ -31,6 +31,7 @@ from coordinator.policies.length import (
     PearlPolicy,
     SpecDecPPPolicy,
 )
+from coordinator.policies.marginal import MarginalPolicy
 from coordinator.policies.pipeline import DraftWait, PostVerify
 from coordinator.policies.shared import SharedMeasurements
 from specdec.config import POLICY_NAMES
@@ -44,6 +45,7 @@ POLICIES: dict[str, type[DraftLengthPolicy]] = {policy.name: policy for policy i
     BildPolicy,
     GoodputPolicy,
     SmartSpecPolicy,
+    MarginalPolicy,
 )}
 
 if set(POLICIES) != set(POLICY_NAMES):
@@ -60,6 +62,7 @@ def make_policy(name: str, length: int, max_length: int, threshold: float = 0.0,
 
 __all__ = [
     "POLICIES", "AdaEdlPolicy", "BatchCost", "BildPolicy", "DraftLengthPolicy", "DraftWait", "GoodputMemory",
-    "GoodputPolicy", "HeuristicPolicy", "LineFit", "PearlPolicy", "PostVerify", "SharedMeasurements",
+    "GoodputPolicy", "HeuristicPolicy", "LineFit", "MarginalPolicy", "PassCost", "PearlPolicy", "PostVerify",
+    "SharedMeasurements",
     "SmartSpecPolicy", "SpecDecPPPolicy", "best_draft_length", "expected_committed", "make_policy",
 ]

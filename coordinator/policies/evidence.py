@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from coordinator.rounds import RoundOutcome
+from coordinator.rounds import LOOKUP, RoundOutcome
 
 
 def decayed_add(totals: list[float], decay: float, committed: int, seconds: float) -> None:
@@ -41,6 +41,7 @@ class GoodputMemory:
     exploit_rounds: int = 8
     observed: dict = field(default_factory=lambda: {True: [0.0, 0.0, 0.0], False: [0.0, 0.0, 0.0]})
     batch: BatchCost = field(default_factory=lambda: BatchCost())  # what smartspec requests share
+    pass_cost: PassCost = field(default_factory=lambda: PassCost())  # what marginal requests read
 
     def record(self, speculating: bool, committed: int, seconds: float) -> None:
         decayed_add(self.observed[speculating], self.decay, committed, seconds)
@@ -81,19 +82,81 @@ class BatchCost:
     step: LineFit = field(default_factory=LineFit)
     exposed: LineFit = field(default_factory=LineFit)
     committed_per_round: float = 1.0
-    acceptance: float = 0.5   # per draft token, before any is measured
+    acceptance: float = 0.5   # per draft token of the drafter, before any is measured
+    lookup_acceptance: float = 0.5  # per draft token of prompt lookup
+    round_overhead_s: float | None = None  # a draftless round's time outside the verifier's pass
+    # what drafting adds to a round, by draft tokens; the last few calls count (the load changes it)
+    draft_cost: LineFit = field(default_factory=lambda: LineFit(decay=0.8))
     decay: float = 0.98
 
     def observe(self, outcome: RoundOutcome) -> None:
         if outcome.batch_rows:
             self.step.add(outcome.batch_rows, outcome.step_s)
-        self.exposed.add(outcome.sent, max(0.0, outcome.round_s - outcome.verify_s))
+        if outcome.source != LOOKUP:  # a lookup block costs no drafting
+            self.exposed.add(outcome.sent, max(0.0, outcome.round_s - outcome.verify_s))
         self.committed_per_round = self.decay * self.committed_per_round + (1 - self.decay) * outcome.committed
+        outside = max(0.0, outcome.round_s - outcome.step_s)
+        if not outcome.drafter_called:
+            self.round_overhead_s = _blend(self.round_overhead_s, outside, 0.9)
+        elif self.round_overhead_s is not None and not outcome.drafter_caught_up:  # an empty reply costs the call too
+            self.draft_cost.add(outcome.sent, max(0.0, outside - self.round_overhead_s))
         if outcome.drafted and not outcome.lossy:
-            self.acceptance = (self.decay * self.acceptance
-                               + (1 - self.decay) * acceptance_estimate(outcome.sent, outcome.accepted))
+            estimate = acceptance_estimate(outcome.sent, outcome.accepted)
+            if outcome.source == LOOKUP:
+                self.lookup_acceptance = self.decay * self.lookup_acceptance + (1 - self.decay) * estimate
+            else:
+                self.acceptance = self.decay * self.acceptance + (1 - self.decay) * estimate
+
+
+    def drafting_s(self) -> tuple[float, float] | None:
+        """(seconds a drafter call adds to its round, seconds each draft token adds); None before one is
+        measured. Until blocks of two lengths are, the whole cost is taken as the call's."""
+        line = self.draft_cost.line()
+        if line is not None:
+            return max(0.0, line[0]), line[1]
+        weight, _, total = self.draft_cost.sums[:3]
+        return (total / weight, 0.0) if weight > 0 else None
+
+
+def _blend(old: float | None, new: float, decay: float) -> float:
+    return new if old is None else decay * old + (1 - decay) * new
 
 
 def acceptance_estimate(sent: int, accepted: int) -> float:
     """Per-token acceptance from one block of sent > 0: accepted successes, then a rejection if any."""
     return accepted / (accepted + (accepted < sent))
+
+
+@dataclass
+class PassCost:
+    """Seconds of one verifier pass by the rows in it: the verifier's own start-up measurement
+    (ModelInfo.pass_costs), scaled by how the passes measured now compare with it (load, a drafter on
+    the same cores); without one, a line fitted to the passes measured."""
+
+    calibrated: tuple[tuple[int, float], ...] = ()  # (rows, seconds), fewest rows first
+    scale: float = 1.0
+    decay: float = 0.95
+    fit: LineFit = field(default_factory=LineFit)
+
+    def observe(self, rows: int, seconds: float) -> None:
+        self.fit.add(rows, seconds)
+        if self.calibrated and rows > 0 and seconds > 0:
+            ratio = min(max(seconds / self._curve(rows), 0.2), 5.0)
+            self.scale = self.decay * self.scale + (1 - self.decay) * ratio
+
+    def seconds(self, rows: float) -> float | None:
+        """A pass of `rows` rows; None while nothing is known."""
+        if self.calibrated:
+            return self.scale * self._curve(rows)
+        line = self.fit.line()
+        return None if line is None else line[0] + line[1] * rows
+
+    def _curve(self, rows: float) -> float:
+        points = self.calibrated
+        if rows <= points[0][0] or len(points) == 1:
+            return points[0][1] if rows <= points[0][0] else points[0][1] * rows / points[0][0]
+        for (r0, s0), (r1, s1) in zip(points, points[1:]):
+            if rows <= r1:
+                return s0 + (s1 - s0) * (rows - r0) / (r1 - r0)
+        (r0, s0), (r1, s1) = points[-2], points[-1]
+        return s1 + max(0.0, (s1 - s0) / (r1 - r0)) * (rows - r1)

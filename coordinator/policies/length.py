@@ -28,6 +28,11 @@ class DraftLengthPolicy:
     def min_ready(self, overlapped: bool) -> int:
         return self.length
 
+    def lookup_length(self, available: int) -> int:
+        """How many of the `available` tokens the coordinator's prompt lookup proposes to verify this round
+        (then the drafter is not asked): as many as a drafter block may hold."""
+        return min(available, self.block_size())
+
     def lookahead(self) -> int:
         """How far past the committed text the drafter may run (overlapped mode): a whole next block
         past this one and the target's bonus token, which post-verify drafts must first match."""

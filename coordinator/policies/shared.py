@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from coordinator.policies.evidence import GoodputMemory
+from coordinator.policies.evidence import GoodputMemory, PassCost
 from coordinator.policies.pipeline import DraftWait, PostVerify
 
 
 class SharedMeasurements:
-    def __init__(self):
-        self._goodput: dict[tuple[str, bool], GoodputMemory] = defaultdict(GoodputMemory)
+    def __init__(self, pass_costs: tuple[tuple[int, float], ...] = ()):
+        """`pass_costs`: the verifier's measured (rows, seconds) of one pass, where it reported them."""
+        self._goodput: dict[tuple[str, bool], GoodputMemory] = defaultdict(
+            lambda: GoodputMemory(pass_cost=PassCost(calibrated=pass_costs)))
         self._draft_waits: dict[bool, DraftWait] = defaultdict(DraftWait)
         self._post_verifies: dict[bool, PostVerify] = defaultdict(PostVerify)
 

@@ -6,6 +6,8 @@ kernel installation and the KV block pool the caches draw from.
 
 from __future__ import annotations
 
+import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -82,3 +84,23 @@ class ModelRunner:
         for session in sessions:
             session.cached_len = len(session.ids)
         return results
+
+
+def measure_pass_cost(runner: ModelRunner, max_rows: int, context: int = 32, repeats: int = 3,
+                      token: int = 1) -> list[tuple[int, float]]:
+    """(rows, median seconds) of one pass feeding n new rows to a session of `context` cached ids, for
+    n = 1, 2, 4, ... up to max_rows: the pass-cost curve bench.verify_cost prints, measured in place, so
+    the coordinator weighs a draft row by what a row costs on this machine, model and kernel."""
+    sizes = [n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256) if n < max_rows] + [max_rows]
+    times: dict[int, list[float]] = {n: [] for n in sizes}
+    for repeat in range(repeats + 1):  # the first round warms the weights and the kernel's threads
+        for n in sizes:
+            session = KVSession("pass-cost", ids=[token] * context)
+            runner.extend([session], keep_logits=0)
+            session.ids.extend([token] * n)
+            started = time.perf_counter()
+            runner.extend([session], keep_logits=n)
+            if repeat:
+                times[n].append(time.perf_counter() - started)
+            session.cache = None  # gives the blocks back to the pool
+    return [(n, statistics.median(t)) for n, t in times.items()]

@@ -19,6 +19,7 @@ class DraftPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DRAFT_POLICY_BILD: _ClassVar[DraftPolicy]
     DRAFT_POLICY_GOODPUT: _ClassVar[DraftPolicy]
     DRAFT_POLICY_SMARTSPEC: _ClassVar[DraftPolicy]
+    DRAFT_POLICY_MARGINAL: _ClassVar[DraftPolicy]
 
 class PipelineMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -42,6 +43,7 @@ DRAFT_POLICY_SPECDECPP: DraftPolicy
 DRAFT_POLICY_BILD: DraftPolicy
 DRAFT_POLICY_GOODPUT: DraftPolicy
 DRAFT_POLICY_SMARTSPEC: DraftPolicy
+DRAFT_POLICY_MARGINAL: DraftPolicy
 PIPELINE_MODE_UNSPECIFIED: PipelineMode
 PIPELINE_MODE_SEQUENTIAL: PipelineMode
 PIPELINE_MODE_OVERLAPPED: PipelineMode
@@ -108,7 +110,7 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("prompt_tokens", "new_tokens", "rounds", "drafted_tokens", "accepted_tokens", "acceptance_rate", "mean_accepted_length", "ttft_ms", "total_ms", "tokens_per_s", "fallback_steps", "draft_ms", "verify_ms", "hidden_draft_ms", "policy", "mode", "lossy", "drafter_version", "stale_draft_tokens", "speculation_off_rounds", "early_verify_rounds")
+    __slots__ = ("prompt_tokens", "new_tokens", "rounds", "drafted_tokens", "accepted_tokens", "acceptance_rate", "mean_accepted_length", "ttft_ms", "total_ms", "tokens_per_s", "fallback_steps", "draft_ms", "verify_ms", "hidden_draft_ms", "policy", "mode", "lossy", "drafter_version", "stale_draft_tokens", "speculation_off_rounds", "early_verify_rounds", "lookup_rounds", "lookup_drafted_tokens", "lookup_accepted_tokens", "mean_block_length", "feature_catch_up_rounds")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +132,11 @@ class GenerationStats(_message.Message):
     STALE_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SPECULATION_OFF_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     EARLY_VERIFY_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    LOOKUP_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    LOOKUP_DRAFTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOOKUP_ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_BLOCK_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_CATCH_UP_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     new_tokens: int
     rounds: int
@@ -151,7 +158,12 @@ class GenerationStats(_message.Message):
     stale_draft_tokens: int
     speculation_off_rounds: int
     early_verify_rounds: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., new_tokens: _Optional[int] = ..., rounds: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_accepted_length: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., fallback_steps: _Optional[int] = ..., draft_ms: _Optional[float] = ..., verify_ms: _Optional[float] = ..., hidden_draft_ms: _Optional[float] = ..., policy: _Optional[str] = ..., mode: _Optional[str] = ..., lossy: _Optional[bool] = ..., drafter_version: _Optional[str] = ..., stale_draft_tokens: _Optional[int] = ..., speculation_off_rounds: _Optional[int] = ..., early_verify_rounds: _Optional[int] = ...) -> None: ...
+    lookup_rounds: int
+    lookup_drafted_tokens: int
+    lookup_accepted_tokens: int
+    mean_block_length: float
+    feature_catch_up_rounds: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., new_tokens: _Optional[int] = ..., rounds: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_accepted_length: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., fallback_steps: _Optional[int] = ..., draft_ms: _Optional[float] = ..., verify_ms: _Optional[float] = ..., hidden_draft_ms: _Optional[float] = ..., policy: _Optional[str] = ..., mode: _Optional[str] = ..., lossy: _Optional[bool] = ..., drafter_version: _Optional[str] = ..., stale_draft_tokens: _Optional[int] = ..., speculation_off_rounds: _Optional[int] = ..., early_verify_rounds: _Optional[int] = ..., lookup_rounds: _Optional[int] = ..., lookup_drafted_tokens: _Optional[int] = ..., lookup_accepted_tokens: _Optional[int] = ..., mean_block_length: _Optional[float] = ..., feature_catch_up_rounds: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "token_ids", "text", "finish_reason", "stats")

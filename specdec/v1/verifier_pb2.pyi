@@ -126,7 +126,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "vocab_size", "max_context", "tokenizer_fingerprint", "model_version", "active_sessions", "max_sessions", "eos_token_ids", "reads_target_hidden")
+    __slots__ = ("model_name", "vocab_size", "max_context", "tokenizer_fingerprint", "model_version", "active_sessions", "max_sessions", "eos_token_ids", "reads_target_hidden", "pass_costs")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +136,7 @@ class ModelInfo(_message.Message):
     MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     READS_TARGET_HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    PASS_COSTS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     vocab_size: int
     max_context: int
@@ -145,4 +146,13 @@ class ModelInfo(_message.Message):
     max_sessions: int
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     reads_target_hidden: bool
-    def __init__(self, model_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., model_version: _Optional[str] = ..., active_sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., reads_target_hidden: _Optional[bool] = ...) -> None: ...
+    pass_costs: _containers.RepeatedCompositeFieldContainer[PassCost]
+    def __init__(self, model_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., model_version: _Optional[str] = ..., active_sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., reads_target_hidden: _Optional[bool] = ..., pass_costs: _Optional[_Iterable[_Union[PassCost, _Mapping]]] = ...) -> None: ...
+
+class PassCost(_message.Message):
+    __slots__ = ("rows", "seconds")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    rows: int
+    seconds: float
+    def __init__(self, rows: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
