@@ -1,6 +1,6 @@
-"""A stress of the kernel library's thread pool, run under a sanitizer by tests/test_kernel_sanitizers.py.
+"""A stress of the kernel library's thread pool, run under a sanitizer by tests/compute/test_kernel_sanitizers.py.
 
-python tests/kernel_stress.py LIBRARY ROUNDS: loads LIBRARY with ctypes (no torch, so the only
+python tests/compute/kernel_stress.py LIBRARY ROUNDS: loads LIBRARY with ctypes (no torch, so the only
 instrumented code is the kernel's), computes every job once on the caller's thread alone, then runs
 them all again from two Python threads at once with the pool split over two threads, in a shuffled
 order each round, and exits non-zero if any output differs by a bit from its single-thread one, or if

@@ -24,7 +24,7 @@ from specdec.models.checkpoints import (
     read_redis_pointer,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:

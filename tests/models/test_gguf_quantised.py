@@ -9,7 +9,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import dequantize
-from test_quant_weights import random_rows
+from gguf_rows import random_rows
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from specdec.compute import small_gemm

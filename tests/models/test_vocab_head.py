@@ -154,7 +154,7 @@ def test_specd_prune_head_cli_publishes_without_promoting(tmp_path, redis_client
     result = subprocess.run(
         [sys.executable, "-m", "specd.cli", "prune-head", "--checkpoint-dir", str(store.root), "--head-vocab", "48",
          "--redis-url", redisutil.url_of(redis_client)],
-        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+        cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["version"] == source + 1 and not report["promoted"] and store.current() == source
@@ -162,5 +162,5 @@ def test_specd_prune_head_cli_publishes_without_promoting(tmp_path, redis_client
     assert report["eval_traces"] == 8 and report["pruned"]["blocks"] == 8
     bad = subprocess.run([sys.executable, "-m", "specd.cli", "prune-head", "--checkpoint-dir", str(store.root),
                           "--head-vocab", str(VOCAB + 1), "--redis-url", redisutil.url_of(redis_client)],
-                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+                         cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "head vocabulary size" in bad.stderr

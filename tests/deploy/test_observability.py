@@ -9,7 +9,7 @@ from pathlib import Path
 
 from specdec.config import SETTINGS_BY_ROLE
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "specd-dashboard.json"
 OPERATIONS_DOC = ROOT / "docs" / "operations.md"
 

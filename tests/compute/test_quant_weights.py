@@ -3,11 +3,11 @@ linear close to the fp32 product, the same bits for a row in any company and on 
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
+from gguf_rows import random_rows
 
 from specdec.compute import small_gemm
 from specdec.compute.quant_weights import RAW_BLOCK, QuantWeight, quant_linear
@@ -15,18 +15,6 @@ from specdec.compute.quant_weights import RAW_BLOCK, QuantWeight, quant_linear
 pytestmark = pytest.mark.skipif(small_gemm.load_kernel() is None, reason="the kernel needs x86 with AVX2 and a compiler")
 
 KINDS = list(RAW_BLOCK)
-D_OFFSETS = {"q4_k": (0, 2), "q6_k": (208,), "q5_0": (0,), "q8_0": (0,)}  # where each block keeps its fp16 scales
-
-
-def random_rows(kind: str, rows: int, in_features: int, seed: int) -> np.ndarray:
-    """Random GGUF blocks: random codes and sub-scales, finite fp16 scales of a realistic size."""
-    rng = np.random.default_rng(seed)
-    weights, block_bytes = RAW_BLOCK[kind]
-    blocks = rng.integers(0, 256, (rows, in_features // weights, block_bytes), dtype=np.uint8)
-    for offset in D_OFFSETS[kind]:
-        scales = (rng.standard_normal((rows, in_features // weights)) * 0.01).astype(np.float16)
-        blocks[..., offset: offset + 2] = scales.view(np.uint8).reshape(rows, -1, 2)
-    return blocks.reshape(rows, -1)
 
 
 def qtype(kind: str) -> GGMLQuantizationType:

@@ -1,5 +1,5 @@
 """The kernel's thread pool and index checks under gcc's sanitizers: no data race, no read out of range,
-no undefined behaviour, and every output bit-equal to a single-thread run (tests/kernel_stress.py)."""
+no undefined behaviour, and every output bit-equal to a single-thread run (tests/compute/kernel_stress.py)."""
 
 from __future__ import annotations
 
