@@ -100,7 +100,8 @@ def test_post_verify_follows_a_change_in_costs():
 
 
 def test_every_policy_is_registered():
-    assert set(POLICIES) == {"static", "heuristic", "pearl", "adaedl", "specdecpp", "bild", "goodput", "smartspec"}
+    assert set(POLICIES) == {"static", "heuristic", "pearl", "adaedl", "specdecpp", "bild", "goodput", "smartspec",
+                             "marginal"}
 
 
 def _run_goodput(policy, rounds: int, speculative: tuple[int, float], target_only: tuple[int, float]) -> list[bool]:

@@ -42,7 +42,9 @@ def test_a_restarted_verifier_and_drafter_take_new_sessions_within_seconds(tiny_
     dirs = tiny_dirs["llama"]
     # A new request waits verifier_wait_s for a healthy verifier before it hears there is none.
     stack = InProcessStack(dirs["target"], dirs["target"],
-                           coordinator_overrides={"drafter_retry_s": 60.0, "verifier_wait_s": 1.0})
+                           coordinator_overrides={"drafter_retry_s": 60.0, "verifier_wait_s": 1.0,
+                                                  # pearl asks the drafter every round, lookup never stands in
+                                                  "policy": "pearl", "lookup_draft_tokens": 0})
     client = SpecdClient(stack.address, timeout_s=30)
     generate = lambda: client.generate(token_ids=PROMPT, max_new_tokens=8, mode="sequential")  # noqa: E731
     try:

@@ -137,7 +137,7 @@ def test_deadline_exceeded_frees_sessions_and_service_keeps_serving(stack):
         assert time.monotonic() - started < 2.0
         assert wait_until(lambda: open_sessions(stack, AUTH) == (0, 0), timeout=1.0), open_sessions(stack, AUTH)
     with SpecdClient(stack.address, token=TOKEN) as client:
-        result = client.generate(token_ids=PROMPT, max_new_tokens=8)
+        result = client.generate(token_ids=PROMPT, max_new_tokens=8, policy="pearl")  # drafts every round
     assert len(result.token_ids) == 8 and result.finish_reason == "FINISH_REASON_LENGTH"
     # A client's deadline is not the drafter's fault: the drafter was not marked down for it.
     assert result.stats["fallback_steps"] == 0 and result.stats["drafted_tokens"] > 0

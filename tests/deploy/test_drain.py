@@ -39,7 +39,10 @@ def stack(tiny_dirs, tmp_path):
     # A request that finds its only verifier draining waits VERIFIER_WAIT_S for another, then hears why.
     running = LocalStack(dirs["target"], dirs["close"], threads_verifier=1, threads_drafter=1, log_dir=str(tmp_path),
                          extra_env={"SPECD_GRACE_PERIOD_S": "90"},
-                         coordinator_args=["--verifier-wait-s", str(VERIFIER_WAIT_S)])
+                         # streams as long as they ran before lookup blocks and smartspec's target-only rounds sped
+                         # them up: NEW_TOKENS must outlast the signal and the refused request's wait
+                         coordinator_args=["--verifier-wait-s", str(VERIFIER_WAIT_S), "--lookup-draft-tokens", "0",
+                                           "--policy", "pearl"])
     running.start(timeout_s=120)
     yield running
     running.stop()

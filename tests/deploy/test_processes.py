@@ -70,8 +70,10 @@ def test_generate_cli_prints_json(smollm2_reference, tmp_path):
 
 def test_killing_the_drafter_mid_stream_keeps_the_answer(tiny_dirs, tmp_path):
     dirs = tiny_dirs["llama"]
+    # pearl asks the drafter every round, and no lookup block stands in for it
     stack = LocalStack(dirs["target"], dirs["close"], threads_verifier=1, threads_drafter=1, log_dir=str(tmp_path),
-                       coordinator_args=["--drafter-timeout-s", "1", "--drafter-retry-s", "30"])
+                       coordinator_args=["--drafter-timeout-s", "1", "--drafter-retry-s", "30", "--policy", "pearl",
+                                         "--lookup-draft-tokens", "0"])
     try:
         address = stack.start(timeout_s=120)
         with SpecdClient(address) as client:

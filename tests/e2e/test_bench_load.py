@@ -8,17 +8,28 @@ import pytest
 from conftest import InProcessStack, tiny_model
 
 from bench.load import (
+    HERE,
+    VLLM_NGRAM_CONFIG,
+    WORKLOADS,
     System,
     Timed,
+    WorkloadRun,
     build_systems,
     hf_greedy,
     level_summary,
     mismatches,
+    parse_workloads,
     plan_level,
+    prompt_legend,
     ratio_table,
     read_prompts,
+    report_table,
     run_hf_level,
     run_specd_level,
+    run_vllm,
+    speedups,
+    workload_prompts,
+    workload_tokens,
 )
 
 
@@ -61,6 +72,54 @@ def test_read_prompts_takes_the_category_first_then_fills_in_file_order(tmp_path
     rows = [("c1", "code"), ("t1", "chat"), ("m1", "math"), ("t2", "chat")]
     path.write_text("\n".join(json.dumps({"id": i, "category": c, "prompt": i}) for i, c in rows) + "\n")
     assert [r["id"] for r in read_prompts(path, 3)] == ["t1", "t2", "c1"]
+
+
+def test_fill_in_categories_come_before_the_rest_those_quoting_a_snippet_first(tmp_path):
+    path = tmp_path / "suite.jsonl"
+    rows = [("t1", "chat", "hi"), ("c1", "code", "write f"), ("g1", "grounded", "summarise: ..."),
+            ("c2", "code", "fix this:\n```python\nx\n```"), ("m1", "math", "2+2")]
+    path.write_text("\n".join(json.dumps({"id": i, "category": c, "prompt": p}) for i, c, p in rows) + "\n")
+    assert [r["id"] for r in read_prompts(path, 5, "grounded", ("code",))] == ["g1", "c2", "c1", "t1", "m1"]
+    assert [r["id"] for r in read_prompts(path, 2, "grounded")] == ["g1", "t1"]
+
+
+def test_workloads_take_their_category_of_the_suite_and_grounded_fills_from_code_that_quotes_code():
+    suite = HERE / "prompts" / "suite.jsonl"
+    chat = workload_prompts(suite, 16, WORKLOADS["chat"])
+    assert [r["category"] for r in chat[:12]] == ["chat"] * 12 and len(chat) == 16
+    grounded = workload_prompts(suite, 16, WORKLOADS["grounded"])
+    assert [r["category"] for r in grounded] == ["grounded"] * 12 + ["code"] * 4
+    assert all("```" in r["prompt"] for r in grounded[12:])
+    assert [r["id"] for r in workload_prompts(suite, 4, WORKLOADS["grounded"])] == \
+        [f"grounded-0{i}" for i in range(1, 5)]
+    assert prompt_legend(grounded, WORKLOADS["grounded"]) == \
+        "12 grounded, then 4 code prompts of the suite (code: those quoting a snippet first)"
+    assert prompt_legend(chat[:12], WORKLOADS["chat"]) == "12 chat prompts of the suite"
+
+
+def test_each_workload_has_its_own_token_count_unless_one_is_given():
+    chat, grounded = parse_workloads("chat,grounded")
+    assert (workload_tokens(chat, None), workload_tokens(grounded, None)) == (48, 96)
+    assert (workload_tokens(chat, 8), workload_tokens(grounded, 8)) == (8, 8)
+    assert [w.name for w in parse_workloads("grounded")] == ["grounded"]
+    with pytest.raises(ValueError, match="unknown"):
+        parse_workloads("chat,poetry")
+
+
+def test_speedups_divide_each_speculative_specd_row_by_target_only_per_level():
+    summary = {"specd target-only": {1: {"tokens_per_s": 50.0}, 2: {"tokens_per_s": 100.0}},
+               "specd [ngram, smartspec]": {1: {"tokens_per_s": 60.0}, 2: {"tokens_per_s": 80.0}},
+               "vllm": {1: {"tokens_per_s": 40.0}, 2: {"tokens_per_s": 90.0}}}
+    assert speedups(summary, [1, 2]) == {"specd [ngram, smartspec]": {1: pytest.approx(1.2), 2: pytest.approx(0.8)}}
+
+
+def test_report_has_a_ratio_table_per_baseline_present():
+    summary = {name: {1: {"tokens_per_s": tps, "p50_s": 1.0, "p99_s": 1.0, "ttft_p50_s": 0.1, "ttft_p99_s": 0.1}}
+               for name, tps in (("specd target-only", 50.0), ("vllm", 25.0), ("vllm n-gram (k=3)", 40.0))}
+    table = report_table(summary, [1], [], {"max_new_tokens": 8, "requests_per_level": {1: 8}})
+    for baseline in summary:
+        assert f"Aggregate tokens/s against {baseline}:" in table
+    assert "| specd target-only | 1.25x |" in table and "| vllm | 0.50x |" in table
 
 
 PROMPTS = [[3, 14, 15, 92, 65], [35, 89], [79, 32, 38, 46, 26, 43, 38], [1, 2, 3]]
@@ -107,3 +166,42 @@ def test_systems_pair_each_drafter_with_its_policy_and_end_with_the_baselines():
     assert [(s.name, s.drafter, s.policy) for s in systems] == [
         ("specd target-only", "none", ""), ("specd [ngram, static]", "ngram", "static"),
         ("specd [eagle, smartspec]", "eagle", "smartspec"), ("transformers batched generate", "", ""), ("vllm", "", "")]
+
+
+def test_vllms_ngram_row_follows_its_plain_row_only_when_vllm_is_present():
+    with_ngram = build_systems(["ngram"], [], with_vllm=True, vllm_ngram=True)
+    assert [(s.name, s.kind, s.drafter) for s in with_ngram[-2:]] == [
+        ("vllm", "vllm", ""), ("vllm n-gram (k=3)", "vllm", "ngram")]
+    assert VLLM_NGRAM_CONFIG == {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3,
+                                 "prompt_lookup_min": 2}
+    assert [s.kind for s in build_systems(["ngram"], [], with_vllm=False, vllm_ngram=True)] == ["specd", "specd", "hf"]
+    assert [s.kind for s in build_systems(["lookup"], [], with_vllm=False, with_transformers=False)] == ["specd"] * 2
+
+
+def test_vllm_job_carries_every_workload_and_the_ngram_rows_speculative_config(tmp_path):
+    """A stand-in for vLLM's virtualenv: its python answers each job with one request per level."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    fake = venv / "bin" / "python"
+    fake.write_text("""#!/usr/bin/env python3
+import json, shutil, sys
+job = json.load(open(sys.argv[2]))
+shutil.copy(sys.argv[2], sys.argv[2] + ".seen")
+request = {"client": 0, "prompt": 0, "start_s": 0.0, "ttft_s": 0.1, "latency_s": 0.5, "token_ids": [7]}
+json.dump({"vllm_version": "0.0", "workloads": [
+    {"name": w["name"], "levels": [{"clients": len(level["plan"]), "requests": [request]} for level in w["levels"]]}
+    for w in job["workloads"]]}, open(sys.argv[3], "w"))
+""")
+    fake.chmod(0o755)
+    runs = [WorkloadRun(WORKLOADS[name], ["p"], "", [[1, 2]], {1: [[0]], 2: [[0], [0]]}, tokens)
+            for name, tokens in (("chat", 48), ("grounded", 96))]
+    for system, spec in ((System("vllm", "vllm"), None), (System("vllm n-gram (k=3)", "vllm", "ngram"),
+                                                           VLLM_NGRAM_CONFIG)):
+        version, timed = run_vllm(venv, tmp_path, system, runs, 1, tmp_path)
+        job = json.loads(next(tmp_path.glob(f"vllm-{'ngram' if spec else 'plain'}-job.json.seen")).read_text())
+        assert job.get("speculative_config") == spec
+        assert [(w["name"], w["max_new_tokens"], len(w["levels"])) for w in job["workloads"]] == \
+            [("chat", 48, 2), ("grounded", 96, 2)]
+        assert version == "0.0" and list(timed) == ["chat", "grounded"]
+        assert [[r.clients for r in level] for level in timed["grounded"]] == [[1], [2]]
+        assert all(r.system == system.name for level in timed["chat"] for r in level)

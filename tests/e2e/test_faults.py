@@ -41,8 +41,11 @@ def running(stack: LocalStack):
         stack.stop()
 
 
-def stack_for(dirs: dict, log_dir, **kwargs) -> LocalStack:
+def stack_for(dirs: dict, log_dir, coordinator_args: tuple[str, ...] = (), **kwargs) -> LocalStack:
+    # pearl asks the drafter every round and no lookup block stands in for it, so every stream meets a fault
+    # on the drafter's path
     return LocalStack(dirs["target"], dirs["close"], threads_verifier=1, threads_drafter=1, log_dir=str(log_dir),
+                      coordinator_args=["--policy", "pearl", "--lookup-draft-tokens", "0", *coordinator_args],
                       **kwargs)
 
 

@@ -12,6 +12,7 @@ from service_stubs import stack  # noqa: F401 - a fixture
 from specdec.models.loader import load_model
 from specdec.sampling_params import SamplingParams
 from specdec.v1 import verifier_pb2, verifier_pb2_grpc
+from verifier_svc.scheduler import VerifierOptions
 from verifier_svc.verifier import VerifierCore
 
 
@@ -40,7 +41,7 @@ def test_a_verify_round_feeds_the_correction_and_the_new_drafts_only(tiny_dirs):
     dirs = tiny_dirs["llama"]
     target = load_model(dirs["target"])
     fed = count_fed_tokens(target.model)
-    core = VerifierCore(target)
+    core = VerifierCore(target, VerifierOptions(measure_pass_cost=False))  # its timing passes would count too
     prompt = [3, 14, 15, 92, 65, 35]
     committed, _ = core.prefill("kv", prompt, SamplingParams(), max_new_tokens=16)
     first = core.verify("kv", committed, [0, 1, 2, 3], None)
