@@ -74,7 +74,6 @@ class VerifierSession:
                 tried.add(backend.addr)
                 continue
             self.backend = backend
-            self.features.store(response.hidden)
             return
 
     async def verify(self, request: verifier_pb2.VerifyRequest, committed: list[int],

@@ -40,7 +40,7 @@ POLICY_NAMES = tuple(name.removeprefix("DRAFT_POLICY_").lower() for name in gene
                      if name != "DRAFT_POLICY_UNSPECIFIED")
 MODE_NAMES = tuple(name.removeprefix("PIPELINE_MODE_").lower() for name in generation_pb2.PipelineMode.keys()
                    if name != "PIPELINE_MODE_UNSPECIFIED")
-DEFAULT_POLICY = "smartspec"
+DEFAULT_POLICY = "marginal"
 
 
 class ConfigError(ValueError):

@@ -84,7 +84,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
         await self.drain.refuse_new(context, "this verifier opens no new sessions")
         try:
             sampling = sampling_from_proto(request.sampling)
-            (committed, hidden), ms = await self._run(self.core.submit_prefill, request.session_id, list(request.token_ids),
+            (committed, _), ms = await self._run(self.core.submit_prefill, request.session_id, list(request.token_ids),
                                                       sampling, request.max_new_tokens, request.request_id,
                                                       request.return_hidden)
         except asyncio.CancelledError:
@@ -103,8 +103,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
         self._update_gauges()
         log.debug("session opened", extra={"fields": {"session_id": request.session_id, "committed_len": committed,
                                                       "compute_ms": round(ms, 2)}})
-        return verifier_pb2.PrefillResponse(committed_len=committed, timing=common_pb2.Timing(compute_ms=ms),
-                                            hidden=hidden_to_proto(*hidden) if hidden else None)
+        return verifier_pb2.PrefillResponse(committed_len=committed, timing=common_pb2.Timing(compute_ms=ms))
 
     def _submit_verify(self, request: verifier_pb2.VerifyRequest) -> Future:
         """Queues one Verify call for the step scheduler: a future of its VerifyOutcome. The unary call and

@@ -6,7 +6,8 @@ step scheduler (verifier_svc/scheduler.py), which batches them across sessions.
 
 from __future__ import annotations
 
-from concurrent.futures import Future
+import contextlib
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 
 import torch
@@ -63,9 +64,30 @@ class VerifierCore:
                 f"{self.loaded.max_context}")
         session = self.sessions.create(session_id, request_id)
         session.extra["sampling"] = sampling
-        if return_hidden:
-            session.extra[UNSENT_FEATURES] = []  # (start, features [n, H]) of rounds that asked for none
-        return self.scheduler.submit(PrefillJob(session, list(token_ids[:-1]), token_ids[-1], return_hidden))
+        prefilled = self.scheduler.submit(PrefillJob(session, list(token_ids[:-1]), token_ids[-1], return_hidden))
+        if not return_hidden:
+            return prefilled
+        # The prompt's features wait on the session, with those of later rounds, for a Verify that asks:
+        # a request whose policy never calls the drafter never moves them.
+        session.extra[UNSENT_FEATURES] = []  # (start, features [n, H]) not sent yet
+        kept: Future = Future()
+
+        def keep(done: Future) -> None:  # on the step thread, before any Verify of the session can run
+            if done.cancelled():
+                kept.cancel()
+                return
+            with contextlib.suppress(InvalidStateError):  # the caller may have cancelled `kept` meanwhile
+                if done.exception() is not None:
+                    kept.set_exception(done.exception())
+                    return
+                committed, hidden = done.result()
+                if hidden is not None:
+                    session.extra[UNSENT_FEATURES].append(hidden)
+                kept.set_result((committed, None))
+
+        prefilled.add_done_callback(keep)
+        kept.add_done_callback(lambda done: done.cancelled() and prefilled.cancel())  # an abandoned prefill
+        return kept
 
     # 2. Verify: one target pass over the uncached tokens plus the draft, shared with other sessions.
     def submit_verify(self, session_id: str, committed_len: int, draft_tokens: list[int],

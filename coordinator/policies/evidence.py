@@ -87,6 +87,7 @@ class BatchCost:
     round_overhead_s: float | None = None  # a draftless round's time outside the verifier's pass
     # what drafting adds to a round, by draft tokens; the last few calls count (the load changes it)
     draft_cost: LineFit = field(default_factory=lambda: LineFit(decay=0.8))
+    probes: DrafterProbes = field(default_factory=lambda: DrafterProbes())
     decay: float = 0.98
 
     def observe(self, outcome: RoundOutcome) -> None:
@@ -116,6 +117,36 @@ class BatchCost:
             return max(0.0, line[0]), line[1]
         weight, _, total = self.draft_cost.sums[:3]
         return (total / weight, 0.0) if weight > 0 else None
+
+
+@dataclass
+class DrafterProbes:
+    """When a drafter nobody calls is tried again: after `wait` session-rounds without a drafter call (all
+    requests' rounds count), the next request to ask claims one probe; a probe that loses doubles the wait
+    (to `max_wait`), one that wins, or any drafting by choice, resets it. A claim whose request ended before
+    probing lapses after another `wait`."""
+
+    min_wait: int = 64
+    max_wait: int = 4096
+    wait: int = 64
+    idle: int = 0
+    claimed: bool = False
+
+    def idle_round(self) -> bool:
+        """One round without the drafter; True when this request should probe on its next round."""
+        self.idle += 1
+        if self.idle >= self.wait and (not self.claimed or self.idle >= 2 * self.wait):
+            self.claimed = True
+            self.idle = 0
+            return True
+        return False
+
+    def probed(self, won: bool) -> None:
+        self.claimed, self.idle = False, 0
+        self.wait = self.min_wait if won else min(2 * self.wait, self.max_wait)
+
+    def drafted(self) -> None:
+        self.idle, self.wait = 0, self.min_wait
 
 
 def _blend(old: float | None, new: float, decay: float) -> float:

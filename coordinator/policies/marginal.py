@@ -62,12 +62,9 @@ class MarginalPolicy(DraftLengthPolicy):
     model: SourceAcceptance = field(default_factory=SourceAcceptance)
     other_rows: float = 0.0
     other_tokens: float = 0.0
+    sessions: int = 1              # in the last pass that served this request
     rounds: int = 0
-    idle_rounds: int = 0           # rounds in a row without the drafter
-    min_probe_after: int = 16      # idle rounds before one drafted round re-measures the drafter,
-    max_probe_after: int = 256     # doubling while probes keep losing
-    probe_after: int = 16
-    probing: bool = False
+    probing: bool = False          # this request's next round re-measures the drafter for the coordinator
 
     @classmethod
     def create(cls, length: int, max_length: int, shared: GoodputMemory | None) -> MarginalPolicy:
@@ -97,8 +94,11 @@ class MarginalPolicy(DraftLengthPolicy):
         return min(2 * self.block_size() + 1, self.max_length * 2)
 
     def _best(self, acceptance: float, max_length: int, draft_call_s: float, per_draft_s: float) -> int:
+        # A round's time outside the pass keeps the verifier idle only when nobody else has work for it: with
+        # S sessions sharing it, others' passes fill that time, so a batch round bears 1/S of it.
+        overhead_s = (self.cost.round_overhead_s or 0.0) / self.sessions
         return best_block(acceptance, max_length, self.pass_cost.seconds, self.other_rows, self.other_tokens,
-                          self.cost.round_overhead_s or 0.0, draft_call_s, per_draft_s, self.margin)
+                          overhead_s, draft_call_s, per_draft_s, self.margin)
 
     def observe(self, outcome: RoundOutcome) -> None:
         self.rounds += 1
@@ -107,6 +107,7 @@ class MarginalPolicy(DraftLengthPolicy):
             self.pass_cost.observe(outcome.batch_rows, outcome.step_s)
             self.other_rows = max(0.0, outcome.batch_rows - (outcome.sent + 1))
             self.other_tokens = (outcome.batch_sessions - 1) * self.cost.committed_per_round
+            self.sessions = max(1, outcome.batch_sessions)
         if outcome.drafted and not outcome.lossy:
             (self.lookup if outcome.source == LOOKUP else self.model).observe(outcome.sent, outcome.accepted)
         elif outcome.drafter_called and not outcome.drafted:
@@ -115,16 +116,15 @@ class MarginalPolicy(DraftLengthPolicy):
 
     def _schedule_probe(self, outcome: RoundOutcome) -> None:
         """A drafter judged not to pay is measured no more, so its cost and acceptance would stay as they
-        were judged (a slow first call, a bad stretch) forever: after probe_after rounds without it, one
-        round drafts again, and the wait doubles each time the probe does not win the drafter back."""
+        were judged (a slow first call, a bad stretch) forever. The coordinator's requests share one probe
+        schedule (DrafterProbes): after enough of their rounds without the drafter, one request drafts one
+        round, and the wait doubles each time such a probe does not win the drafter back."""
+        probes = self.cost.probes
         if not outcome.drafter_called:
-            self.idle_rounds += 1
-            self.probing = self.idle_rounds >= self.probe_after
+            self.probing = probes.idle_round()
             return
         if self.probing:
             self.probing = False
-            lost = self.block_size() == 0
-            self.probe_after = min(2 * self.probe_after, self.max_probe_after) if lost else self.min_probe_after
+            probes.probed(won=self.block_size() > 0)
         else:
-            self.probe_after = self.min_probe_after  # drafting by choice
-        self.idle_rounds = 0
+            probes.drafted()

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from specdec.v1 import common_pb2 as specdec_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19specdec/v1/verifier.proto\x12\nspecdec.v1\x1a\x17specdec/v1/common.proto\"\xa8\x01\n\x0ePrefillRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.specdec.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\x05\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x15\n\rreturn_hidden\x18\x06 \x01(\x08\"v\n\x0fPrefillResponse\x12\x15\n\rcommitted_len\x18\x01 \x01(\x05\x12\"\n\x06timing\x18\x02 \x01(\x0b\x32\x12.specdec.v1.Timing\x12(\n\x06hidden\x18\x03 \x01(\x0b\x32\x18.specdec.v1.HiddenStates\"\xdf\x01\n\rVerifyRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rcommitted_len\x18\x02 \x01(\x05\x12\x14\n\x0c\x64raft_tokens\x18\x03 \x03(\x05\x12+\n\x0b\x64raft_probs\x18\x04 \x03(\x0b\x32\x16.specdec.v1.DraftProbs\x12\x14\n\x0creturn_top_k\x18\x05 \x01(\x05\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x1f\n\x17\x62ild_rollback_threshold\x18\x07 \x01(\x02\x12\x15\n\rreturn_hidden\x18\x08 \x01(\x08\"\xd7\x01\n\x0eVerifyResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x12\n\nnext_token\x18\x02 \x01(\x05\x12\x15\n\rcommitted_len\x18\x03 \x01(\x05\x12+\n\x0ctarget_top_k\x18\x04 \x03(\x0b\x32\x15.specdec.v1.TopKProbs\x12\"\n\x06timing\x18\x05 \x01(\x0b\x32\x12.specdec.v1.Timing\x12\r\n\x05lossy\x18\x06 \x01(\x08\x12(\n\x06hidden\x18\x07 \x01(\x0b\x32\x18.specdec.v1.HiddenStates\"I\n\nVerifyCall\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12*\n\x07request\x18\x02 \x01(\x0b\x32\x19.specdec.v1.VerifyRequest\"4\n\x0bVerifyBatch\x12%\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x16.specdec.v1.VerifyCall\"*\n\tCallError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x82\x01\n\x0cVerifyResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12.\n\x08response\x18\x02 \x01(\x0b\x32\x1a.specdec.v1.VerifyResponseH\x00\x12&\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x15.specdec.v1.CallErrorH\x00\x42\t\n\x07outcome\">\n\x11VerifyResultBatch\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.specdec.v1.VerifyResult\"$\n\x0eReleaseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\r\n\x0bInfoRequest\"\x8b\x02\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x13\n\x0bmax_context\x18\x03 \x01(\x05\x12\x1d\n\x15tokenizer_fingerprint\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x17\n\x0f\x61\x63tive_sessions\x18\x06 \x01(\x05\x12\x14\n\x0cmax_sessions\x18\x07 \x01(\x05\x12\x15\n\reos_token_ids\x18\x08 \x03(\x05\x12\x1b\n\x13reads_target_hidden\x18\t \x01(\x08\x12(\n\npass_costs\x18\n \x03(\x0b\x32\x14.specdec.v1.PassCost\")\n\x08PassCost\x12\x0c\n\x04rows\x18\x01 \x01(\x05\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\x32\xd7\x02\n\x08Verifier\x12\x42\n\x07Prefill\x12\x1a.specdec.v1.PrefillRequest\x1a\x1b.specdec.v1.PrefillResponse\x12?\n\x06Verify\x12\x19.specdec.v1.VerifyRequest\x1a\x1a.specdec.v1.VerifyResponse\x12J\n\x0cVerifyStream\x12\x17.specdec.v1.VerifyBatch\x1a\x1d.specdec.v1.VerifyResultBatch(\x01\x30\x01\x12\x42\n\x07Release\x12\x1a.specdec.v1.ReleaseRequest\x1a\x1b.specdec.v1.ReleaseResponse\x12\x36\n\x04Info\x12\x17.specdec.v1.InfoRequest\x1a\x15.specdec.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19specdec/v1/verifier.proto\x12\nspecdec.v1\x1a\x17specdec/v1/common.proto\"\xa8\x01\n\x0ePrefillRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.specdec.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\x05\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x15\n\rreturn_hidden\x18\x06 \x01(\x08\"R\n\x0fPrefillResponse\x12\x15\n\rcommitted_len\x18\x01 \x01(\x05\x12\"\n\x06timing\x18\x02 \x01(\x0b\x32\x12.specdec.v1.TimingJ\x04\x08\x03\x10\x04\"\xdf\x01\n\rVerifyRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rcommitted_len\x18\x02 \x01(\x05\x12\x14\n\x0c\x64raft_tokens\x18\x03 \x03(\x05\x12+\n\x0b\x64raft_probs\x18\x04 \x03(\x0b\x32\x16.specdec.v1.DraftProbs\x12\x14\n\x0creturn_top_k\x18\x05 \x01(\x05\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x1f\n\x17\x62ild_rollback_threshold\x18\x07 \x01(\x02\x12\x15\n\rreturn_hidden\x18\x08 \x01(\x08\"\xd7\x01\n\x0eVerifyResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x12\n\nnext_token\x18\x02 \x01(\x05\x12\x15\n\rcommitted_len\x18\x03 \x01(\x05\x12+\n\x0ctarget_top_k\x18\x04 \x03(\x0b\x32\x15.specdec.v1.TopKProbs\x12\"\n\x06timing\x18\x05 \x01(\x0b\x32\x12.specdec.v1.Timing\x12\r\n\x05lossy\x18\x06 \x01(\x08\x12(\n\x06hidden\x18\x07 \x01(\x0b\x32\x18.specdec.v1.HiddenStates\"I\n\nVerifyCall\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12*\n\x07request\x18\x02 \x01(\x0b\x32\x19.specdec.v1.VerifyRequest\"4\n\x0bVerifyBatch\x12%\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x16.specdec.v1.VerifyCall\"*\n\tCallError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x82\x01\n\x0cVerifyResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12.\n\x08response\x18\x02 \x01(\x0b\x32\x1a.specdec.v1.VerifyResponseH\x00\x12&\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x15.specdec.v1.CallErrorH\x00\x42\t\n\x07outcome\">\n\x11VerifyResultBatch\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.specdec.v1.VerifyResult\"$\n\x0eReleaseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\r\n\x0bInfoRequest\"\x8b\x02\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x13\n\x0bmax_context\x18\x03 \x01(\x05\x12\x1d\n\x15tokenizer_fingerprint\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x17\n\x0f\x61\x63tive_sessions\x18\x06 \x01(\x05\x12\x14\n\x0cmax_sessions\x18\x07 \x01(\x05\x12\x15\n\reos_token_ids\x18\x08 \x03(\x05\x12\x1b\n\x13reads_target_hidden\x18\t \x01(\x08\x12(\n\npass_costs\x18\n \x03(\x0b\x32\x14.specdec.v1.PassCost\")\n\x08PassCost\x12\x0c\n\x04rows\x18\x01 \x01(\x05\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\x32\xd7\x02\n\x08Verifier\x12\x42\n\x07Prefill\x12\x1a.specdec.v1.PrefillRequest\x1a\x1b.specdec.v1.PrefillResponse\x12?\n\x06Verify\x12\x19.specdec.v1.VerifyRequest\x1a\x1a.specdec.v1.VerifyResponse\x12J\n\x0cVerifyStream\x12\x17.specdec.v1.VerifyBatch\x1a\x1d.specdec.v1.VerifyResultBatch(\x01\x30\x01\x12\x42\n\x07Release\x12\x1a.specdec.v1.ReleaseRequest\x1a\x1b.specdec.v1.ReleaseResponse\x12\x36\n\x04Info\x12\x17.specdec.v1.InfoRequest\x1a\x15.specdec.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,31 +35,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLREQUEST']._serialized_start=67
   _globals['_PREFILLREQUEST']._serialized_end=235
   _globals['_PREFILLRESPONSE']._serialized_start=237
-  _globals['_PREFILLRESPONSE']._serialized_end=355
-  _globals['_VERIFYREQUEST']._serialized_start=358
-  _globals['_VERIFYREQUEST']._serialized_end=581
-  _globals['_VERIFYRESPONSE']._serialized_start=584
-  _globals['_VERIFYRESPONSE']._serialized_end=799
-  _globals['_VERIFYCALL']._serialized_start=801
-  _globals['_VERIFYCALL']._serialized_end=874
-  _globals['_VERIFYBATCH']._serialized_start=876
-  _globals['_VERIFYBATCH']._serialized_end=928
-  _globals['_CALLERROR']._serialized_start=930
-  _globals['_CALLERROR']._serialized_end=972
-  _globals['_VERIFYRESULT']._serialized_start=975
-  _globals['_VERIFYRESULT']._serialized_end=1105
-  _globals['_VERIFYRESULTBATCH']._serialized_start=1107
-  _globals['_VERIFYRESULTBATCH']._serialized_end=1169
-  _globals['_RELEASEREQUEST']._serialized_start=1171
-  _globals['_RELEASEREQUEST']._serialized_end=1207
-  _globals['_RELEASERESPONSE']._serialized_start=1209
-  _globals['_RELEASERESPONSE']._serialized_end=1244
-  _globals['_INFOREQUEST']._serialized_start=1246
-  _globals['_INFOREQUEST']._serialized_end=1259
-  _globals['_MODELINFO']._serialized_start=1262
-  _globals['_MODELINFO']._serialized_end=1529
-  _globals['_PASSCOST']._serialized_start=1531
-  _globals['_PASSCOST']._serialized_end=1572
-  _globals['_VERIFIER']._serialized_start=1575
-  _globals['_VERIFIER']._serialized_end=1918
+  _globals['_PREFILLRESPONSE']._serialized_end=319
+  _globals['_VERIFYREQUEST']._serialized_start=322
+  _globals['_VERIFYREQUEST']._serialized_end=545
+  _globals['_VERIFYRESPONSE']._serialized_start=548
+  _globals['_VERIFYRESPONSE']._serialized_end=763
+  _globals['_VERIFYCALL']._serialized_start=765
+  _globals['_VERIFYCALL']._serialized_end=838
+  _globals['_VERIFYBATCH']._serialized_start=840
+  _globals['_VERIFYBATCH']._serialized_end=892
+  _globals['_CALLERROR']._serialized_start=894
+  _globals['_CALLERROR']._serialized_end=936
+  _globals['_VERIFYRESULT']._serialized_start=939
+  _globals['_VERIFYRESULT']._serialized_end=1069
+  _globals['_VERIFYRESULTBATCH']._serialized_start=1071
+  _globals['_VERIFYRESULTBATCH']._serialized_end=1133
+  _globals['_RELEASEREQUEST']._serialized_start=1135
+  _globals['_RELEASEREQUEST']._serialized_end=1171
+  _globals['_RELEASERESPONSE']._serialized_start=1173
+  _globals['_RELEASERESPONSE']._serialized_end=1208
+  _globals['_INFOREQUEST']._serialized_start=1210
+  _globals['_INFOREQUEST']._serialized_end=1223
+  _globals['_MODELINFO']._serialized_start=1226
+  _globals['_MODELINFO']._serialized_end=1493
+  _globals['_PASSCOST']._serialized_start=1495
+  _globals['_PASSCOST']._serialized_end=1536
+  _globals['_VERIFIER']._serialized_start=1539
+  _globals['_VERIFIER']._serialized_end=1882
 # @@protoc_insertion_point(module_scope)

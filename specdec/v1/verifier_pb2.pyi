@@ -24,14 +24,12 @@ class PrefillRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., request_id: _Optional[str] = ..., return_hidden: _Optional[bool] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("committed_len", "timing", "hidden")
+    __slots__ = ("committed_len", "timing")
     COMMITTED_LEN_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
-    HIDDEN_FIELD_NUMBER: _ClassVar[int]
     committed_len: int
     timing: _common_pb2.Timing
-    hidden: _common_pb2.HiddenStates
-    def __init__(self, committed_len: _Optional[int] = ..., timing: _Optional[_Union[_common_pb2.Timing, _Mapping]] = ..., hidden: _Optional[_Union[_common_pb2.HiddenStates, _Mapping]] = ...) -> None: ...
+    def __init__(self, committed_len: _Optional[int] = ..., timing: _Optional[_Union[_common_pb2.Timing, _Mapping]] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
     __slots__ = ("session_id", "committed_len", "draft_tokens", "draft_probs", "return_top_k", "request_id", "bild_rollback_threshold", "return_hidden")

@@ -107,10 +107,29 @@ def test_a_drafter_judged_too_slow_is_probed_again_after_idle_rounds_and_won_bac
     while policy.block_size() == 0:
         policy.observe(outcome(0, 0, "", sessions=1))
         rounds_off += 1
-    assert rounds_off == policy.min_probe_after
+    assert rounds_off == shared.batch.probes.min_wait
     for _ in range(6):  # the drafter is fast after all
         policy.observe(outcome(4, 4, MODEL, sessions=1, draft_token_s=0.0002))
-    assert policy.block_size() > 0 and policy.probe_after == policy.min_probe_after
+    assert policy.block_size() > 0 and shared.batch.probes.wait == shared.batch.probes.min_wait
+
+
+def test_requests_share_one_probe_schedule_that_backs_off_while_probes_lose():
+    shared = GoodputMemory(pass_cost=PassCost(calibrated=((1, 0.010), (8, 0.011), (64, 0.030))))
+    requests = [make_policy("marginal", 4, 16, goodput_memory=shared) for _ in range(8)]
+    requests[0].observe(outcome(0, 0, "", sessions=8))
+    requests[0].observe(outcome(4, 0, MODEL, sessions=8, draft_token_s=0.02))  # slow and rejected
+    probes, waits = 0, []
+    for _ in range(2000):
+        for policy in requests:
+            if policy.block_size() > 0:  # a probe: still slow and rejected
+                probes += 1
+                waits.append(shared.batch.probes.wait)
+                policy.observe(outcome(4, 0, MODEL, sessions=8, draft_token_s=0.02))
+            else:
+                policy.observe(outcome(0, 0, "", sessions=8))
+    # 16,000 session-rounds: probes after 64, 128, 256, ... 4096, then every 4096
+    assert 6 <= probes <= 9, probes
+    assert waits == sorted(waits) and waits[-1] == shared.batch.probes.max_wait
 
 
 def test_a_call_that_syncs_a_new_session_is_not_taken_for_a_round_s_drafting_cost():
@@ -121,3 +140,21 @@ def test_a_call_that_syncs_a_new_session_is_not_taken_for_a_round_s_drafting_cos
     assert shared.batch.drafting_s() is None
     shared.batch.observe(cold)
     assert shared.batch.drafting_s()[0] > 0.1
+
+
+def test_a_round_s_overhead_weighs_on_a_lone_session_and_is_shared_out_under_load():
+    """Outside the pass (RPCs, the coordinator) a lone session leaves the verifier idle; with 16 sessions the
+    others' passes fill that time, so the same lookup block that pays alone does not pay in a full pass."""
+    shared = GoodputMemory(pass_cost=PassCost(calibrated=((1, 0.010), (16, 0.018), (32, 0.030), (64, 0.054))))
+    for _ in range(30):  # draftless rounds that spend 20 ms outside their pass
+        shared.batch.observe(RoundOutcome(sent=0, accepted=0, committed=1, round_s=0.04, verify_s=0.021,
+                                          batch_rows=16, batch_sessions=16, step_s=0.02))
+    alone = make_policy("marginal", 4, 16, goodput_memory=shared)
+    crowded = make_policy("marginal", 4, 16, goodput_memory=shared)
+    for policy, sessions in ((alone, 1), (crowded, 16)):
+        for _ in range(4):
+            policy.lookup.observe(8, 5)
+        policy.observe(RoundOutcome(sent=0, accepted=0, committed=1, round_s=0.04, verify_s=0.021,
+                                    batch_rows=sessions, batch_sessions=sessions, step_s=0.02))
+    assert alone.lookup_length(16) > 0
+    assert crowded.lookup_length(16) == 0

@@ -20,8 +20,8 @@ def test_rounds_that_ask_for_no_features_keep_them_for_the_next_round_that_asks(
     loaded = load_model(tiny_dirs["llama"]["target"])
     core = VerifierCore(loaded, VerifierOptions(measure_pass_cost=False))
     try:
-        committed, (start, prefill_rows) = core.prefill("v", PROMPT, SamplingParams(), 16, return_hidden=True)
-        assert start == 0 and prefill_rows.shape[0] == len(PROMPT) - 1
+        committed, kept = core.prefill("v", PROMPT, SamplingParams(), 16, return_hidden=True)
+        assert kept is None  # the prompt's features wait too
         quiet = core.verify("v", committed, [], None, return_hidden=False)
         assert quiet.hidden is None
         quiet = core.verify("v", quiet.committed_len, [1, 2], None, return_hidden=False)
@@ -29,9 +29,9 @@ def test_rounds_that_ask_for_no_features_keep_them_for_the_next_round_that_asks(
         asked = core.verify("v", quiet.committed_len, [], None, return_hidden=True)
         start, rows = asked.hidden
         ids = list(core.sessions.get("v").ids)
-        # every committed position since the prefill's, but the last (its token is not fed yet)
-        assert start == len(PROMPT) - 1 and start + rows.shape[0] == len(ids) - 1
-        assert torch.allclose(rows, reference_features(loaded.model, ids)[start:-1], atol=1e-5)
+        # every committed position from the prompt's first, but the last (its token is not fed yet)
+        assert start == 0 and rows.shape[0] == len(ids) - 1
+        assert torch.allclose(rows, reference_features(loaded.model, ids)[:-1], atol=1e-5)
         again = core.verify("v", asked.committed_len, [], None, return_hidden=True)
         assert again.hidden[0] == len(ids) - 1 and again.hidden[1].shape[0] == 1  # nothing is sent twice
 
