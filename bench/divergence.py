@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     source = resolve_source(args.target)
     started = time.monotonic()
     model = AutoModelForCausalLM.from_pretrained(source.directory, gguf_file=source.gguf_file,
-                                                 torch_dtype=torch.float32)
+                                                 dtype=torch.float32)
     print(f"transformers fp32 loaded in {time.monotonic() - started:.0f}s", flush=True)
     results = []
     for row, prompt, ours in zip(rows, prompts, specd):

@@ -31,6 +31,7 @@ from bench.load import (
     workload_prompts,
     workload_tokens,
 )
+from specdec.config import DEFAULT_POLICY
 
 
 def timed(prompt, start, latency, tokens, ttft=0.1, system="s", clients=2):
@@ -165,7 +166,8 @@ def test_systems_pair_each_drafter_with_its_policy_and_end_with_the_baselines():
     systems = build_systems(["ngram", "none", "eagle"], ["static"], with_vllm=True)
     assert [(s.name, s.drafter, s.policy) for s in systems] == [
         ("specd target-only", "none", ""), ("specd [ngram, static]", "ngram", "static"),
-        ("specd [eagle, smartspec]", "eagle", "smartspec"), ("transformers batched generate", "", ""), ("vllm", "", "")]
+        (f"specd [eagle, {DEFAULT_POLICY}]", "eagle", DEFAULT_POLICY), ("transformers batched generate", "", ""),
+        ("vllm", "", "")]
 
 
 def test_vllms_ngram_row_follows_its_plain_row_only_when_vllm_is_present():
