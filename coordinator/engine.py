@@ -117,6 +117,7 @@ class Generation:
         self.lookup = (LookupDrafts(options.lookup_tokens, request.sampling.greedy)
                        if options.lookup_tokens and request.mode != "target_only" else None)
         self._block_source = ""  # where the block being gathered came from: LOOKUP, MODEL, or ""
+        self._lookup_decided: tuple[int, list[int]] = (-1, [])  # (committed length, its lookup block)
         self._drafter_called = self._drafter_caught_up = False
         self.draft_wait = draft_wait if request.mode == "overlapped" else None
         self._ahead: asyncio.Future | None = None  # the next draftless round's Verify, already sent
@@ -229,11 +230,15 @@ class Generation:
                                         overlapped=self.req.mode == "overlapped")
 
     def _lookup_tokens(self) -> list[int]:
-        """This round's prompt-lookup block, as long as the policy takes (none without a match)."""
+        """This round's prompt-lookup block, as long as the policy takes (none without a match). Asked up to
+        three times a round (drafting ahead, verifying ahead, gathering) at the same committed length and
+        policy state (the policy observes a round before its tokens are committed), so decided once."""
         if self.lookup is None:
             return []
-        proposal = self.lookup.propose(self.committed, self._remaining() - 1)
-        return proposal[:self.req.policy.lookup_length(len(proposal))]
+        if self._lookup_decided[0] != len(self.committed):
+            proposal = self.lookup.propose(self.committed, self._remaining() - 1)
+            self._lookup_decided = (len(self.committed), proposal[:self.req.policy.lookup_length(len(proposal))])
+        return self._lookup_decided[1]
 
     def _speculation_off_round(self) -> None:
         """The policy turned speculation off: stop the drafter competing for compute meanwhile."""

@@ -98,7 +98,7 @@ class BatchCost:
         self.committed_per_round = self.decay * self.committed_per_round + (1 - self.decay) * outcome.committed
         outside = max(0.0, outcome.round_s - outcome.step_s)
         if not outcome.drafter_called:
-            self.round_overhead_s = _blend(self.round_overhead_s, outside, 0.9)
+            self.round_overhead_s = blend(self.round_overhead_s, outside, 0.9)
         elif self.round_overhead_s is not None and not outcome.drafter_caught_up:  # an empty reply costs the call too
             self.draft_cost.add(outcome.sent, max(0.0, outside - self.round_overhead_s))
         if outcome.drafted and not outcome.lossy:
@@ -149,7 +149,8 @@ class DrafterProbes:
         self.idle, self.wait = 0, self.min_wait
 
 
-def _blend(old: float | None, new: float, decay: float) -> float:
+def blend(old: float | None, new: float, decay: float) -> float:
+    """An exponential moving average's next value; the first sample when there is none yet."""
     return new if old is None else decay * old + (1 - decay) * new
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from coordinator.policies.evidence import decayed_add, tokens_per_second
+from coordinator.policies.evidence import blend, decayed_add, tokens_per_second
 from coordinator.rounds import RoundOutcome
 
 
@@ -41,15 +41,12 @@ class DraftWait:
     def record(self, drafted: int, accepted: int, verify_s: float) -> None:
         """One verification: `drafted` draft tokens sent, `accepted` of them kept, in `verify_s`."""
         if drafted == 0:
-            self.step_s = verify_s if self.step_s is None else self._blend(self.step_s, verify_s)
+            self.step_s = blend(self.step_s, verify_s, self.decay)
             return
-        self.acceptance = self._blend(self.acceptance, float(accepted > 0))
+        self.acceptance = blend(self.acceptance, float(accepted > 0), self.decay)
         if self.step_s is not None:
             per_draft = max(0.0, verify_s - self.step_s) / drafted
-            self.per_draft_s = per_draft if self.per_draft_s is None else self._blend(self.per_draft_s, per_draft)
-
-    def _blend(self, old: float, new: float) -> float:
-        return self.decay * old + (1 - self.decay) * new
+            self.per_draft_s = blend(self.per_draft_s, per_draft, self.decay)
 
 
 @dataclass

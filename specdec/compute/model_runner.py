@@ -93,14 +93,15 @@ def measure_pass_cost(runner: ModelRunner, max_rows: int, context: int = 32, rep
     the coordinator weighs a draft row by what a row costs on this machine, model and kernel."""
     sizes = [n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256) if n < max_rows] + [max_rows]
     times: dict[int, list[float]] = {n: [] for n in sizes}
+    session = KVSession("pass-cost", ids=[token] * context)
+    runner.extend([session], keep_logits=0)  # the context, cached once; each pass is cropped back to it
     for repeat in range(repeats + 1):  # the first round warms the weights and the kernel's threads
         for n in sizes:
-            session = KVSession("pass-cost", ids=[token] * context)
-            runner.extend([session], keep_logits=0)
             session.ids.extend([token] * n)
             started = time.perf_counter()
             runner.extend([session], keep_logits=n)
             if repeat:
                 times[n].append(time.perf_counter() - started)
-            session.cache = None  # gives the blocks back to the pool
+            session.crop(context)
+    session.cache = None  # gives the blocks back to the pool
     return [(n, statistics.median(t)) for n, t in times.items()]
